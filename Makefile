@@ -1,0 +1,33 @@
+# `make demo` and `make test` each set up .venv from scratch when it is missing.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+# torch is pinned and installed first so the project's range is already satisfied
+# and pip never resolves a CUDA build on a CPU-only machine.
+TORCH_PIN ?= torch==2.13.0
+
+.PHONY: install demo test bench clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q $(TORCH_PIN)
+	$(BIN)/python -m pip install -q -e '.[test]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/evalfleet run --model demo --tasks demo_mc,demo_arith,demo_ppl --output runs/demo
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q --cov=evalfleet --cov-report=term --cov-fail-under=85 tests
+
+bench: $(STAMP)
+	$(BIN)/python benchmarks/vs_lmeval.py
+	$(BIN)/python benchmarks/planning.py
+	$(BIN)/python benchmarks/scheduling.py --json
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache .coverage*

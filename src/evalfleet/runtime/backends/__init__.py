@@ -1,0 +1,1 @@
+"""evalfleet.runtime.backends."""
