@@ -18,6 +18,19 @@ _EXPORTS = {
     "TaskSpec": "evalfleet.types",
     "DistributionStrategy": "evalfleet.types",
     "EvalfleetError": "evalfleet.types",
+    "EvaluationEngine": "evalfleet.engines.base",
+    "LightweightEvaluationEngine": "evalfleet.engines.lightweight",
+    "DistributedEvaluationEngine": "evalfleet.engines.distributed",
+    "DistributedEvaluationCapabilities": "evalfleet.engines.distributed",
+    "MultiGPUModelLoader": "evalfleet.engines.distributed",
+    "DistributedModelInfo": "evalfleet.engines.distributed",
+    "select_engine": "evalfleet.engines.router",
+    "estimate_model_size": "evalfleet.engines.router",
+    "DistributedEvaluationOrchestrator": "evalfleet.orchestrator",
+    "MultiGPUPerformanceMonitor": "evalfleet.monitoring",
+    "ParallelLayout": "evalfleet.planning",
+    "Inventory": "evalfleet.planning",
+    "plan": "evalfleet.planning",
 }
 
 
