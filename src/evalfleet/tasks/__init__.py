@@ -1,1 +1,61 @@
-"""evalfleet.tasks."""
+"""The bridge to lm-eval's tasks: our demo tasks, the user's folders, then lm-eval's own.
+
+lm-eval's built-in index costs seconds to build, so it is loaded only when a requested
+task is not found among the demo tasks and the user's `--include-path` folders.
+lm-eval skips a task file it cannot parse without a word; we check them first and say so.
+"""
+
+from __future__ import annotations
+
+import difflib
+import logging
+from pathlib import Path
+
+from evalfleet.types import UsageError
+
+DEMO_TASKS_DIR = Path(__file__).parent / "demo"
+DEMO_TASKS = ("demo_mc", "demo_arith", "demo_ppl")
+
+
+def check_task_folder(folder: Path) -> None:
+    """Refuse a missing folder or a task YAML that lm-eval would silently ignore."""
+    from lm_eval.tasks._yaml_loader import load_yaml
+
+    if not folder.is_dir():
+        raise UsageError(f"task folder '{folder}' does not exist")
+    for path in sorted(folder.glob("**/*.yaml")):
+        try:
+            config = load_yaml(path, resolve_func=False, recursive=True)
+        except Exception as error:  # lm-eval raises yaml, import and key errors alike
+            reason = " ".join(str(error).split())
+            raise UsageError(f"task file '{path}' is malformed: {reason}") from error
+        if not isinstance(config, dict):
+            raise UsageError(f"task file '{path}' is malformed: it does not hold a mapping of task settings")
+
+
+def _search_paths(include_path: str | None) -> list[Path]:
+    paths = [DEMO_TASKS_DIR]
+    if include_path:
+        folder = Path(include_path).expanduser()
+        check_task_folder(folder)
+        paths.append(folder)
+    return paths
+
+
+def build_task_manager(names: list[str], include_path: str | None = None):  # -> lm_eval TaskManager
+    """A TaskManager that knows every name in `names`, or a UsageError naming the unknown ones."""
+    from lm_eval.tasks import TaskManager
+
+    logging.getLogger("lm_eval").setLevel(logging.WARNING)
+    paths = _search_paths(include_path)
+    manager = TaskManager(include_path=paths, include_defaults=False)
+    if all(name in manager.all_tasks for name in names):
+        return manager
+    manager = TaskManager(include_path=paths, include_defaults=True)
+    unknown = [name for name in names if name not in manager.all_tasks]
+    if unknown:
+        name = unknown[0]
+        close = difflib.get_close_matches(name, manager.all_tasks, n=5, cutoff=0.6)
+        hint = f"; close names: {', '.join(close)}" if close else ""
+        raise UsageError(f"unknown task '{name}'{hint}")
+    return manager

@@ -1,0 +1,76 @@
+"""Which engine runs a request: small models on one device, large or split ones distributed.
+
+The size comes from the planner's profile of config.json (no weights are read). A model
+goes to the lightweight engine when it fits one device with margin: on a GPU the
+specification's 15 GB of weights (set `EVALFLEET_LIGHTWEIGHT_MAX_GB` to change it), on
+the CPU half of the machine's memory.
+"""
+
+from __future__ import annotations
+
+import os
+
+import psutil
+
+from evalfleet.engines.base import EvaluationEngine
+from evalfleet.types import DistributionStrategy, EvaluationRequest, ModelConfig
+
+GPU_LIGHTWEIGHT_MAX_GB = 15.0
+
+
+def lightweight_threshold_gb(device: str) -> float:
+    explicit = os.environ.get("EVALFLEET_LIGHTWEIGHT_MAX_GB")
+    if explicit:
+        return float(explicit)
+    if device.startswith("cuda"):
+        return min(GPU_LIGHTWEIGHT_MAX_GB, device_memory_gb(device))
+    return device_memory_gb(device) / 2
+
+
+def device_memory_gb(device: str) -> float:
+    if device.startswith("cuda"):
+        import torch
+
+        return torch.cuda.get_device_properties(0).total_memory / 1e9
+    return psutil.virtual_memory().total / 1e9
+
+
+def _weights_dtype(model: ModelConfig) -> str:
+    if model.dtype != "auto":
+        return model.dtype
+    import torch
+
+    return "bfloat16" if torch.cuda.is_available() else "float32"
+
+
+def estimate_model_size(model_config: ModelConfig | str) -> float:
+    """Weights in GB (10^9 bytes), from config.json alone: parameters × bytes of the dtype."""
+    from evalfleet.engines.evaluation import resolve_model_path
+    from evalfleet.planning import estimate_weights_gb, profile_model
+
+    if isinstance(model_config, str):
+        model_config = ModelConfig(path=model_config)
+    profile = profile_model(resolve_model_path(model_config.path))
+    return float(estimate_weights_gb(profile, _weights_dtype(model_config)))
+
+
+def wants_distribution(request: EvaluationRequest) -> bool:
+    """An explicit multi-device strategy or degree sends a request to the distributed engine."""
+    split = request.strategy not in (DistributionStrategy.AUTO, DistributionStrategy.SINGLE)
+    return split or max(request.tp or 1, request.pp or 1, request.dp or 1) > 1
+
+
+def select_engine(request: EvaluationRequest) -> EvaluationEngine:
+    """The engine for `request`: the user's choice, else the model's size decides."""
+    from evalfleet.engines.evaluation import load_dtype_and_device
+    from evalfleet.engines.lightweight import LightweightEvaluationEngine
+
+    if request.engine == "lightweight":
+        return LightweightEvaluationEngine()
+    if request.engine == "auto" and not wants_distribution(request):
+        _, device = load_dtype_and_device(request)
+        if estimate_model_size(request.model) <= lightweight_threshold_gb(device):
+            return LightweightEvaluationEngine()
+    from evalfleet.engines.distributed import DistributedEvaluationEngine
+
+    return DistributedEvaluationEngine()

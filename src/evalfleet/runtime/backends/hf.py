@@ -1,0 +1,234 @@
+"""transformers `AutoModelForCausalLM` on cpu or cuda.
+
+Log-likelihood batches are left-padded with explicit position ids, so every continuation
+ends at the last position and the model is asked for logits there only (`logits_to_keep`):
+the log-softmax never runs over a whole sequence × vocabulary. Generation is batched
+greedy decoding with stop strings checked on the decoded text.
+"""
+
+from __future__ import annotations
+
+import inspect
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, StoppingCriteria, StoppingCriteriaList
+
+from evalfleet.runtime.backends.base import Backend, GenerationItem, LoglikelihoodItem, OutOfMemory
+from evalfleet.types import EvalfleetError, UsageError
+
+WEIGHT_PATTERNS = ("*.safetensors", "*.bin", "*.pt", "*.pth", "*.gguf")
+DEFAULT_MAX_LENGTH = 2048
+TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_device(device: str) -> str:
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise UsageError("device 'cuda' was asked for but no CUDA GPU is available; use --device cpu")
+    return device
+
+
+def resolve_dtype(dtype: str, device: str) -> str:
+    """The dtype to load in; refuse one the device cannot run."""
+    on_gpu = device.startswith("cuda")
+    if dtype == "auto":
+        if not on_gpu:
+            return "float32"
+        return "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
+    if dtype == "float16" and not on_gpu:
+        raise UsageError("float16 is not supported on the CPU; use --dtype float32 or bfloat16")
+    if dtype == "bfloat16" and on_gpu and not torch.cuda.is_bf16_supported():
+        raise UsageError("this GPU cannot run bfloat16; use --dtype float16 or float32")
+    return dtype
+
+
+def check_model_folder(path: str) -> None:
+    """Fail early, in one sentence, on the usual mistakes with a local model folder."""
+    folder = Path(path)
+    if not folder.exists():
+        if path.startswith((".", "/", "~")) or folder.suffix or path.count("/") != 1:
+            raise UsageError(f"model path '{path}' does not exist")
+        return  # looks like a hub id: let transformers resolve it
+    if not folder.is_dir():
+        raise UsageError(f"model path '{path}' is not a folder")
+    if not (folder / "config.json").exists():
+        raise UsageError(f"model folder '{path}' has no config.json")
+    if not any(any(folder.glob(pattern)) for pattern in WEIGHT_PATTERNS):
+        raise UsageError(f"model folder '{path}' has a config but no weights (*.safetensors or *.bin)")
+
+
+def model_max_length(config: Any, tokenizer: Any, override: int | None = None) -> int:
+    """Same rule as lm-eval's HFLM: the config's context size, else the tokenizer's, else 2048."""
+    if override:
+        return override
+    for attr in ("n_positions", "max_position_embeddings", "n_ctx"):
+        value = getattr(config, attr, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    limit = getattr(tokenizer, "model_max_length", None)
+    if isinstance(limit, int) and 0 < limit < 1_000_000:
+        return limit
+    return DEFAULT_MAX_LENGTH
+
+
+def load_tokenizer(path: str, revision: str | None = None, trust_remote_code: bool = False) -> Any:
+    tokenizer = AutoTokenizer.from_pretrained(path, revision=revision, trust_remote_code=trust_remote_code)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token if tokenizer.eos_token is not None else tokenizer.unk_token
+    return tokenizer
+
+
+class _StopOnStrings(StoppingCriteria):
+    """Stops when every row has produced one of its stop strings (or its token limit)."""
+
+    def __init__(self, tokenizer: Any, prompt_length: int, items: list[GenerationItem]) -> None:
+        self.tokenizer = tokenizer
+        self.prompt_length = prompt_length
+        self.items = items
+
+    def __call__(self, input_ids: torch.Tensor, scores: Any, **kwargs: Any) -> torch.Tensor:
+        new = input_ids[:, self.prompt_length :]
+        done = []
+        for row, item in zip(new, self.items, strict=True):
+            if len(row) >= item.max_new_tokens:
+                done.append(True)
+                continue
+            text = self.tokenizer.decode(row[-8:].tolist() if len(row) > 8 else row.tolist())
+            done.append(any(stop and stop in text for stop in item.until))
+        return torch.tensor(done, device=input_ids.device)
+
+
+class HFBackend(Backend):
+    """A loaded transformers causal LM and its tokenizer."""
+
+    name = "hf"
+
+    def __init__(self, model: Any, tokenizer: Any, device: str, max_length: int | None = None) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.device = torch.device(device)
+        self._max_length = model_max_length(model.config, tokenizer, max_length)
+        self._keeps_logits = "logits_to_keep" in inspect.signature(model.forward).parameters
+
+    @classmethod
+    def load(
+        cls,
+        path: str,
+        *,
+        dtype: str = "auto",
+        device: str = "auto",
+        revision: str | None = None,
+        trust_remote_code: bool = False,
+        max_length: int | None = None,
+        **from_pretrained: Any,
+    ) -> HFBackend:
+        check_model_folder(path)
+        device = resolve_device(device)
+        dtype = resolve_dtype(dtype, device)
+        try:
+            config = AutoConfig.from_pretrained(path, revision=revision, trust_remote_code=trust_remote_code)
+            tokenizer = load_tokenizer(path, revision, trust_remote_code)
+            model = AutoModelForCausalLM.from_pretrained(
+                path,
+                config=config,
+                revision=revision,
+                dtype=TORCH_DTYPES[dtype],
+                trust_remote_code=trust_remote_code,
+                **from_pretrained,
+            )
+        except (OSError, ValueError) as error:
+            first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            raise EvalfleetError(f"could not load model '{path}': {first_line}") from error
+        if "device_mesh" not in from_pretrained and "tp_plan" not in from_pretrained:
+            model.to(device)
+        model.eval()
+        return cls(model, tokenizer, device, max_length)
+
+    @property
+    def max_length(self) -> int:
+        return self._max_length
+
+    @property
+    def pad_id(self) -> int:
+        return int(self.tokenizer.pad_token_id)
+
+    def parameter_bytes(self) -> int:
+        return sum(p.numel() * p.element_size() for p in self.model.parameters())
+
+    def describe(self) -> dict[str, Any]:
+        return {"backend": self.name, "dtype": str(self.model.dtype).removeprefix("torch.")}
+
+    def _left_pad(self, sequences: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        width = max(len(s) for s in sequences)
+        ids = torch.full((len(sequences), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(sequences), width), dtype=torch.long)
+        for row, seq in enumerate(sequences):
+            ids[row, width - len(seq) :] = torch.tensor(seq, dtype=torch.long)
+            mask[row, width - len(seq) :] = 1
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        return ids.to(self.device), mask.to(self.device), positions.to(self.device)
+
+    def _forward_last(self, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, keep: int) -> torch.Tensor:
+        kwargs: dict[str, Any] = {"input_ids": ids, "attention_mask": mask, "position_ids": positions, "use_cache": False}
+        if self._keeps_logits:
+            kwargs["logits_to_keep"] = keep
+        return self.model(**kwargs).logits[:, -keep:, :]
+
+    @torch.inference_mode()
+    def loglikelihood(self, items: list[LoglikelihoodItem]) -> list[tuple[float, bool]]:
+        # The last token is never an input: position i predicts token i + 1.
+        inputs = [list(item.context + item.continuation)[:-1] for item in items]
+        keep = max(1, max(len(item.continuation) for item in items))
+        ids, mask, positions = self._left_pad(inputs)
+        try:
+            logits = self._forward_last(ids, mask, positions, keep)
+        except torch.OutOfMemoryError as error:
+            raise OutOfMemory(str(error)) from error
+        logprobs = F.log_softmax(logits.float(), dim=-1)
+        results = []
+        for row, item in enumerate(items):
+            n = len(item.continuation)
+            rows = logprobs[row, keep - n :, :]
+            target = torch.tensor(item.continuation, dtype=torch.long, device=rows.device)
+            score = rows.gather(-1, target.unsqueeze(-1)).sum().item()
+            greedy = bool((rows.argmax(-1) == target).all().item())
+            results.append((float(score), greedy))
+        return results
+
+    @torch.inference_mode()
+    def generate(self, items: list[GenerationItem]) -> list[str]:
+        ids, mask, _ = self._left_pad([list(item.context) for item in items])
+        width = ids.shape[1]
+        stop = _StopOnStrings(self.tokenizer, width, items)
+        try:
+            out = self.model.generate(
+                input_ids=ids,
+                attention_mask=mask,
+                max_new_tokens=max(item.max_new_tokens for item in items),
+                do_sample=False,
+                temperature=None,
+                top_p=None,
+                top_k=None,
+                pad_token_id=self.pad_id,
+                stopping_criteria=StoppingCriteriaList([stop]),
+                use_cache=True,
+            )
+        except torch.OutOfMemoryError as error:
+            raise OutOfMemory(str(error)) from error
+        texts = []
+        for row, item in zip(out[:, width:].tolist(), items, strict=True):
+            text = self.tokenizer.decode(row[: item.max_new_tokens], skip_special_tokens=True)
+            for term in item.until:
+                if term:
+                    text = text.split(term)[0]
+            texts.append(text)
+        return texts
+
+    def close(self) -> None:
+        self.model = None
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()

@@ -1,0 +1,187 @@
+"""`EvalfleetLM`: lm-eval's `LM` API over a batch runner and the request cache.
+
+Strings become token-level items exactly as lm-eval's `hf` backend makes them (same
+pair encoding, truncation, rolling windows, stop sequences), so scores are identical.
+Then: cache lookup, deduplication, token-budget batches, the runner, and a commit of
+every finished batch to the cache before it is counted as done.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from lm_eval.api.model import TemplateLM
+from lm_eval.models.utils import handle_stop_sequences, has_bos_prefix, normalize_gen_kwargs
+from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
+
+from evalfleet.runtime.backends.base import GenerationItem, Item, LoglikelihoodItem
+from evalfleet.runtime.batching import make_batches
+from evalfleet.runtime.cache import RequestCache, request_key
+from evalfleet.runtime.runner import BatchRunner
+
+log = logging.getLogger("evalfleet")
+DEFAULT_MAX_GEN_TOKS = 256
+
+# (phase name, items done, items total, tokens computed so far)
+ProgressCallback = Callable[[str, int, int, int], None]
+
+
+@dataclass
+class RunStats:
+    requests: int = 0
+    items: int = 0
+    computed: int = 0
+    cached: int = 0
+    tokens: int = 0
+    compute_seconds: float = 0.0
+    by_type: dict[str, int] = field(default_factory=dict)
+
+
+class EvalfleetLM(TemplateLM):
+    """lm-eval model whose work is done by a `BatchRunner` (one device or worker groups)."""
+
+    def __init__(
+        self,
+        runner: BatchRunner,
+        tokenizer: Any,
+        identity: str,
+        *,
+        cache: RequestCache | None = None,
+        token_budget: int = 4096,
+        batch_size: int | None = None,
+        progress: ProgressCallback | None = None,
+        add_bos_token: bool | None = None,
+    ) -> None:
+        super().__init__()
+        self.runner = runner
+        self.tokenizer = tokenizer
+        self.identity = identity
+        self.cache = cache
+        self.token_budget = token_budget
+        self.max_batch_size = batch_size
+        self.progress = progress
+        self.add_bos_token = add_bos_token
+        self.stats = RunStats()
+
+    @property
+    def eot_token_id(self) -> int:
+        return self.tokenizer.eos_token_id
+
+    @property
+    def prefix_token_id(self) -> int:
+        if self.tokenizer.bos_token_id is not None:
+            return self.tokenizer.bos_token_id
+        return self.tokenizer.eos_token_id
+
+    @property
+    def max_length(self) -> int:
+        return self.runner.max_length
+
+    @property
+    def tokenizer_name(self) -> str:
+        return getattr(self.tokenizer, "name_or_path", "tokenizer").replace("/", "__")
+
+    def tok_encode(
+        self, string: str, add_special_tokens: bool | None = None, left_truncate_len: int | None = None, **kwargs: Any
+    ) -> list[int]:
+        special: dict[str, bool] = {}
+        if add_special_tokens is not None:
+            special["add_special_tokens"] = add_special_tokens
+        elif self.add_bos_token is not None:
+            special["add_special_tokens"] = self.add_bos_token
+        if add_special_tokens is None and has_bos_prefix(string, self.tokenizer.decode(self.prefix_token_id)):
+            special["add_special_tokens"] = False
+        encoding = self.tokenizer.encode(string, **special)
+        if left_truncate_len:
+            encoding = encoding[-left_truncate_len:]
+        return encoding
+
+    def _loglikelihood_item(self, context: list[int], continuation: list[int]) -> LoglikelihoodItem:
+        # As lm-eval's hf backend: keep the last max_length + 1 tokens; the final one is only a target.
+        whole = (context + continuation)[-(self.max_length + 1) :]
+        n = min(len(continuation), len(whole) - 1)
+        split = len(whole) - n
+        return LoglikelihoodItem(tuple(whole[:split]), tuple(whole[split:]))
+
+    def _loglikelihood_tokens(self, requests: Sequence[Any], disable_tqdm: bool = False, **kwargs: Any) -> list:
+        items = [self._loglikelihood_item(list(ctx), list(cont)) for _, ctx, cont in requests]
+        self._count("loglikelihood", len(requests))
+        return [tuple(result) for result in self._execute("loglikelihood", items)]
+
+    def loglikelihood_rolling(self, requests: Sequence[Any], disable_tqdm: bool = False) -> list[float]:
+        self._count("loglikelihood_rolling", len(requests))
+        items: list[LoglikelihoodItem] = []
+        owners: list[int] = []
+        for owner, (text,) in enumerate(req.args for req in requests):
+            windows = get_rolling_token_windows(
+                token_list=self.tok_encode(text),
+                prefix_token=self.prefix_token_id,
+                max_seq_len=self.max_length,
+                context_len=1,
+            )
+            for context, continuation in map(make_disjoint_window, windows):
+                items.append(LoglikelihoodItem(tuple(context), tuple(continuation)))
+                owners.append(owner)
+        totals = [0.0] * len(requests)
+        for owner, (logprob, _) in zip(owners, self._execute("loglikelihood_rolling", items), strict=True):
+            totals[owner] += logprob
+        return totals
+
+    def generate_until(self, requests: Sequence[Any], disable_tqdm: bool = False) -> list[str]:
+        self._count("generate_until", len(requests))
+        eos = self.tokenizer.decode(self.eot_token_id, skip_special_tokens=False)
+        items = []
+        for context, gen_kwargs in (req.args for req in requests):
+            kwargs = normalize_gen_kwargs(dict(gen_kwargs), DEFAULT_MAX_GEN_TOKS)
+            if kwargs.get("do_sample"):
+                log.warning("sampling was asked for; evalfleet decodes greedily")
+            until = handle_stop_sequences(kwargs.pop("until", None), eos=eos)
+            max_new = int(kwargs.pop("max_gen_toks"))
+            context_ids = self.tok_encode(context, left_truncate_len=self.max_length - max_new)
+            items.append(GenerationItem(tuple(context_ids), tuple(until), max_new))
+        return list(self._execute("generate_until", items))
+
+    def _count(self, kind: str, n: int) -> None:
+        self.stats.requests += n
+        self.stats.by_type[kind] = self.stats.by_type.get(kind, 0) + n
+
+    def _execute(self, phase: str, items: list[Item]) -> list[Any]:
+        """Results for `items` in order: from the cache where present, else computed and committed."""
+        unique = list(dict.fromkeys(items))
+        keys = [request_key(self.identity, item) for item in unique]
+        known = self.cache.get_many(keys) if self.cache is not None else {}
+        results: dict[Item, Any] = {item: known[key] for item, key in zip(unique, keys, strict=True) if key in known}
+        todo = [item for item in unique if item not in results]
+        todo_keys = {item: key for item, key in zip(unique, keys, strict=True) if item not in results}
+        self.stats.items += len(unique)
+        self.stats.cached += len(results)
+        done = len(results)
+        self._report(phase, done, len(unique))
+        batches = make_batches(todo, self.token_budget, self.max_batch_size)
+        batch_items = [[todo[i] for i in batch] for batch in batches]
+
+        def on_batch_done(index: int, batch_results: list[Any]) -> None:
+            nonlocal done
+            finished = batch_items[index]
+            if self.cache is not None:
+                self.cache.put_many({todo_keys[item]: value for item, value in zip(finished, batch_results, strict=True)})
+            for item, value in zip(finished, batch_results, strict=True):
+                results[item] = value
+            done += len(finished)
+            self.stats.computed += len(finished)
+            self.stats.tokens += sum(item.length for item in finished)
+            self._report(phase, done, len(unique))
+
+        started = time.perf_counter()
+        if batch_items:
+            self.runner.run(batch_items, on_batch_done)
+        self.stats.compute_seconds += time.perf_counter() - started
+        return [results[item] for item in items]
+
+    def _report(self, phase: str, done: int, total: int) -> None:
+        if self.progress is not None:
+            self.progress(phase, done, total, self.stats.tokens)
