@@ -8,6 +8,7 @@ lm-eval skips a task file it cannot parse without a word; we check them first an
 from __future__ import annotations
 
 import difflib
+import functools
 import logging
 from pathlib import Path
 
@@ -44,6 +45,11 @@ def _search_paths(include_path: str | None) -> list[Path]:
 
 def build_task_manager(names: list[str], include_path: str | None = None):  # -> lm_eval TaskManager
     """A TaskManager that knows every name in `names`, or a UsageError naming the unknown ones."""
+    return _task_manager(tuple(names), include_path)
+
+
+@functools.lru_cache(maxsize=4)
+def _task_manager(names: tuple[str, ...], include_path: str | None):
     from lm_eval.tasks import TaskManager
 
     logging.getLogger("lm_eval").setLevel(logging.WARNING)

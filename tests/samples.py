@@ -1,0 +1,58 @@
+"""Comparing per-sample results of two runs, number by number, with the project's tolerance."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+
+def within(a: float, b: float, abs_tol: float = 1e-4, rel_tol: float = 1e-5) -> bool:
+    return abs(a - b) <= abs_tol + rel_tol * abs(b)
+
+
+def load_samples(folder: Path) -> dict[str, list[dict[str, Any]]]:
+    return {
+        path.stem.removeprefix("samples_"): [json.loads(line) for line in path.read_text().splitlines()]
+        for path in sorted(Path(folder).glob("samples_*.jsonl"))
+    }
+
+
+def _responses(sample: dict[str, Any]) -> list[Any]:
+    return [resp[0] if isinstance(resp, list) and len(resp) == 1 else resp for resp in sample["resps"]]
+
+
+def compare_samples(
+    expected: dict[str, list[dict[str, Any]]], actual: dict[str, list[dict[str, Any]]], abs_tol=1e-4, rel_tol=1e-5
+) -> list[str]:
+    """Every difference between two runs' samples, as readable lines (empty when they agree)."""
+    problems = []
+    if set(expected) != set(actual):
+        return [f"tasks differ: {sorted(expected)} vs {sorted(actual)}"]
+    for task, rows in expected.items():
+        mine = {row["doc_id"]: row for row in actual[task]}
+        if len(mine) != len(rows):
+            problems.append(f"{task}: {len(rows)} samples vs {len(mine)}")
+        for row in rows:
+            other = mine.get(row["doc_id"])
+            if other is None:
+                problems.append(f"{task}#{row['doc_id']}: missing")
+                continue
+            for a, b in zip(_responses(row), _responses(other), strict=True):
+                if isinstance(a, str) or isinstance(b, str):
+                    if a != b:
+                        problems.append(f"{task}#{row['doc_id']}: generated {a!r} vs {b!r}")
+                elif isinstance(a, list):
+                    if not within(a[0], b[0], abs_tol, rel_tol) or bool(a[1]) != bool(b[1]):
+                        problems.append(f"{task}#{row['doc_id']}: loglikelihood {a} vs {b}")
+                elif not within(a, b, abs_tol, rel_tol):
+                    problems.append(f"{task}#{row['doc_id']}: rolling loglikelihood {a} vs {b}")
+    return problems
+
+
+def metrics_of(results: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Metric values per task, without aliases, names and standard errors."""
+    return {
+        task: {k: v for k, v in values.items() if "," in k and "_stderr" not in k}
+        for task, values in results["results"].items()
+    }
