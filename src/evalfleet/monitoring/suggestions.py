@@ -1,0 +1,156 @@
+"""Turning findings into changes a user can make, each with the effect it should have.
+
+The estimates are first-order and say so: they assume the step time splits into compute and
+communication and that the change moves only the part the finding is about.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from evalfleet.monitoring.alerts import Severity
+from evalfleet.monitoring.bottlenecks import Finding, FindingKind
+
+_TARGET_BUBBLE = 0.10
+
+
+class RunLayout(BaseModel):
+    """What the monitor knows of the run's layout; the engine sets it through `monitor.set_layout`."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    tp: int | None = Field(default=None, ge=1)
+    pp: int | None = Field(default=None, ge=1)
+    dp: int | None = Field(default=None, ge=1)
+    micro_batches: int | None = Field(default=None, ge=1)
+    max_batch_tokens: int | None = Field(default=None, ge=1)
+    nvlink: bool | None = Field(default=None, description="None: unknown (taken from NVML when it can tell)")
+
+
+class Suggestion(BaseModel):
+    finding: FindingKind
+    severity: Severity
+    action: str
+    expected_effect: str
+    change: dict[str, Any] = Field(default_factory=dict, description="settings to change, e.g. {'tp': 2, 'dp': 4}")
+
+
+def _communication(finding: Finding, layout: RunLayout) -> Suggestion:
+    share = float(finding.evidence["share"])
+    tp, pp, dp = layout.tp, layout.pp or 1, layout.dp or 1
+    if layout.nvlink is False and tp and tp > 1:
+        return Suggestion(
+            finding=finding.kind, severity=finding.severity, change={"tp": 1, "pp": tp * pp},
+            action=f"prefer pipeline to tensor parallelism on this node without NVLink: use tp=1, pp={tp * pp}",
+            expected_effect=f"stages exchange one activation per boundary instead of an all-reduce per layer over "
+                            f"PCIe, so the {share:.0%} communication share should fall to a few percent; keep at "
+                            f"least {4 * tp * pp} micro-batches in flight to limit pipeline bubbles",
+        )
+    gain = (1 - share / 2) / (1 - share) - 1 if share < 1 else None
+    effect = f"communication share from {share:.0%} to about {share / 2:.0%}"
+    if gain is not None:
+        effect += f", about {gain:.0%} more throughput per GPU"
+    effect += ", if the model still fits: each GPU holds twice the weights"
+    if tp and tp >= 2:
+        return Suggestion(
+            finding=finding.kind, severity=finding.severity, change={"tp": tp // 2, "dp": dp * 2},
+            action=f"halve tensor parallelism and double the data-parallel replicas: tp={tp // 2}, dp={dp * 2}",
+            expected_effect=effect,
+        )
+    return Suggestion(
+        finding=finding.kind, severity=finding.severity, change={"tp": "halve", "dp": "double"},
+        action="halve tensor parallelism and double the data-parallel replicas",
+        expected_effect=effect,
+    )
+
+
+def _near_oom(finding: Finding, layout: RunLayout) -> Suggestion:
+    if finding.subjects == ["host"]:
+        return Suggestion(
+            finding=finding.kind, severity=finding.severity, change={"dp": "fewer replicas on this host"},
+            action="run fewer worker processes on this host, or load weights with a lower-precision dtype",
+            expected_effect="host memory falls by one worker's resident set per process removed",
+        )
+    budget = layout.max_batch_tokens
+    change: dict[str, Any] = {"max_batch_tokens": int(budget * 0.75) if budget else "lower by 25%"}
+    target = f"max_batch_tokens={change['max_batch_tokens']}" if budget else "a 25% smaller token budget"
+    return Suggestion(
+        finding=finding.kind, severity=finding.severity, change=change,
+        action=f"lower the token budget to {target}, or raise pp to spread the layers over more GPUs",
+        expected_effect="activation and KV-cache memory scale with the token budget, so the non-weight part of "
+                        "peak memory falls by about a quarter",
+    )
+
+
+def _imbalance(finding: Finding, _: RunLayout) -> Suggestion:
+    ev = finding.evidence
+    return Suggestion(
+        finding=finding.kind, severity=finding.severity, change={"batching": "shared queue"},
+        action=f"let replicas pull length-sorted batches from one shared queue instead of fixed shards, and check "
+               f"that nothing else runs on {ev['idlest']}",
+        expected_effect=f"the idle GPUs take work from the busy ones: mean utilization up by as much as half the "
+                        f"{ev['spread_percent']:.0f}-point spread",
+    )
+
+
+def _bubble(finding: Finding, layout: RunLayout) -> Suggestion:
+    pp = layout.pp or int(finding.evidence["stages"])
+    worst = max(finding.evidence["idle_fraction"].values())
+    needed = max(1, math.ceil((pp - 1) * (1 / _TARGET_BUBBLE - 1)))
+    micro = max(needed, 2 * layout.micro_batches) if layout.micro_batches else needed
+    bubble = (pp - 1) / (micro + pp - 1)
+    return Suggestion(
+        finding=finding.kind, severity=finding.severity, change={"micro_batches": micro},
+        action=f"split each batch into {micro} micro-batches so the {pp} stages overlap",
+        expected_effect=f"pipeline idle time from {worst:.0%} to about {bubble:.0%} ((pp-1)/(m+pp-1))",
+    )
+
+
+def _host_bound(finding: Finding, layout: RunLayout) -> Suggestion:
+    budget = layout.max_batch_tokens
+    change: dict[str, Any] = {"max_batch_tokens": budget * 2} if budget else {"max_batch_tokens": "double"}
+    target = f"max_batch_tokens={budget * 2}" if budget else "twice the token budget"
+    return Suggestion(
+        finding=finding.kind, severity=finding.severity, change=change,
+        action=f"raise the token budget to {target} so each forward pass carries more tokens per Python "
+               f"round-trip, and tokenize ahead of the run",
+        expected_effect=f"host overhead per token halves, lifting GPU utilization from "
+                        f"{finding.evidence['gpu_mean_utilization_percent']:.0f}% toward what the GPUs can do",
+    )
+
+
+def _throttling(finding: Finding, _: RunLayout) -> Suggestion:
+    fractions = [e["clock_fraction"] for e in finding.evidence.values() if e.get("clock_fraction")]
+    lost = f"up to {1 - min(fractions):.0%} of the SM clock" if fractions else "the clock the GPUs lose"
+    if finding.kind == "thermal_throttling":
+        return Suggestion(
+            finding=finding.kind, severity=finding.severity, change={"cooling": "check"},
+            action=f"check cooling and airflow for {', '.join(finding.subjects)}; a slightly lower power limit "
+                   f"also keeps clocks steadier than thermal slowdown",
+            expected_effect=f"recovers {lost}",
+        )
+    return Suggestion(
+        finding=finding.kind, severity=finding.severity, change={"power_limit": "raise if permitted"},
+        action="raise the power limit (nvidia-smi -pl) if the site allows it; at full load some power capping "
+               "is normal",
+        expected_effect=f"recovers {lost}",
+    )
+
+
+_RULES = {
+    "communication_bound": _communication,
+    "near_oom": _near_oom,
+    "gpu_imbalance": _imbalance,
+    "pipeline_bubble": _bubble,
+    "host_bound": _host_bound,
+    "thermal_throttling": _throttling,
+    "power_throttling": _throttling,
+}
+
+
+def suggest(findings: list[Finding], layout: RunLayout | None = None) -> list[Suggestion]:
+    layout = layout or RunLayout()
+    return [_RULES[f.kind](f, layout) for f in findings]
