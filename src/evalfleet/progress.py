@@ -72,7 +72,7 @@ def results_table(document: dict[str, Any]) -> Table:
     n_shot = document.get("n-shot", {})
     for task, metrics in sorted(document.get("results", {}).items()):
         for key, value in metrics.items():
-            if key == "alias" or "_stderr" in key or not isinstance(value, int | float):
+            if "," not in key or "_stderr" in key or not isinstance(value, int | float):
                 continue
             metric, _, filter_name = key.partition(",")
             stderr = metrics.get(f"{metric}_stderr,{filter_name}")

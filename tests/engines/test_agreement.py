@@ -73,6 +73,9 @@ def test_results_document_has_evalfleet_section(evalfleet_run):
     assert timing["tokens"] > 0 and timing["requests_per_s"] > 0
     assert section["cache"]["computed"] == section["cache"]["misses"] > 0
     assert "demo_mc" in done.stdout and "acc" in done.stdout  # the results table
+    monitoring = section["monitoring"]
+    assert monitoring["samples"] >= 1 and monitoring["peak_memory"]["host_rss_bytes"] > 50e6
+    assert monitoring["nvml"].startswith("unavailable") and monitoring["gpus"] == {}
 
 
 def test_comparison_catches_a_changed_number(evalfleet_run):

@@ -104,8 +104,9 @@ def test_sigkill_mid_run_then_rerun_gives_identical_results(tiny_model, tmp_path
     assert section["hits"] >= committed
     assert section["computed"] == section["misses"] > 0
 
-    fresh = subprocess.run([*command, "--output", str(tmp_path / "fresh"), "--no-cache"], capture_output=True, text=True)
+    fresh = subprocess.run([*command, "--output", str(tmp_path / "fresh"), "--no-cache", "--report"], capture_output=True, text=True)
     assert fresh.returncode == 0, fresh.stderr[-2000:]
+    assert (tmp_path / "fresh" / "monitoring.png").stat().st_size > 1000
     assert compare_samples(load_samples(tmp_path / "fresh"), load_samples(tmp_path / "resumed"), 0, 0) == []
     resumed_doc = json.loads((tmp_path / "resumed" / "results.json").read_text())
     fresh_doc = json.loads((tmp_path / "fresh" / "results.json").read_text())

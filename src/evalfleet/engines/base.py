@@ -27,6 +27,8 @@ class EvaluationEngine(ABC):
     name: str = "engine"
     # Called as progress(phase, done, total, tokens) while requests finish; set by the caller.
     progress: Any = None
+    # A MultiGPUPerformanceMonitor watching the run, if any: engines feed it communication events.
+    monitor: Any = None
 
     @abstractmethod
     def can_handle_request(self, request: EvaluationRequest) -> bool:

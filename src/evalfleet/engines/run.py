@@ -6,12 +6,16 @@ Shared by `evalfleet run` and the orchestrator's workers, so both produce the sa
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
 
-from evalfleet.engines.evaluation import check_output_dir, load_dtype_and_device, resolve_model_path
+from evalfleet.engines.evaluation import check_output_dir, load_dtype_and_device, resolve_model_path, write_outputs
 from evalfleet.engines.router import estimate_model_size, select_engine
 from evalfleet.runtime.backends.hf import check_model_folder
 from evalfleet.runtime.lm import ProgressCallback
+from evalfleet.monitoring import MultiGPUPerformanceMonitor
 from evalfleet.types import EvalfleetError, EvaluationRequest, EvaluationResult
+
+MONITOR_INTERVAL = 0.5
 
 
 def check_request(request: EvaluationRequest) -> None:
@@ -37,4 +41,14 @@ def evaluate_request(
             f"it can place at most {capabilities.max_model_gb:.1f} GB here"
         )
     engine.progress = progress
-    return asyncio.run(engine.evaluate(request))
+    with MultiGPUPerformanceMonitor(interval=MONITOR_INTERVAL) as monitor:
+        engine.monitor = monitor
+        result = asyncio.run(engine.evaluate(request))
+    result.evalfleet["monitoring"] = monitor.summary()
+    if result.output_path is not None:
+        folder = Path(result.output_path).parent
+        write_outputs(result, None, folder)
+        if report:
+            monitor.write_report(folder, png=True)
+    monitor.close()
+    return result
