@@ -6,6 +6,7 @@ the error's exit code, never a traceback.
 
 from __future__ import annotations
 
+import os
 import sys
 
 import typer
@@ -83,6 +84,7 @@ def run(
     report: bool = typer.Option(False, "--report", help="Write monitoring.png next to results.json."),
 ) -> None:
     """Evaluate a model on lm-eval tasks; writes OUTPUT/results.json."""
+    os.environ.setdefault("TQDM_DISABLE", "1")  # our own progress display replaces lm-eval's bars
     request = build_request(
         model={"path": model, "dtype": dtype, "device": device},
         tasks={"names": tasks, "include_path": include_path, "limit": limit, "num_fewshot": num_fewshot},
@@ -111,6 +113,52 @@ def run(
     console.print(
         f"{timing['requests']} requests in {timing['wall_seconds']:.1f} s "
         f"({timing['requests_per_s']} req/s, {timing['tokens_per_s']} tok/s) -> {result.output_path}"
+    )
+
+
+@app.command()
+def monitor(
+    once: bool = typer.Option(False, "--once", help="Print one snapshot and exit."),
+    as_json: bool = typer.Option(False, "--json", help="JSON instead of a table (one line per sample without --once)."),
+    interval: float = typer.Option(1.0, "--interval", help="Seconds between samples."),
+    thresholds: str | None = typer.Option(None, "--thresholds", help="YAML file of alert thresholds."),
+    count: int | None = typer.Option(None, "--count", hidden=True, help="Stop after N samples."),
+    duration: float | None = typer.Option(None, "--duration", hidden=True, help="Stop after S seconds."),
+) -> None:
+    """Watch GPUs, host CPU and memory, and evalfleet's processes (until Ctrl-C)."""
+    from pathlib import Path
+
+    from evalfleet.monitoring.console import run_monitor_command
+
+    run_monitor_command(
+        once=once,
+        as_json=as_json,
+        interval=interval,
+        count=count,
+        duration=duration,
+        thresholds=Path(thresholds) if thresholds else None,
+    )
+
+
+@app.command()
+def plan(
+    model: str = typer.Option(..., "--model", help="Local folder or config.json, a shipped id (e.g. meta-llama/Llama-2-70b-hf), or a hub id."),
+    gpus: str | None = typer.Option(None, "--gpus", help="cpu, 8xA100-80GB, 2x8xH100-80GB, a cluster YAML file; default: this machine."),
+    dtype: str = typer.Option("bfloat16", "--dtype", help="auto, float32, bfloat16, float16, int8 or int4."),
+    max_length: int = typer.Option(2048, "--max-length", min=1, help="Longest evaluated sequence (tokens)."),
+    batch_size: int = typer.Option(8, "--batch-size", min=1, help="Sequences per batch."),
+    strategy: str = typer.Option("auto", "--strategy", help="auto, single, tp, pp, hybrid or dp."),
+    tp: int | None = typer.Option(None, "--tp", min=1, help="Force the tensor-parallel degree."),
+    pp: int | None = typer.Option(None, "--pp", min=1, help="Force the number of pipeline stages."),
+    dp: int | None = typer.Option(None, "--dp", min=1, help="Force the number of data-parallel replicas."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON document instead of tables."),
+) -> None:
+    """Show whether a model fits and how to lay it out, from its config.json alone."""
+    from evalfleet.planning.report import plan_command
+
+    plan_command(
+        model, gpus, dtype=dtype, max_length=max_length, batch_size=batch_size,
+        strategy=strategy, tp=tp, pp=pp, dp=dp, as_json=as_json,
     )
 
 

@@ -141,6 +141,16 @@ def describe_validation_error(error: ValidationError) -> str:
     return f"invalid request: {message}"
 
 
+DEMO_MODEL_DIR = Path(__file__).resolve().parent / "assets" / "demo-model"
+
+
+def resolve_model_path(path: str) -> str:
+    """`demo` names the bundled demo model; `~` is expanded; anything else is used as given."""
+    if path == "demo":
+        return str(DEMO_MODEL_DIR)
+    return str(Path(path).expanduser()) if path.startswith("~") else path
+
+
 def default_output_dir(model_path: str) -> Path:
     return Path("runs") / Path(model_path.rstrip("/")).name
 

@@ -19,19 +19,11 @@ from evalfleet.runtime.cache import RequestCache, model_identity
 from evalfleet.runtime.lm import EvalfleetLM, ProgressCallback
 from evalfleet.runtime.runner import BatchRunner
 from evalfleet.tasks import build_task_manager
-from evalfleet.types import EvalfleetError, EvaluationRequest, EvaluationResult
+from evalfleet.types import EvalfleetError, EvaluationRequest, EvaluationResult, resolve_model_path
 
 # lm-eval's default of 100,000 bootstrap resamples costs tens of seconds per perplexity metric;
 # 1,000 gives standard errors good to about 3% and leaves every metric itself unchanged.
 BOOTSTRAP_ITERS = 1000
-DEMO_MODEL_DIR = Path(__file__).resolve().parent.parent / "assets" / "demo-model"
-
-
-def resolve_model_path(path: str) -> str:
-    """`demo` names the bundled demo model; anything else is used as given."""
-    return str(DEMO_MODEL_DIR) if path == "demo" else str(Path(path).expanduser()) if path.startswith("~") else path
-
-
 def check_output_dir(output_dir: str | None) -> Path | None:
     """Refuse an unwritable output folder before any work is done, not after."""
     if output_dir is None:

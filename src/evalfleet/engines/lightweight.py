@@ -9,12 +9,12 @@ import asyncio
 from typing import Any
 
 from evalfleet.engines.base import EngineCapabilities, EvaluationEngine
-from evalfleet.engines.evaluation import load_dtype_and_device, resolve_model_path, run_evaluation
+from evalfleet.engines.evaluation import load_dtype_and_device, run_evaluation
 from evalfleet.engines.router import device_memory_gb, estimate_model_size
 from evalfleet.runtime.backends.hf import HFBackend
 from evalfleet.runtime.lm import ProgressCallback
 from evalfleet.runtime.runner import InProcessRunner
-from evalfleet.types import DistributionStrategy, EvaluationRequest, EvaluationResult
+from evalfleet.types import DistributionStrategy, EvaluationRequest, EvaluationResult, resolve_model_path
 
 
 class LightweightEvaluationEngine(EvaluationEngine):

@@ -13,7 +13,7 @@ import os
 import psutil
 
 from evalfleet.engines.base import EvaluationEngine
-from evalfleet.types import DistributionStrategy, EvaluationRequest, ModelConfig
+from evalfleet.types import DistributionStrategy, EvaluationRequest, ModelConfig, resolve_model_path
 
 GPU_LIGHTWEIGHT_MAX_GB = 15.0
 
@@ -31,8 +31,8 @@ def device_memory_gb(device: str) -> float:
     if device.startswith("cuda"):
         import torch
 
-        return torch.cuda.get_device_properties(0).total_memory / 1e9
-    return psutil.virtual_memory().total / 1e9
+        return torch.cuda.get_device_properties(0).total_memory / 2**30
+    return psutil.virtual_memory().total / 2**30
 
 
 def _weights_dtype(model: ModelConfig) -> str:
@@ -44,8 +44,7 @@ def _weights_dtype(model: ModelConfig) -> str:
 
 
 def estimate_model_size(model_config: ModelConfig | str) -> float:
-    """Weights in GB (10^9 bytes), from config.json alone: parameters × bytes of the dtype."""
-    from evalfleet.engines.evaluation import resolve_model_path
+    """Weights in GB (GiB, as nvidia-smi prints it), from config.json alone: parameters × bytes of the dtype."""
     from evalfleet.planning import estimate_weights_gb, profile_model
 
     if isinstance(model_config, str):

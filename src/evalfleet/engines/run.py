@@ -8,12 +8,12 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
-from evalfleet.engines.evaluation import check_output_dir, load_dtype_and_device, resolve_model_path, write_outputs
+from evalfleet.engines.evaluation import check_output_dir, load_dtype_and_device, write_outputs
 from evalfleet.engines.router import estimate_model_size, select_engine
 from evalfleet.runtime.backends.hf import check_model_folder
 from evalfleet.runtime.lm import ProgressCallback
 from evalfleet.monitoring import MultiGPUPerformanceMonitor
-from evalfleet.types import EvalfleetError, EvaluationRequest, EvaluationResult
+from evalfleet.types import EvalfleetError, EvaluationRequest, EvaluationResult, resolve_model_path
 
 MONITOR_INTERVAL = 0.5
 
