@@ -26,12 +26,10 @@ def check_task_folder(folder: Path) -> None:
         raise UsageError(f"task folder '{folder}' does not exist")
     for path in sorted(folder.glob("**/*.yaml")):
         try:
-            config = load_yaml(path, resolve_func=False, recursive=True)
-        except Exception as error:  # lm-eval raises yaml, import and key errors alike
+            load_yaml(path, resolve_func=False, recursive=True)
+        except Exception as error:  # lm-eval raises yaml, import, type and key errors alike
             reason = " ".join(str(error).split())
             raise UsageError(f"task file '{path}' is malformed: {reason}") from error
-        if not isinstance(config, dict):
-            raise UsageError(f"task file '{path}' is malformed: it does not hold a mapping of task settings")
 
 
 def _search_paths(include_path: str | None) -> list[Path]:
