@@ -1,0 +1,288 @@
+"""`DistributedEvaluationOrchestrator`: the queue, the scheduling loop and fault recovery.
+
+The store is the source of truth, so the CLI (submit, cancel, status) is a thin client
+that never needs the running scheduler: a `cancel` from another process only marks the
+job, and the loop that owns the process stops it on its next round. Decisions come from
+the pure `policy.create_allocation_plan`; launching goes through an `Executor`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import socket
+import time
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pydantic import ValidationError
+
+from evalfleet.orchestrator.demand import Device, JobDemand
+from evalfleet.orchestrator.executors.base import Executor, Exited, Handle
+from evalfleet.orchestrator.policy import (
+    AllocationPlan,
+    PolicyOptions,
+    QueuedJob,
+    RunningJob,
+    Start,
+    create_allocation_plan,
+)
+from evalfleet.orchestrator.recovery import RecoveryDecision, RecoveryOptions, recover
+from evalfleet.orchestrator.sizing import size_request
+from evalfleet.orchestrator.states import JobState
+from evalfleet.orchestrator.store import JobRecord, JobStore
+from evalfleet.planning import Inventory
+from evalfleet.types import EvalfleetError, EvaluationRequest, UsageError, describe_validation_error
+
+_ACTIVE = (JobState.PLACED, JobState.RUNNING)
+
+
+@dataclass(frozen=True)
+class TaskProgress:
+    job_id: str
+    state: JobState
+    priority: str
+    attempt: int
+    done: int
+    total: int | None
+    tokens_per_s: float | None
+    eta_s: float | None
+    devices: tuple[Device, ...]
+
+
+class DistributedEvaluationOrchestrator:
+    """Schedules evaluation jobs over a GPU (or CPU slot) pool and keeps them alive."""
+
+    def __init__(
+        self,
+        store: JobStore | str | os.PathLike[str],
+        inventory: Inventory,
+        executor: Executor | None = None,
+        *,
+        policy: PolicyOptions = PolicyOptions(),
+        recovery: RecoveryOptions = RecoveryOptions(),
+        heartbeat_timeout_s: float | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.store = store if isinstance(store, JobStore) else JobStore(Path(store))
+        self.inventory = inventory
+        self.executor = executor
+        self.policy = policy
+        self.recovery = recovery
+        self.heartbeat_timeout_s = heartbeat_timeout_s
+        self.clock = clock
+        self.owner = f"{socket.gethostname()}:{os.getpid()}"
+        # Jobs whose processes this scheduler watches, and stopped ones whose processes have
+        # not exited yet (their GPUs stay busy until they do), each with its devices.
+        self._live: dict[str, tuple[Handle, tuple[Device, ...]]] = {}
+        self._draining: dict[str, tuple[Handle, tuple[Device, ...]]] = {}
+        self._warm: dict[Device, str] = {}
+
+    # the queue ------------------------------------------------------------------------------
+
+    def submit_evaluation_request(self, request: EvaluationRequest | Mapping[str, Any]) -> str:
+        """Validate, size against the whole pool, and queue; refuse a job that can never fit."""
+        if not isinstance(request, EvaluationRequest):
+            try:
+                request = EvaluationRequest.model_validate(request)
+            except ValidationError as error:
+                raise UsageError(describe_validation_error(error)) from None
+        plan, demand = size_request(request, self.inventory)
+        return self.store.add(
+            request.model_dump(mode="json"),
+            priority=request.priority,
+            max_attempts=self.recovery.max_attempts,
+            demand=demand.to_dict(),
+            plan=plan,
+            now=self.clock(),
+        )
+
+    def cancel(self, job_id: str) -> JobRecord:
+        """Cancel a job; a running one is stopped by whichever scheduler owns its process."""
+        record = self.store.get(job_id)
+        if record.state.terminal:
+            raise UsageError(f"job {job_id} already {record.state.value}")
+        record = self.store.transition(job_id, JobState.CANCELLED, reason="cancelled by user", now=self.clock())
+        self._stop(job_id)
+        return record
+
+    def status(self, job_id: str) -> JobRecord:
+        return self.store.get(job_id)
+
+    def list(self, states: Iterable[JobState] | None = None) -> list[JobRecord]:
+        return self.store.list(states)
+
+    # decisions ------------------------------------------------------------------------------
+
+    def create_allocation_plan(self, now: float | None = None) -> AllocationPlan:
+        """What the policy would start and preempt now, given the store's queue and running jobs."""
+        now = self.clock() if now is None else now
+        queue, running = [], []
+        for record in self.store.list([JobState.QUEUED, *_ACTIVE]):
+            if record.demand is None:  # not added through submit_evaluation_request: never sized
+                continue
+            demand = _remaining(record)
+            if record.state is JobState.QUEUED:
+                queue.append(QueuedJob(record.id, demand, record.priority, record.submitted_at, record.not_before))
+            elif record.placement:
+                running.append(RunningJob(record.id, tuple(record.placement), self._expected_end(record, demand, now),
+                                          record.priority, preemptible=record.state is JobState.RUNNING))
+        running += [RunningJob(job_id, devices, now, "high", False)
+                    for job_id, (_, devices) in self._draining.items() if devices]
+        return create_allocation_plan(
+            queue, self.inventory, running, now,
+            options=self.policy, quarantined=self.store.quarantined(), warm=self._warm,
+        )
+
+    def monitor_running_tasks(self) -> list[TaskProgress]:
+        """Per placed or running job: requests done of total, tokens/s, ETA and current attempt."""
+        now = self.clock()
+        report = []
+        for record in self.store.list(_ACTIVE):
+            eta = None
+            if record.state is JobState.RUNNING and record.demand is not None:
+                demand = _remaining(record)
+                eta = max(0.0, self._expected_end(record, demand, now) - now)
+            report.append(TaskProgress(
+                record.id, record.state, record.priority, record.attempts + 1, record.done, record.total,
+                record.tokens_per_s, eta, tuple(record.placement or ()),
+            ))
+        return report
+
+    def _expected_end(self, record: JobRecord, demand: JobDemand, now: float) -> float:
+        if record.tokens_per_s and record.total:
+            return now + demand.work_tokens / record.tokens_per_s
+        replicas = max(1, len(record.placement or ()) // demand.replica_gpus)
+        replicas = min(replicas, demand.max_replicas)
+        return (record.started_at or now) + demand.runtime(replicas)
+
+    # faults ---------------------------------------------------------------------------------
+
+    def handle_fault_recovery(self, job_id: str, reason: str, *, blame_devices: bool = True) -> RecoveryDecision:
+        """Requeue a failed job with exponential backoff, or fail it once its attempts are spent.
+
+        GPUs on which several jobs failed are quarantined; the history is in the store's events.
+        """
+        self._stop(job_id)
+        return recover(self.store, job_id, reason, self.clock(), self.recovery, blame_devices=blame_devices)
+
+    def reconcile(self) -> list[str]:
+        """After a restart: adopt live jobs of this host, requeue those whose process is gone."""
+        host = self.owner.split(":")[0]
+        requeued = []
+        for record in self.store.list(_ACTIVE):
+            if record.owner and record.owner.split(":")[0] != host:
+                continue
+            handle = self.executor.reattach(record) if self.executor is not None else None
+            if handle is not None:
+                self._live[record.id] = (handle, tuple(record.placement or ()))
+                continue
+            if record.state is JobState.PLACED:
+                self.store.transition(record.id, JobState.QUEUED, reason="launch unconfirmed before a restart",
+                                      placement=None, now=self.clock())
+            else:
+                recover(self.store, record.id, "its process was gone when the scheduler restarted",
+                        self.clock(), self.recovery, blame_devices=False)
+            requeued.append(record.id)
+        return requeued
+
+    # the loop -------------------------------------------------------------------------------
+
+    async def run_once(self) -> AllocationPlan:
+        """One round: collect exits, stop what was cancelled, then start what the policy says."""
+        if self.executor is None:
+            raise EvalfleetError("the orchestrator has no executor, so it can plan but not run jobs")
+        self._poll()
+        plan = self.create_allocation_plan()
+        for job_id in plan.preempt:
+            self._preempt(job_id)
+        for start in plan.starts:
+            self._launch(start)
+        return plan
+
+    async def run_forever(self, interval_s: float = 2.0, stop: asyncio.Event | None = None) -> None:
+        self.reconcile()
+        stop = stop or asyncio.Event()
+        while not stop.is_set():
+            await self.run_once()
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(stop.wait(), timeout=interval_s)
+
+    def _poll(self) -> None:
+        now = self.clock()
+        for job_id, (handle, _) in list(self._draining.items()):
+            if isinstance(self.executor.poll(handle), Exited):
+                del self._draining[job_id]
+                if self.store.get(job_id).state is JobState.PREEMPTED:
+                    self.store.transition(job_id, JobState.QUEUED, reason="resuming from the request cache",
+                                          placement=None, pid=None, handle=None, now=now)
+        for job_id, (handle, _) in list(self._live.items()):
+            record = self.store.get(job_id)
+            if record.state is not JobState.RUNNING:
+                # Changed by another process: a worker that reported its own end exits by
+                # itself; anything else (cancel, requeue) means its process must stop.
+                self._stop(job_id, signal=record.state not in (JobState.SUCCEEDED, JobState.FAILED))
+                continue
+            status = self.executor.poll(handle)
+            if isinstance(status, Exited):
+                del self._live[job_id]
+                if status.code == 0:
+                    self.store.transition(job_id, JobState.SUCCEEDED, expect=JobState.RUNNING,
+                                          reason="exited with code 0", now=now)
+                else:
+                    reason = "exited without reporting" if status.code is None else f"exited with code {status.code}"
+                    self.handle_fault_recovery(job_id, reason)
+            elif self.heartbeat_timeout_s is not None:
+                last = record.heartbeat_at or record.started_at or now
+                if now - last > self.heartbeat_timeout_s:
+                    self.handle_fault_recovery(job_id, f"no heartbeat for {now - last:.0f}s")
+
+    def _stop(self, job_id: str, *, preempt: bool = False, signal: bool = True) -> None:
+        """Stop a live job's process (if this scheduler has it) and drain its GPUs."""
+        handle, devices = self._live.pop(job_id, (None, ()))
+        if handle is None:
+            return
+        if signal:
+            (self.executor.preempt if preempt else self.executor.cancel)(handle)
+        self._draining[job_id] = (handle, devices)
+
+    def _preempt(self, job_id: str) -> None:
+        self.store.transition(job_id, JobState.PREEMPTED, reason="preempted by a higher-priority job",
+                              now=self.clock())
+        if job_id in self._live:
+            self._stop(job_id, preempt=True)
+        else:  # its process belongs to another scheduler, which stops it on seeing the state
+            self.store.transition(job_id, JobState.QUEUED, reason="preempted job had no process here",
+                                  placement=None, now=self.clock())
+
+    def _launch(self, start: Start) -> None:
+        now = self.clock()
+        record = self.store.transition(start.job_id, JobState.PLACED, expect=JobState.QUEUED, now=now,
+                                       placement=list(start.devices), owner=self.owner,
+                                       reason=f"{start.replicas} replica(s) on {len(start.devices)} device(s)"
+                                       + (" (backfilled)" if start.backfilled else ""))
+        try:
+            handle = self.executor.launch(record, start.devices)
+        except EvalfleetError as error:
+            self.handle_fault_recovery(start.job_id, f"launch failed: {error}", blame_devices=False)
+            return
+        self._live[start.job_id] = (handle, tuple(start.devices))
+        try:
+            self.store.transition(start.job_id, JobState.RUNNING, expect=JobState.PLACED, now=now,
+                                  pid=handle.pid, handle=handle.data, started_at=now, heartbeat_at=now,
+                                  reason=f"launched by {self.executor.name}")
+        except EvalfleetError:  # cancelled between placement and launch
+            self._stop(start.job_id)
+            return
+        self._warm.update({device: JobDemand.from_dict(record.demand).model for device in start.devices})
+
+
+def _remaining(record: JobRecord) -> JobDemand:
+    """The job's demand, less the share of requests already done (they come from the cache)."""
+    demand = JobDemand.from_dict(record.demand)
+    if record.total:
+        return demand.with_work(demand.work_tokens * (1 - record.done / record.total))
+    return demand

@@ -1,0 +1,227 @@
+"""A discrete-event simulator that drives a scheduling policy with a simulated clock.
+
+It calls the same pure `create_allocation_plan` the live scheduler calls (or a baseline
+with its signature), and plays out the consequences: jobs start after their start-up time
+(shorter when the node holds the model warm), compute at the planner's speed for the
+replicas they were given, crash where the trace says, back off and resume from the request
+cache (finished work is kept), and get preempted if the policy says so. The policy only
+ever sees estimates; the simulator knows the truth.
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from evalfleet.orchestrator.demand import Device
+from evalfleet.orchestrator.policy import QueuedJob, RunningJob, Scheduler, Start
+from evalfleet.orchestrator.recovery import RecoveryOptions, backoff_seconds
+from evalfleet.orchestrator.workload import TraceJob
+from evalfleet.planning import Inventory
+
+
+@dataclass
+class _Job:
+    spec: TraceJob
+    done: float = 0.0
+    """Fraction of the true work finished (kept in the request cache)."""
+    failures: int = 0
+    not_before: float = 0.0
+    first_start: float | None = None
+    finished: float | None = None
+    failed: bool = False
+
+
+@dataclass
+class _Attempt:
+    job: _Job
+    start: Start
+    began: float
+    compute_from: float
+    rate: float
+    expected_end: float
+    end: float
+    serial: int
+
+    def eta(self, now: float) -> float:
+        """What the live scheduler would know: the estimate until the worker reports progress,
+        then the end that its measured rate and request count imply."""
+        return self.end if now >= self.compute_from else self.expected_end
+
+
+@dataclass
+class ClassStats:
+    jobs: int
+    mean_completion_s: float
+    p95_completion_s: float
+    mean_wait_s: float
+    p95_wait_s: float
+
+
+@dataclass
+class SimulationReport:
+    jobs: int
+    gpus: int
+    makespan_s: float
+    lower_bound_s: float
+    makespan_over_lower_bound: float
+    gpu_utilization: float
+    per_priority: dict[str, ClassStats]
+    failures: int = 0
+    failed_jobs: int = 0
+    preemptions: int = 0
+    unfinished: int = 0
+    warm_starts: int = 0
+    starts: int = 0
+    rounds: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    """Linear-interpolation percentile (numpy's default), without numpy."""
+    if not values:
+        return 0.0
+    ordered = sorted(values)
+    position = (len(ordered) - 1) * q / 100
+    low, high = math.floor(position), math.ceil(position)
+    return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
+
+
+def lower_bound(trace: Sequence[TraceJob], gpus: int) -> float:
+    """No schedule beats max(total GPU-seconds / GPUs, latest arrival + its fastest run).
+
+    Each job counts at its cheapest replica count with a warm start, on its true work:
+    a bound every policy, however lucky, must respect.
+    """
+    start = min(job.arrival for job in trace)
+    work, longest = 0.0, 0.0
+    for job in trace:
+        truth = job.demand.with_work(job.true_work_tokens)
+        runs = [truth.runtime(k, warm=True) for k in range(1, truth.max_replicas + 1)]
+        work += min(k * truth.replica_gpus * run for k, run in enumerate(runs, start=1))
+        longest = max(longest, job.arrival - start + min(runs))
+    return max(work / gpus, longest)
+
+
+def simulate(
+    trace: Sequence[TraceJob],
+    inventory: Inventory,
+    scheduler: Scheduler,
+    *,
+    recovery: RecoveryOptions = RecoveryOptions(),
+) -> SimulationReport:
+    """Play `trace` on `inventory` under `scheduler` until every job succeeded or failed for good."""
+    jobs = {spec.id: _Job(spec) for spec in trace}
+    gpus = sum(len(node.gpus) for node in inventory.nodes)
+    events: list[tuple[float, int, str, str]] = []
+    serial = 0
+
+    def push(at: float, kind: str, job_id: str) -> int:
+        nonlocal serial
+        serial += 1
+        heapq.heappush(events, (at, serial, kind, job_id))
+        return serial
+
+    for spec in trace:
+        push(spec.arrival, "arrive", spec.id)
+    arrived: set[str] = set()
+    running: dict[str, _Attempt] = {}
+    warm: dict[Device, str] = {}
+    busy_gpu_s = 0.0
+    counts = {"failures": 0, "preemptions": 0, "warm": 0, "starts": 0, "rounds": 0}
+
+    def stop(attempt: _Attempt, now: float) -> None:
+        nonlocal busy_gpu_s
+        del running[attempt.job.spec.id]
+        busy_gpu_s += len(attempt.start.devices) * (now - attempt.began)
+        computed = max(0.0, now - attempt.compute_from) * attempt.rate
+        job = attempt.job
+        job.done = min(1.0, job.done + computed / job.spec.true_work_tokens) if job.spec.true_work_tokens else 1.0
+
+    def queue_view(now: float) -> list[QueuedJob]:
+        waiting = [j for j in arrived if j not in running and jobs[j].finished is None and not jobs[j].failed]
+        return [
+            QueuedJob(j, jobs[j].spec.demand.with_work(jobs[j].spec.demand.work_tokens * (1 - jobs[j].done)),
+                      jobs[j].spec.priority, jobs[j].spec.arrival, jobs[j].not_before)
+            for j in sorted(waiting)
+        ]
+
+    def begin(start: Start, now: float) -> None:
+        job = jobs[start.job_id]
+        spec = job.spec
+        is_warm = all(warm.get(d) == spec.demand.model for d in start.devices)
+        counts["warm"] += is_warm
+        counts["starts"] += 1
+        startup = spec.demand.warm_startup_s if is_warm else spec.demand.startup_s
+        rate = spec.demand.tokens_per_s[start.replicas - 1]
+        left = spec.true_work_tokens * (1 - job.done)
+        expected = now + spec.demand.with_work(spec.demand.work_tokens * (1 - job.done)).runtime(start.replicas)
+        job.first_start = now if job.first_start is None else job.first_start
+        warm.update({d: spec.demand.model for d in start.devices})
+        end = now + startup + left / rate
+        if job.failures < len(spec.failures):
+            event = push(now + startup + spec.failures[job.failures] * left / rate, "crash", spec.id)
+        else:
+            event = push(end, "finish", spec.id)
+        running[spec.id] = _Attempt(job, start, now, now + startup, rate, expected, end, event)
+
+    now = 0.0
+    while events:
+        now = events[0][0]
+        while events and events[0][0] <= now:
+            _, event_serial, kind, job_id = heapq.heappop(events)
+            attempt = running.get(job_id)
+            if kind == "arrive":
+                arrived.add(job_id)
+            elif kind in ("finish", "crash") and attempt is not None and attempt.serial == event_serial:
+                stop(attempt, now)
+                job = jobs[job_id]
+                if kind == "finish":
+                    job.finished, job.done = now, 1.0
+                    continue
+                counts["failures"] += 1
+                job.failures += 1
+                if job.failures >= recovery.max_attempts:
+                    job.failed, job.finished = True, now
+                else:
+                    job.not_before = now + backoff_seconds(job.failures, recovery)
+                    push(job.not_before, "retry", job_id)
+        for _ in range(3):  # a preemption frees GPUs that the same instant's next round can use
+            counts["rounds"] += 1
+            views = [RunningJob(a.job.spec.id, a.start.devices, a.eta(now), a.job.spec.priority)
+                     for a in running.values()]
+            plan = scheduler(queue_view(now), inventory, views, now, warm=warm)
+            for victim in plan.preempt:
+                counts["preemptions"] += 1
+                stop(running[victim], now)
+            for start in plan.starts:
+                begin(start, now)
+            if not plan.preempt:
+                break
+
+    finished = [j for j in jobs.values() if j.finished is not None]
+    makespan = max((j.finished for j in finished), default=0.0) - min((s.arrival for s in trace), default=0.0)
+    bound = lower_bound(trace, gpus) if trace else 0.0
+    per_priority = {}
+    for priority in ("high", "normal", "low"):
+        group = [j for j in finished if j.spec.priority == priority and not j.failed]
+        completion = [j.finished - j.spec.arrival for j in group]
+        wait = [j.first_start - j.spec.arrival for j in group]
+        per_priority[priority] = ClassStats(
+            len(group), sum(completion) / max(len(group), 1), percentile(completion, 95),
+            sum(wait) / max(len(group), 1), percentile(wait, 95),
+        )
+    return SimulationReport(
+        jobs=len(trace), gpus=gpus, makespan_s=makespan, lower_bound_s=bound,
+        makespan_over_lower_bound=makespan / bound if bound else 0.0,
+        gpu_utilization=busy_gpu_s / (gpus * makespan) if makespan else 0.0,
+        per_priority=per_priority, failures=counts["failures"],
+        failed_jobs=sum(j.failed for j in jobs.values()), preemptions=counts["preemptions"],
+        unfinished=sum(j.finished is None for j in jobs.values()),
+        warm_starts=counts["warm"], starts=counts["starts"], rounds=counts["rounds"],
+    )

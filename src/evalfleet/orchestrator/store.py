@@ -1,0 +1,373 @@
+"""The job store: one SQLite file shared by the scheduler, its workers and the CLI.
+
+WAL mode lets readers (status, queue) run while a writer commits; every write is one
+`BEGIN IMMEDIATE` transaction under a busy timeout, so concurrent processes serialize
+instead of failing. Each state change is checked against `states.TRANSITIONS` and logged
+in `events` in the same transaction, so the history never disagrees with the job row.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import platformdirs
+
+from evalfleet.orchestrator.states import JobState, check_transition
+from evalfleet.types import EvalfleetError, UsageError
+
+Device = tuple[int, int]
+
+_SCHEMA_V1 = """
+CREATE TABLE jobs (
+    id TEXT PRIMARY KEY,
+    request TEXT NOT NULL,
+    priority TEXT NOT NULL,
+    state TEXT NOT NULL,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    max_attempts INTEGER NOT NULL,
+    demand TEXT,
+    plan TEXT,
+    placement TEXT,
+    done INTEGER NOT NULL DEFAULT 0,
+    total INTEGER,
+    tokens_per_s REAL,
+    submitted_at REAL NOT NULL,
+    enqueued_at REAL NOT NULL,
+    not_before REAL NOT NULL DEFAULT 0,
+    started_at REAL,
+    finished_at REAL,
+    heartbeat_at REAL,
+    error TEXT,
+    owner TEXT,
+    pid INTEGER,
+    handle TEXT,
+    result_path TEXT
+);
+CREATE INDEX jobs_state ON jobs(state);
+CREATE TABLE events (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    job_id TEXT NOT NULL,
+    at REAL NOT NULL,
+    from_state TEXT,
+    to_state TEXT NOT NULL,
+    attempt INTEGER NOT NULL,
+    reason TEXT
+);
+CREATE INDEX events_job ON events(job_id);
+CREATE TABLE device_failures (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    node INTEGER NOT NULL,
+    gpu INTEGER NOT NULL,
+    job_id TEXT NOT NULL,
+    at REAL NOT NULL,
+    reason TEXT
+);
+CREATE TABLE quarantine (
+    node INTEGER NOT NULL,
+    gpu INTEGER NOT NULL,
+    at REAL NOT NULL,
+    reason TEXT NOT NULL,
+    PRIMARY KEY (node, gpu)
+);
+"""
+
+# MIGRATIONS[i] brings a database from user_version i to i + 1. Append, never edit.
+# Each step runs inside the migration's transaction (so not via executescript, which commits).
+MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [
+    lambda conn: [conn.execute(statement) for statement in _SCHEMA_V1.split(";") if statement.strip()],
+]
+SCHEMA_VERSION = len(MIGRATIONS)
+
+_JSON_COLUMNS = ("request", "demand", "plan", "placement", "handle")
+# Columns a transition may set alongside the state; everything else has its own method.
+_TRANSITION_FIELDS = frozenset(
+    {"placement", "pid", "handle", "owner", "error", "not_before", "enqueued_at", "started_at",
+     "finished_at", "heartbeat_at", "result_path", "attempts"}
+)
+
+
+@dataclass(frozen=True)
+class JobRecord:
+    id: str
+    request: dict[str, Any]
+    priority: str
+    state: JobState
+    attempts: int
+    max_attempts: int
+    demand: dict[str, Any] | None
+    plan: dict[str, Any] | None
+    placement: list[Device] | None
+    done: int
+    total: int | None
+    tokens_per_s: float | None
+    submitted_at: float
+    enqueued_at: float
+    not_before: float
+    started_at: float | None
+    finished_at: float | None
+    heartbeat_at: float | None
+    error: str | None
+    owner: str | None
+    pid: int | None
+    handle: dict[str, Any] | None
+    result_path: str | None
+
+    @classmethod
+    def from_row(cls, row: sqlite3.Row) -> JobRecord:
+        values = {name: row[name] for name in cls.__dataclass_fields__}
+        for column in _JSON_COLUMNS:
+            if values[column] is not None:
+                values[column] = json.loads(values[column])
+        if values["placement"] is not None:
+            values["placement"] = [tuple(device) for device in values["placement"]]
+        values["state"] = JobState(values["state"])
+        return cls(**values)
+
+
+@dataclass(frozen=True)
+class Event:
+    job_id: str
+    at: float
+    from_state: JobState | None
+    to_state: JobState
+    attempt: int
+    reason: str | None
+
+
+def resolve_db_path(explicit: str | os.PathLike[str] | None) -> Path:
+    """`--db PATH`, else `$EVALFLEET_DB`, else `jobs.db` in the user's data folder."""
+    if explicit:
+        return Path(explicit).expanduser()
+    from_env = os.environ.get("EVALFLEET_DB")
+    if from_env:
+        return Path(from_env).expanduser()
+    return platformdirs.user_data_path("evalfleet") / "jobs.db"
+
+
+class JobStore:
+    """Jobs, their event history, device failures and quarantined devices, in one SQLite file."""
+
+    def __init__(self, path: str | os.PathLike[str], *, busy_timeout_s: float = 30.0) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            self._conn = sqlite3.connect(
+                self.path, timeout=busy_timeout_s, isolation_level=None, check_same_thread=False
+            )
+            self._conn.row_factory = sqlite3.Row
+            self._conn.execute("PRAGMA journal_mode=WAL")
+            self._conn.execute(f"PRAGMA busy_timeout={int(busy_timeout_s * 1000)}")
+            self._conn.execute("PRAGMA foreign_keys=ON")
+        except sqlite3.DatabaseError as error:
+            raise EvalfleetError(f"cannot open the job store {self.path}: {error}") from None
+        self._lock = threading.RLock()
+        self._migrate()
+
+    def close(self) -> None:
+        self._conn.close()
+
+    def __enter__(self) -> JobStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @contextmanager
+    def _write(self) -> Iterator[sqlite3.Connection]:
+        """One IMMEDIATE transaction: takes the write lock up front so read-then-write is atomic."""
+        with self._lock:
+            self._conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._conn
+            except BaseException:
+                self._conn.execute("ROLLBACK")
+                raise
+            self._conn.execute("COMMIT")
+
+    def _migrate(self) -> None:
+        with self._write() as conn:
+            version = conn.execute("PRAGMA user_version").fetchone()[0]
+            if version > SCHEMA_VERSION:
+                raise EvalfleetError(
+                    f"the job store {self.path} has schema version {version}, newer than this evalfleet "
+                    f"understands ({SCHEMA_VERSION}); upgrade evalfleet"
+                )
+            for step in MIGRATIONS[version:]:
+                step(conn)
+            conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+
+    @property
+    def schema_version(self) -> int:
+        return self._conn.execute("PRAGMA user_version").fetchone()[0]
+
+    # jobs -----------------------------------------------------------------------------------
+
+    def add(
+        self,
+        request: dict[str, Any],
+        *,
+        priority: str,
+        max_attempts: int,
+        demand: dict[str, Any] | None = None,
+        plan: dict[str, Any] | None = None,
+        total: int | None = None,
+        now: float | None = None,
+    ) -> str:
+        now = time.time() if now is None else now
+        job_id = uuid.uuid4().hex[:12]
+        with self._write() as conn:
+            conn.execute(
+                "INSERT INTO jobs (id, request, priority, state, max_attempts, demand, plan, total,"
+                " submitted_at, enqueued_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (job_id, json.dumps(request), priority, JobState.QUEUED.value, max_attempts,
+                 _dumps(demand), _dumps(plan), total, now, now),
+            )
+            _log(conn, job_id, now, None, JobState.QUEUED, 0, "submitted")
+        return job_id
+
+    def get(self, job_id: str) -> JobRecord:
+        row = self._conn.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
+        if row is None:
+            raise UsageError(f"no job with id '{job_id}' in {self.path}")
+        return JobRecord.from_row(row)
+
+    def list(self, states: Iterable[JobState] | None = None) -> list[JobRecord]:
+        query, args = "SELECT * FROM jobs", ()
+        if states is not None:
+            wanted = tuple(JobState(s).value for s in states)
+            if not wanted:
+                return []
+            query += f" WHERE state IN ({','.join('?' * len(wanted))})"
+            args = wanted
+        rows = self._conn.execute(query + " ORDER BY submitted_at, id", args).fetchall()
+        return [JobRecord.from_row(row) for row in rows]
+
+    def transition(
+        self,
+        job_id: str,
+        target: JobState,
+        *,
+        reason: str | None = None,
+        expect: JobState | None = None,
+        now: float | None = None,
+        **fields: Any,
+    ) -> JobRecord:
+        """Move a job to `target`, setting `fields` in the same transaction.
+
+        `expect` guards against races: if another process moved the job meanwhile, the
+        transition is refused instead of overwriting that decision.
+        """
+        unknown = set(fields) - _TRANSITION_FIELDS
+        if unknown:
+            raise ValueError(f"transition cannot set {sorted(unknown)}")
+        now = time.time() if now is None else now
+        target = JobState(target)
+        with self._write() as conn:
+            row = conn.execute("SELECT state, attempts FROM jobs WHERE id = ?", (job_id,)).fetchone()
+            if row is None:
+                raise UsageError(f"no job with id '{job_id}' in {self.path}")
+            current = JobState(row["state"])
+            if expect is not None and current is not expect:
+                raise EvalfleetError(f"job {job_id} is {current.value}, not {expect.value} as expected")
+            check_transition(job_id, current, target)
+            if target.terminal:
+                fields.setdefault("finished_at", now)
+            if target is JobState.QUEUED:
+                fields.setdefault("enqueued_at", now)
+            columns = {"state": target.value, **{k: _encode(k, v) for k, v in fields.items()}}
+            conn.execute(
+                f"UPDATE jobs SET {', '.join(f'{c} = ?' for c in columns)} WHERE id = ?",
+                (*columns.values(), job_id),
+            )
+            _log(conn, job_id, now, current, target, fields.get("attempts", row["attempts"]), reason)
+        return self.get(job_id)
+
+    def update_progress(
+        self,
+        job_id: str,
+        *,
+        done: int,
+        total: int | None = None,
+        tokens_per_s: float | None = None,
+        now: float | None = None,
+    ) -> None:
+        """Workers report here; it doubles as their heartbeat."""
+        now = time.time() if now is None else now
+        with self._write() as conn:
+            conn.execute(
+                "UPDATE jobs SET done = ?, total = COALESCE(?, total),"
+                " tokens_per_s = COALESCE(?, tokens_per_s), heartbeat_at = ? WHERE id = ?",
+                (done, total, tokens_per_s, now, job_id),
+            )
+
+    def heartbeat(self, job_id: str, now: float | None = None) -> None:
+        with self._write() as conn:
+            conn.execute("UPDATE jobs SET heartbeat_at = ? WHERE id = ?", (time.time() if now is None else now, job_id))
+
+    def events(self, job_id: str | None = None) -> list[Event]:
+        query, args = "SELECT * FROM events", ()
+        if job_id is not None:
+            query, args = query + " WHERE job_id = ?", (job_id,)
+        rows = self._conn.execute(query + " ORDER BY id", args).fetchall()
+        return [
+            Event(r["job_id"], r["at"], r["from_state"] and JobState(r["from_state"]), JobState(r["to_state"]),
+                  r["attempt"], r["reason"])
+            for r in rows
+        ]
+
+    # devices ----------------------------------------------------------------------------------
+
+    def record_device_failure(self, device: Device, job_id: str, reason: str, *, since: float,
+                              now: float | None = None) -> int:
+        """Log that `job_id` failed on `device`; return how many distinct jobs failed there since `since`."""
+        now = time.time() if now is None else now
+        with self._write() as conn:
+            conn.execute(
+                "INSERT INTO device_failures (node, gpu, job_id, at, reason) VALUES (?, ?, ?, ?, ?)",
+                (device[0], device[1], job_id, now, reason),
+            )
+            return conn.execute(
+                "SELECT COUNT(DISTINCT job_id) FROM device_failures WHERE node = ? AND gpu = ? AND at >= ?",
+                (device[0], device[1], since),
+            ).fetchone()[0]
+
+    def quarantine(self, device: Device, reason: str, now: float | None = None) -> None:
+        with self._write() as conn:
+            conn.execute(
+                "INSERT OR REPLACE INTO quarantine (node, gpu, at, reason) VALUES (?, ?, ?, ?)",
+                (device[0], device[1], time.time() if now is None else now, reason),
+            )
+
+    def release(self, device: Device) -> None:
+        with self._write() as conn:
+            conn.execute("DELETE FROM quarantine WHERE node = ? AND gpu = ?", device)
+
+    def quarantined(self) -> dict[Device, str]:
+        rows = self._conn.execute("SELECT node, gpu, reason FROM quarantine").fetchall()
+        return {(r["node"], r["gpu"]): r["reason"] for r in rows}
+
+
+def _dumps(value: Any) -> str | None:
+    return None if value is None else json.dumps(value)
+
+
+def _encode(column: str, value: Any) -> Any:
+    return _dumps(value) if column in _JSON_COLUMNS else value
+
+
+def _log(conn: sqlite3.Connection, job_id: str, at: float, source: JobState | None, target: JobState,
+         attempt: int, reason: str | None) -> None:
+    conn.execute(
+        "INSERT INTO events (job_id, at, from_state, to_state, attempt, reason) VALUES (?, ?, ?, ?, ?, ?)",
+        (job_id, at, source.value if source else None, target.value, attempt, reason),
+    )
