@@ -56,3 +56,28 @@ def metrics_of(results: dict[str, Any]) -> dict[str, dict[str, Any]]:
         task: {k: v for k, v in values.items() if "," in k and "_stderr" not in k}
         for task, values in results["results"].items()
     }
+
+
+def metric_differences(expected: dict[str, Any], actual: dict[str, Any], rel_tol: float = 1e-6) -> list[str]:
+    """Metrics that differ between two results documents.
+
+    Counts and accuracies must match exactly; a perplexity built from log-likelihoods that
+    agree to the per-sample tolerance may move in its 7th significant digit, no more.
+    """
+    import math
+
+    problems = []
+    left, right = metrics_of(expected), metrics_of(actual)
+    if left.keys() != right.keys():
+        return [f"tasks differ: {sorted(left)} vs {sorted(right)}"]
+    for task, metrics in left.items():
+        if metrics.keys() != right[task].keys():
+            problems.append(f"{task}: metrics {sorted(metrics)} vs {sorted(right[task])}")
+            continue
+        for name, value in metrics.items():
+            other = right[task][name]
+            is_ratio = "perplexity" in name or "bits_per_byte" in name
+            same = math.isclose(value, other, rel_tol=rel_tol) if is_ratio else value == other
+            if not same:
+                problems.append(f"{task} {name}: {value} vs {other}")
+    return problems

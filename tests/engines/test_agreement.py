@@ -7,7 +7,7 @@ import json
 import pytest
 
 from clitools import run_subprocess
-from samples import compare_samples, load_samples, metrics_of
+from samples import compare_samples, load_samples, metric_differences, metrics_of
 
 TASKS = ["demo_mc", "demo_arith", "demo_ppl"]
 LIMIT = 30
@@ -59,7 +59,7 @@ def test_per_sample_results_equal_lm_eval_hf(lm_eval_reference, evalfleet_run):
 def test_every_metric_equals_lm_eval_hf(lm_eval_reference, evalfleet_run):
     out, _ = evalfleet_run
     document = json.loads((out / "results.json").read_text())
-    assert metrics_of(document) == metrics_of(lm_eval_reference)
+    assert metric_differences(lm_eval_reference, document) == []
     assert document["n-shot"] == lm_eval_reference["n-shot"]
 
 
@@ -87,3 +87,12 @@ def test_comparison_catches_a_changed_number(evalfleet_run):
     tampered["demo_arith"][0]["resps"][0][0] += "x"
     problems = compare_samples(ours, tampered)
     assert len(problems) == 2
+
+
+def test_metric_comparison_catches_a_flipped_answer(lm_eval_reference):
+    from copy import deepcopy
+
+    changed = deepcopy(lm_eval_reference)
+    changed["results"]["demo_mc"]["acc,none"] += 1 / LIMIT
+    changed["results"]["demo_ppl"]["word_perplexity,none"] *= 1.00001
+    assert len(metric_differences(lm_eval_reference, changed)) == 2

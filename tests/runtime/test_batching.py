@@ -35,3 +35,23 @@ def test_generation_length_counts_new_tokens():
     item = GenerationItem((1, 2, 3), ("\n",), 10)
     assert item.length == 13
     assert make_batches([item, item], token_budget=20) == [[0], [1]]
+
+
+def test_items_sharing_a_context_stay_in_one_row():
+    context = tuple(range(30))
+    items = [LoglikelihoodItem(context, (1, 2)), LoglikelihoodItem((9,) * 20, (1,)), LoglikelihoodItem(context, (3,)),
+             LoglikelihoodItem(context, (4, 5, 6))]
+    batches = make_batches(items, token_budget=40, share_prefixes=True)
+    # The three items of `context` pack into one row of 30 + 2 + 1 + 3 = 36 tokens.
+    assert batches == [[0, 2, 3], [1]]
+    assert make_batches(items, token_budget=40) == [[3], [0], [2], [1]]
+
+
+@given(st.lists(st.tuples(st.integers(0, 5), st.integers(1, 6)), min_size=1, max_size=60), st.integers(20, 400),
+       st.one_of(st.none(), st.integers(1, 9)))
+def test_packed_batches_cover_every_item_once(spec, budget, max_size):
+    items = [LoglikelihoodItem(tuple(range(10 * c + 1)), tuple(range(n))) for c, n in spec]
+    batches = make_batches(items, budget, max_size, share_prefixes=True)
+    assert sorted(i for b in batches for i in b) == list(range(len(items)))
+    if max_size is not None:
+        assert all(len(b) <= max_size for b in batches)

@@ -68,6 +68,7 @@ class LightweightEvaluationEngine(EvaluationEngine):
             revision=model.revision,
             trust_remote_code=model.trust_remote_code,
             max_length=model.max_length,
+            share_prefixes=True,
         )
         self._loaded = (key, backend)
         return backend

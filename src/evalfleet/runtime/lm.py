@@ -161,7 +161,7 @@ class EvalfleetLM(TemplateLM):
         self.stats.cached += len(results)
         done = len(results)
         self._report(phase, done, len(unique))
-        batches = make_batches(todo, self.token_budget, self.max_batch_size)
+        batches = make_batches(todo, self.token_budget, self.max_batch_size, self.runner.shares_prefixes)
         batch_items = [[todo[i] for i in batch] for batch in batches]
 
         def on_batch_done(index: int, batch_results: list[Any]) -> None:

@@ -52,6 +52,11 @@ class BatchRunner(ABC):
     def max_length(self) -> int:
         """Longest sequence the model behind this runner takes."""
 
+    @property
+    def shares_prefixes(self) -> bool:
+        """Whether the backend packs items with a common context into one row (see batching)."""
+        return False
+
     def describe(self) -> dict[str, Any]:
         """The layout and devices used, for results.json."""
         return {}
@@ -71,6 +76,10 @@ class InProcessRunner(BatchRunner):
     @property
     def max_length(self) -> int:
         return self.backend.max_length
+
+    @property
+    def shares_prefixes(self) -> bool:
+        return bool(getattr(self.backend, "share_prefixes", False))
 
     def run(self, batches: Sequence[Sequence[Item]], on_batch_done: BatchCallback) -> None:
         for index, batch in enumerate(batches):

@@ -107,8 +107,11 @@ class HFBackend(Backend):
 
     name = "hf"
 
-    def __init__(self, model: Any, tokenizer: Any, device: str, max_length: int | None = None) -> None:
+    def __init__(
+        self, model: Any, tokenizer: Any, device: str, max_length: int | None = None, share_prefixes: bool = False
+    ) -> None:
         self.model = model
+        self.share_prefixes = share_prefixes
         self.tokenizer = tokenizer
         self.device = torch.device(device)
         self._max_length = model_max_length(model.config, tokenizer, max_length)
@@ -124,6 +127,7 @@ class HFBackend(Backend):
         revision: str | None = None,
         trust_remote_code: bool = False,
         max_length: int | None = None,
+        share_prefixes: bool = False,
         **from_pretrained: Any,
     ) -> HFBackend:
         check_model_folder(path)
@@ -146,7 +150,7 @@ class HFBackend(Backend):
         if "device_mesh" not in from_pretrained and "tp_plan" not in from_pretrained:
             model.to(device)
         model.eval()
-        return cls(model, tokenizer, device, max_length)
+        return cls(model, tokenizer, device, max_length, share_prefixes)
 
     @property
     def max_length(self) -> int:
@@ -180,24 +184,77 @@ class HFBackend(Backend):
 
     @torch.inference_mode()
     def loglikelihood(self, items: list[LoglikelihoodItem]) -> list[tuple[float, bool]]:
+        if self.share_prefixes:
+            return self._loglikelihood_packed(items)
         # The last token is never an input: position i predicts token i + 1.
         inputs = [list(item.context + item.continuation)[:-1] for item in items]
         keep = max(1, max(len(item.continuation) for item in items))
         ids, mask, positions = self._left_pad(inputs)
+        logprobs = self._logprobs(ids, mask, positions, keep)
+        predictors = [range(keep - len(item.continuation), keep) for item in items]
+        return [self._score(logprobs[row], predictors[row], item) for row, item in enumerate(items)]
+
+    def _logprobs(self, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, keep: int) -> torch.Tensor:
         try:
             logits = self._forward_last(ids, mask, positions, keep)
         except torch.OutOfMemoryError as error:
             raise OutOfMemory(str(error)) from error
-        logprobs = F.log_softmax(logits.float(), dim=-1)
-        results = []
-        for row, item in enumerate(items):
-            n = len(item.continuation)
-            rows = logprobs[row, keep - n :, :]
-            target = torch.tensor(item.continuation, dtype=torch.long, device=rows.device)
-            score = rows.gather(-1, target.unsqueeze(-1)).sum().item()
-            greedy = bool((rows.argmax(-1) == target).all().item())
-            results.append((float(score), greedy))
-        return results
+        return F.log_softmax(logits.float(), dim=-1)
+
+    @staticmethod
+    def _score(logprobs: torch.Tensor, predictors: range | list[int], item: LoglikelihoodItem) -> tuple[float, bool]:
+        rows = logprobs[list(predictors)]
+        target = torch.tensor(item.continuation, dtype=torch.long, device=rows.device)
+        score = rows.gather(-1, target.unsqueeze(-1)).sum().item()
+        return float(score), bool((rows.argmax(-1) == target).all().item())
+
+    def _loglikelihood_packed(self, items: list[LoglikelihoodItem]) -> list[tuple[float, bool]]:
+        """Items that share a context are one row: the context once, then each continuation.
+
+        A 4D mask lets every continuation see the context and its own earlier tokens only, and
+        its positions restart where the context ends, so each scores as if it ran alone; a
+        multiple-choice question with four answers costs one context instead of four.
+        """
+        rows: dict[tuple[int, ...], list[int]] = {}
+        for index, item in enumerate(items):
+            rows.setdefault(item.context, []).append(index)
+        packed = [(context, members) for context, members in rows.items()]
+        lengths = [len(c) + sum(len(items[i].continuation) for i in m) for c, m in packed]
+        width = max(lengths)
+        keep = max(1 + length - len(c) for length, (c, _) in zip(lengths, packed, strict=True))
+        ids = torch.full((len(packed), width), self.pad_id, dtype=torch.long)
+        positions = torch.zeros((len(packed), width), dtype=torch.long)
+        segment = torch.full((len(packed), width), -1, dtype=torch.long)  # -1 pad, 0 context, i + 1 continuation i
+        predictors: dict[int, tuple[int, list[int]]] = {}
+        for row, ((context, members), length) in enumerate(zip(packed, lengths, strict=True)):
+            start = width - length
+            end_of_context = start + len(context)
+            ids[row, start:end_of_context] = torch.tensor(context)
+            positions[row, start:end_of_context] = torch.arange(len(context))
+            segment[row, start:end_of_context] = 0
+            cursor = end_of_context
+            for number, index in enumerate(members, start=1):
+                continuation = items[index].continuation
+                span = slice(cursor, cursor + len(continuation))
+                ids[row, span] = torch.tensor(continuation)
+                positions[row, span] = torch.arange(len(context), len(context) + len(continuation))
+                segment[row, span] = number
+                window = width - keep
+                predictors[index] = (row, [end_of_context - 1 - window] + list(range(cursor - window, cursor + len(continuation) - 1 - window)))
+                cursor += len(continuation)
+        logprobs = self._logprobs(ids.to(self.device), self._packed_mask(segment).to(self.device), positions.to(self.device), keep)
+        return [self._score(logprobs[predictors[i][0]], predictors[i][1], item) for i, item in enumerate(items)]
+
+    def _packed_mask(self, segment: torch.Tensor) -> torch.Tensor:
+        """Additive [batch, 1, query, key] mask: causal, no padding, context shared, continuations apart."""
+        width = segment.shape[1]
+        causal = torch.ones(width, width, dtype=torch.bool).tril()
+        query, key = segment[:, :, None], segment[:, None, :]
+        allowed = causal & (key >= 0) & ((key == 0) | (key == query))
+        allowed |= torch.eye(width, dtype=torch.bool)  # a pad row attends to itself rather than to nothing
+        mask = torch.zeros(allowed.shape, dtype=self.model.dtype)
+        mask.masked_fill_(~allowed, torch.finfo(self.model.dtype).min)
+        return mask[:, None, :, :]
 
     @torch.inference_mode()
     def generate(self, items: list[GenerationItem]) -> list[str]:
