@@ -1,1 +1,0 @@
-"""evalfleet.service."""
