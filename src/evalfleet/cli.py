@@ -42,6 +42,8 @@ _FLAG_NAMES = {
     "model.device": "--device",
     "batch_size": "--batch-size",
     "max_batch_tokens": "--max-batch-tokens",
+    "priority": "--priority",
+    "gpus": "--gpus",
 }
 
 
@@ -160,6 +162,114 @@ def plan(
         model, gpus, dtype=dtype, max_length=max_length, batch_size=batch_size,
         strategy=strategy, tp=tp, pp=pp, dp=dp, as_json=as_json,
     )
+
+
+_DB_HELP = "Job store (default $EVALFLEET_DB, else jobs.db in the user data folder)."
+
+
+@app.command()
+def scheduler(
+    gpus: str | None = typer.Option(None, "--gpus", help="Pool: a spec (4xA10G-24GB), a cluster YAML or 'auto' (default: this machine)."),
+    slots: int | None = typer.Option(None, "--slots", min=1, help="Pool of N CPU slots: N jobs side by side, each with cores/N threads."),
+    db: str | None = typer.Option(None, "--db", help=_DB_HELP),
+    preempt: bool = typer.Option(False, "--preempt/--no-preempt", help="Let long-waiting jobs stop lower-priority ones (they resume from the cache)."),
+    max_attempts: int = typer.Option(3, "--max-attempts", min=1, help="Attempts per job before it fails for good."),
+    backoff: float = typer.Option(30.0, "--backoff", min=0, help="Seconds before the first retry; doubles each time."),
+    heartbeat_timeout: float = typer.Option(120.0, "--heartbeat-timeout", min=1, help="Restart a job silent this long."),
+    interval: float = typer.Option(2.0, "--interval", min=0.05, help="Seconds between scheduling rounds."),
+) -> None:
+    """Run the job scheduler in the foreground (Ctrl-C stops it and requeues its running jobs)."""
+    from evalfleet.orchestrator.foreground import SchedulerOptions, run_scheduler
+    from evalfleet.orchestrator.pool import pool_from_options
+    from evalfleet.orchestrator.store import resolve_db_path
+
+    options = SchedulerOptions(preempt=preempt, max_attempts=max_attempts, backoff_s=backoff,
+                               interval_s=interval, heartbeat_timeout_s=heartbeat_timeout)
+    run_scheduler(resolve_db_path(db), pool_from_options(gpus, slots), options)
+
+
+@app.command()
+def submit(
+    model: str = typer.Option(..., "--model", help="Local model folder, 'demo', a shipped id or a hub id."),
+    tasks: str = typer.Option("demo_mc,demo_arith", "--tasks", help="Comma-separated lm-eval task names."),
+    include_path: str | None = typer.Option(None, "--include-path", help="Folder of extra lm-eval task YAML files."),
+    limit: int | None = typer.Option(None, "--limit", help="Evaluate only the first N examples of each task."),
+    num_fewshot: int | None = typer.Option(None, "--num-fewshot", help="Few-shot examples per prompt."),
+    priority: str = typer.Option("normal", "--priority", help="high | normal | low."),
+    gpus: int | None = typer.Option(None, "--gpus", help="Most GPUs the job may use."),
+    strategy: str = typer.Option("auto", "--strategy", help="auto | single | tp | pp | hybrid | dp."),
+    tp: int | None = typer.Option(None, "--tp", help="Tensor-parallel degree."),
+    pp: int | None = typer.Option(None, "--pp", help="Pipeline-parallel degree."),
+    dp: int | None = typer.Option(None, "--dp", help="Data-parallel replicas (at least)."),
+    dtype: str = typer.Option("auto", "--dtype", help="auto | float32 | bfloat16 | float16."),
+    batch_size: str = typer.Option("auto", "--batch-size", help="Requests per batch, or 'auto'."),
+    max_batch_tokens: int | None = typer.Option(None, "--max-batch-tokens", help="Token budget of one padded batch."),
+    log_samples: bool = typer.Option(False, "--log-samples", help="Also write lm-eval's samples_<task>.jsonl."),
+    no_cache: bool = typer.Option(False, "--no-cache", help="Neither read nor write the request cache (no resume)."),
+    cache_path: str | None = typer.Option(None, "--cache", help="Request cache file (default: the scheduler's)."),
+    db: str | None = typer.Option(None, "--db", help=_DB_HELP),
+    pool: str | None = typer.Option(None, "--pool", help="Check the job against this pool spec instead of the one the scheduler recorded in the store (else this machine)."),
+) -> None:
+    """Queue an evaluation and print its job id; refuse one that can never fit the pool.
+
+    Results go to <store folder>/results/<job id>/results.json.
+    """
+    from evalfleet.orchestrator.console import submit_job
+
+    request = build_request(
+        model={"path": model, "dtype": dtype},
+        tasks={"names": tasks, "include_path": include_path, "limit": limit, "num_fewshot": num_fewshot},
+        strategy=strategy, tp=tp, pp=pp, dp=dp, gpus=gpus, priority=priority,
+        batch_size=batch_size, max_batch_tokens=max_batch_tokens, log_samples=log_samples,
+        use_cache=not no_cache, cache_path=cache_path,
+    )
+    typer.echo(submit_job(request, db, pool))
+
+
+@app.command()
+def status(
+    job: str | None = typer.Argument(None, help="A job id; without it, every job."),
+    as_json: bool = typer.Option(False, "--json", help="One JSON document (a list without JOB)."),
+    db: str | None = typer.Option(None, "--db", help=_DB_HELP),
+) -> None:
+    """Show one job (state, progress, attempts, result, history) or all jobs."""
+    from evalfleet.orchestrator.console import status_command
+
+    status_command(job, db, as_json)
+
+
+@app.command()
+def queue(db: str | None = typer.Option(None, "--db", help=_DB_HELP)) -> None:
+    """Show running jobs with their progress and ETA, then queued jobs in start order."""
+    from evalfleet.orchestrator.console import queue_command
+
+    queue_command(db)
+
+
+@app.command()
+def cancel(
+    job: str = typer.Argument(..., help="The job id."),
+    db: str | None = typer.Option(None, "--db", help=_DB_HELP),
+) -> None:
+    """Cancel a job; a running one is stopped by its scheduler, which frees its devices."""
+    from evalfleet.orchestrator.console import cancel_job
+
+    record = cancel_job(job, db)
+    typer.echo(f"job {record.id} cancelled", err=True)
+
+
+@app.command(hidden=True)
+def worker(
+    job: str = typer.Option(..., "--job", help="The job id."),
+    db: str | None = typer.Option(None, "--db", help=_DB_HELP),
+) -> None:
+    """Run one placed job (the scheduler launches this; not for direct use)."""
+    os.environ.setdefault("TQDM_DISABLE", "1")
+    from evalfleet.orchestrator.store import resolve_db_path
+    from evalfleet.orchestrator.worker import run_worker
+
+    result = run_worker(job, resolve_db_path(db))
+    typer.echo(f"job {job} finished -> {result.output_path}", err=True)
 
 
 def main() -> None:

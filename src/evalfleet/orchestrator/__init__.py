@@ -1,7 +1,7 @@
-"""The orchestrator: a job store, a pure scheduling policy, executors, fault recovery, a simulator."""
+"""The orchestrator: a job store, a pure scheduling policy, executors and workers, fault recovery, a simulator."""
 
 from evalfleet.orchestrator.demand import JobDemand
-from evalfleet.orchestrator.executors import Executor, Exited, Handle, Running, SubprocessExecutor
+from evalfleet.orchestrator.executors import Executor, Exited, Handle, LocalExecutor, Running, SubprocessExecutor
 from evalfleet.orchestrator.policy import (
     AllocationPlan,
     PolicyOptions,
@@ -29,6 +29,7 @@ __all__ = [
     "JobRecord",
     "JobState",
     "JobStore",
+    "LocalExecutor",
     "PolicyOptions",
     "QueuedJob",
     "RecoveryDecision",

@@ -50,11 +50,13 @@ def recover(
     options: RecoveryOptions,
     *,
     blame_devices: bool = True,
+    retry: bool = True,
 ) -> RecoveryDecision:
     """Record a failed attempt of `job_id`; requeue it with backoff or fail it for good.
 
     `blame_devices=False` is for failures that say nothing about the hardware (the
-    scheduler itself died), so they never count towards quarantine.
+    scheduler itself died), so they never count towards quarantine; `retry=False` for
+    failures no retry can fix (the request itself is wrong).
     """
     record = store.get(job_id)
     if record.state not in _RECOVERABLE:
@@ -75,7 +77,7 @@ def recover(
                 )
                 quarantined.append(device)
     common = {"attempts": failures, "error": reason, "pid": None, "handle": None, "placement": None}
-    if failures < options.max_attempts:
+    if retry and failures < options.max_attempts:
         delay = backoff_seconds(failures, options)
         store.transition(
             job_id, JobState.QUEUED, now=now, not_before=now + delay,
@@ -85,6 +87,7 @@ def recover(
         return RecoveryDecision(job_id, "requeued", failures, now + delay, tuple(quarantined))
     store.transition(
         job_id, JobState.FAILED, now=now,
-        reason=f"attempt {failures} of {options.max_attempts} failed ({reason}); no attempts left", **common,
+        reason=f"attempt {failures} of {options.max_attempts} failed ({reason}); "
+               + ("no attempts left" if retry else "a retry would fail the same way"), **common,
     )
     return RecoveryDecision(job_id, "failed", failures, None, tuple(quarantined))

@@ -3,7 +3,9 @@
 The store is the source of truth, so the CLI (submit, cancel, status) is a thin client
 that never needs the running scheduler: a `cancel` from another process only marks the
 job, and the loop that owns the process stops it on its next round. Decisions come from
-the pure `policy.create_allocation_plan`; launching goes through an `Executor`.
+the pure `policy.create_allocation_plan`; launching goes through an `Executor`. Workers
+of a self-reporting executor (`LocalExecutor`) confirm their own start, heartbeat and
+record their own result; the loop then only settles processes that died without one.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from signal import Signals
 from typing import Any
 
 from pydantic import ValidationError
@@ -38,6 +41,7 @@ from evalfleet.planning import Inventory
 from evalfleet.types import EvalfleetError, EvaluationRequest, UsageError, describe_validation_error
 
 _ACTIVE = (JobState.PLACED, JobState.RUNNING)
+SELF_REPORTING_HEARTBEAT_TIMEOUT_S = 120.0
 
 
 @dataclass(frozen=True)
@@ -72,6 +76,8 @@ class DistributedEvaluationOrchestrator:
         self.executor = executor
         self.policy = policy
         self.recovery = recovery
+        if heartbeat_timeout_s is None and executor is not None and executor.self_reporting:
+            heartbeat_timeout_s = SELF_REPORTING_HEARTBEAT_TIMEOUT_S  # its workers heartbeat, so silence means trouble
         self.heartbeat_timeout_s = heartbeat_timeout_s
         self.clock = clock
         self.owner = f"{socket.gethostname()}:{os.getpid()}"
@@ -153,6 +159,8 @@ class DistributedEvaluationOrchestrator:
         return report
 
     def _expected_end(self, record: JobRecord, demand: JobDemand, now: float) -> float:
+        if record.requests_per_s and record.total:  # measured by the worker: the best guess
+            return now + max(0, record.total - record.done) / record.requests_per_s
         if record.tokens_per_s and record.total:
             return now + demand.work_tokens / record.tokens_per_s
         replicas = max(1, len(record.placement or ()) // demand.replica_gpus)
@@ -161,13 +169,15 @@ class DistributedEvaluationOrchestrator:
 
     # faults ---------------------------------------------------------------------------------
 
-    def handle_fault_recovery(self, job_id: str, reason: str, *, blame_devices: bool = True) -> RecoveryDecision:
+    def handle_fault_recovery(self, job_id: str, reason: str, *, blame_devices: bool = True,
+                              retry: bool = True) -> RecoveryDecision:
         """Requeue a failed job with exponential backoff, or fail it once its attempts are spent.
 
         GPUs on which several jobs failed are quarantined; the history is in the store's events.
         """
         self._stop(job_id)
-        return recover(self.store, job_id, reason, self.clock(), self.recovery, blame_devices=blame_devices)
+        return recover(self.store, job_id, reason, self.clock(), self.recovery, blame_devices=blame_devices,
+                       retry=retry)
 
     def reconcile(self) -> list[str]:
         """After a restart: adopt live jobs of this host, requeue those whose process is gone."""
@@ -221,7 +231,7 @@ class DistributedEvaluationOrchestrator:
                                           placement=None, pid=None, handle=None, now=now)
         for job_id, (handle, _) in list(self._live.items()):
             record = self.store.get(job_id)
-            if record.state is not JobState.RUNNING:
+            if record.state not in _ACTIVE:
                 # Changed by another process: a worker that reported its own end exits by
                 # itself; anything else (cancel, requeue) means its process must stop.
                 self._stop(job_id, signal=record.state not in (JobState.SUCCEEDED, JobState.FAILED))
@@ -229,16 +239,55 @@ class DistributedEvaluationOrchestrator:
             status = self.executor.poll(handle)
             if isinstance(status, Exited):
                 del self._live[job_id]
-                if status.code == 0:
-                    self.store.transition(job_id, JobState.SUCCEEDED, expect=JobState.RUNNING,
-                                          reason="exited with code 0", now=now)
-                else:
-                    reason = "exited without reporting" if status.code is None else f"exited with code {status.code}"
-                    self.handle_fault_recovery(job_id, reason)
+                self._exited(job_id, status.code, now)
             elif self.heartbeat_timeout_s is not None:
                 last = record.heartbeat_at or record.started_at or now
                 if now - last > self.heartbeat_timeout_s:
                     self.handle_fault_recovery(job_id, f"no heartbeat for {now - last:.0f}s")
+
+    def _exited(self, job_id: str, code: int | None, now: float) -> None:
+        """Settle a job whose process ended; a self-reporting worker may have settled it already."""
+        record = self.store.get(job_id)
+        if record.state.terminal:
+            return
+        if code == 0 and not self.executor.self_reporting:
+            with contextlib.suppress(EvalfleetError):  # moved by another process meanwhile
+                self.store.transition(job_id, JobState.SUCCEEDED, expect=JobState.RUNNING,
+                                      reason="exited with code 0", now=now)
+            return
+        if code == 0:
+            reason = "exited with code 0 without reporting a result"
+        else:
+            reason = describe_exit(code)
+            if record.error:  # the worker's own account of this attempt (cleared at each launch)
+                reason += f": {record.error}"
+        # A self-reporting worker exits with UsageError's code only when the request itself is wrong.
+        wrong_request = self.executor.self_reporting and code == UsageError.exit_code
+        self.handle_fault_recovery(job_id, reason, blame_devices=not wrong_request, retry=not wrong_request)
+
+    def shutdown(self, wait_s: float = 30.0) -> list[str]:
+        """Stop every process this scheduler runs and requeue their jobs, without counting an attempt.
+
+        Workers commit each finished request to the cache, so the next scheduler resumes them.
+        """
+        stopping = sorted({*self._live, *self._draining})
+        for job_id in list(self._live):
+            self._stop(job_id)
+        deadline = time.monotonic() + wait_s
+        while self._draining and time.monotonic() < deadline:
+            for job_id, (handle, _) in list(self._draining.items()):
+                if isinstance(self.executor.poll(handle), Exited):
+                    del self._draining[job_id]
+            time.sleep(0.05)
+        requeued = []
+        for job_id in stopping:  # a process that outlived the wait stays for the next reconcile
+            if job_id in self._draining or self.store.get(job_id).state not in (*_ACTIVE, JobState.PREEMPTED):
+                continue
+            with contextlib.suppress(EvalfleetError):  # settled by another process meanwhile
+                self.store.transition(job_id, JobState.QUEUED, reason="the scheduler stopped; resumes later",
+                                      placement=None, pid=None, handle=None, now=self.clock())
+                requeued.append(job_id)
+        return requeued
 
     def _stop(self, job_id: str, *, preempt: bool = False, signal: bool = True) -> None:
         """Stop a live job's process (if this scheduler has it) and drain its GPUs."""
@@ -261,7 +310,7 @@ class DistributedEvaluationOrchestrator:
     def _launch(self, start: Start) -> None:
         now = self.clock()
         record = self.store.transition(start.job_id, JobState.PLACED, expect=JobState.QUEUED, now=now,
-                                       placement=list(start.devices), owner=self.owner,
+                                       placement=list(start.devices), owner=self.owner, error=None,
                                        reason=f"{start.replicas} replica(s) on {len(start.devices)} device(s)"
                                        + (" (backfilled)" if start.backfilled else ""))
         try:
@@ -270,14 +319,26 @@ class DistributedEvaluationOrchestrator:
             self.handle_fault_recovery(start.job_id, f"launch failed: {error}", blame_devices=False)
             return
         self._live[start.job_id] = (handle, tuple(start.devices))
-        try:
-            self.store.transition(start.job_id, JobState.RUNNING, expect=JobState.PLACED, now=now,
-                                  pid=handle.pid, handle=handle.data, started_at=now, heartbeat_at=now,
-                                  reason=f"launched by {self.executor.name}")
-        except EvalfleetError:  # cancelled between placement and launch
-            self._stop(start.job_id)
-            return
+        if self.executor.self_reporting:  # its worker moves it to running once it has started
+            self.store.attach(start.job_id, pid=handle.pid, handle=handle.data, now=now)
+        else:
+            try:
+                self.store.transition(start.job_id, JobState.RUNNING, expect=JobState.PLACED, now=now,
+                                      pid=handle.pid, handle=handle.data, started_at=now, heartbeat_at=now,
+                                      reason=f"launched by {self.executor.name}")
+            except EvalfleetError:  # cancelled between placement and launch
+                self._stop(start.job_id)
+                return
         self._warm.update({device: JobDemand.from_dict(record.demand).model for device in start.devices})
+
+
+def describe_exit(code: int | None) -> str:
+    if code is None:
+        return "exited without reporting"
+    if code < 0:
+        with contextlib.suppress(ValueError):
+            return f"killed by {Signals(-code).name}"
+    return f"exited with code {code}"
 
 
 def _remaining(record: JobRecord) -> JobDemand:

@@ -27,6 +27,14 @@ def slot_inventory(slots: int, memory_gb: float | None = None) -> Inventory:
     return Inventory([Node([device] * slots, interconnect="cpu", intra_bandwidth_gbps=0.0, name="localhost")])
 
 
+def describe_pool(inventory: Inventory) -> str:
+    """`4xA10G-24GB`, or `2 CPU slots` for a slot pool."""
+    if not inventory.is_cpu_only:
+        return inventory.describe()
+    slots = sum(len(node.gpus) for node in inventory.nodes)
+    return f"{slots} CPU slot{'s' if slots != 1 else ''}"
+
+
 def throughput_by_replicas(layout_plan: Plan, inventory: Inventory) -> tuple[float, ...]:
     """The planner's tokens/s for 1, 2, ... up to the plan's dp replicas of its replica shape."""
     if inventory.is_cpu_only:
@@ -66,7 +74,7 @@ def size_request(request: EvaluationRequest, inventory: Inventory) -> tuple[dict
         strategy=request.strategy.value, tp=request.tp, pp=request.pp, dp=request.dp, max_gpus=request.gpus,
     )
     if not answer.fits:
-        pool = inventory.describe()
+        pool = describe_pool(inventory)
         raise EvalfleetError(f"{request.model.path} can never run on this pool ({pool}): {answer.reason}")
     work = estimate_work_tokens(len(request.tasks.names), request.tasks.limit)
     demand = demand_from_plan(answer, inventory, work_tokens=work, model=request.model.path,

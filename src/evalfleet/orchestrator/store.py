@@ -81,11 +81,20 @@ CREATE TABLE quarantine (
 );
 """
 
+# v2: workers report requests/s (for ETAs); the scheduler records its pool for `submit`.
+_SCHEMA_V2 = """
+ALTER TABLE jobs ADD COLUMN requests_per_s REAL;
+CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)
+"""
+
+
+def _run_script(script: str) -> Callable[[sqlite3.Connection], None]:
+    return lambda conn: [conn.execute(statement) for statement in script.split(";") if statement.strip()]
+
+
 # MIGRATIONS[i] brings a database from user_version i to i + 1. Append, never edit.
 # Each step runs inside the migration's transaction (so not via executescript, which commits).
-MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [
-    lambda conn: [conn.execute(statement) for statement in _SCHEMA_V1.split(";") if statement.strip()],
-]
+MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [_run_script(_SCHEMA_V1), _run_script(_SCHEMA_V2)]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 _JSON_COLUMNS = ("request", "demand", "plan", "placement", "handle")
@@ -121,6 +130,7 @@ class JobRecord:
     pid: int | None
     handle: dict[str, Any] | None
     result_path: str | None
+    requests_per_s: float | None
 
     @classmethod
     def from_row(cls, row: sqlite3.Row) -> JobRecord:
@@ -142,6 +152,7 @@ class Event:
     to_state: JobState
     attempt: int
     reason: str | None
+    id: int = 0
 
 
 def resolve_db_path(explicit: str | os.PathLike[str] | None) -> Path:
@@ -299,31 +310,54 @@ class JobStore:
         done: int,
         total: int | None = None,
         tokens_per_s: float | None = None,
+        requests_per_s: float | None = None,
         now: float | None = None,
     ) -> None:
         """Workers report here; it doubles as their heartbeat."""
         now = time.time() if now is None else now
         with self._write() as conn:
             conn.execute(
-                "UPDATE jobs SET done = ?, total = COALESCE(?, total),"
-                " tokens_per_s = COALESCE(?, tokens_per_s), heartbeat_at = ? WHERE id = ?",
-                (done, total, tokens_per_s, now, job_id),
+                "UPDATE jobs SET done = ?, total = COALESCE(?, total), tokens_per_s = COALESCE(?, tokens_per_s),"
+                " requests_per_s = COALESCE(?, requests_per_s), heartbeat_at = ? WHERE id = ?",
+                (done, total, tokens_per_s, requests_per_s, now, job_id),
             )
+
+    def attach(self, job_id: str, *, pid: int | None, handle: dict[str, Any], now: float | None = None) -> None:
+        """Record a placed job's process without confirming it runs: its worker does that."""
+        with self._write() as conn:
+            conn.execute("UPDATE jobs SET pid = ?, handle = ?, heartbeat_at = ? WHERE id = ?",
+                         (pid, json.dumps(handle), time.time() if now is None else now, job_id))
+
+    def report_error(self, job_id: str, message: str) -> None:
+        """A worker's own account of why it is about to fail; the scheduler decides what follows."""
+        with self._write() as conn:
+            conn.execute("UPDATE jobs SET error = ? WHERE id = ?", (message, job_id))
 
     def heartbeat(self, job_id: str, now: float | None = None) -> None:
         with self._write() as conn:
             conn.execute("UPDATE jobs SET heartbeat_at = ? WHERE id = ?", (time.time() if now is None else now, job_id))
 
-    def events(self, job_id: str | None = None) -> list[Event]:
-        query, args = "SELECT * FROM events", ()
+    def events(self, job_id: str | None = None, *, after: int = 0) -> list[Event]:
+        """The history, oldest first; `after` skips events up to that id (for following it)."""
+        query, args = "SELECT * FROM events WHERE id > ?", (after,)
         if job_id is not None:
-            query, args = query + " WHERE job_id = ?", (job_id,)
+            query, args = query + " AND job_id = ?", (after, job_id)
         rows = self._conn.execute(query + " ORDER BY id", args).fetchall()
         return [
             Event(r["job_id"], r["at"], r["from_state"] and JobState(r["from_state"]), JobState(r["to_state"]),
-                  r["attempt"], r["reason"])
+                  r["attempt"], r["reason"], r["id"])
             for r in rows
         ]
+
+    # settings shared between processes ------------------------------------------------------
+
+    def set_meta(self, key: str, value: Any) -> None:
+        with self._write() as conn:
+            conn.execute("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", (key, json.dumps(value)))
+
+    def get_meta(self, key: str) -> Any:
+        row = self._conn.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        return None if row is None else json.loads(row["value"])
 
     # devices ----------------------------------------------------------------------------------
 

@@ -1,6 +1,7 @@
 """Executors: how a placed job becomes running processes (one implementation per mechanism)."""
 
 from evalfleet.orchestrator.executors.base import RUNNING, Executor, Exited, Handle, Running, Status
+from evalfleet.orchestrator.executors.local import LocalExecutor
 from evalfleet.orchestrator.executors.process import SubprocessExecutor
 
-__all__ = ["RUNNING", "Executor", "Exited", "Handle", "Running", "Status", "SubprocessExecutor"]
+__all__ = ["RUNNING", "Executor", "Exited", "Handle", "LocalExecutor", "Running", "Status", "SubprocessExecutor"]

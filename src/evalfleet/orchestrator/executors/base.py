@@ -43,6 +43,8 @@ class Executor(abc.ABC):
     """Runs one job on the devices the policy gave it."""
 
     name: str = "executor"
+    self_reporting: bool = False
+    """True when the job's own process confirms its start, reports progress and records its end."""
 
     @abc.abstractmethod
     def launch(self, job: JobRecord, placement: Sequence[Device]) -> Handle:

@@ -52,11 +52,15 @@ class SubprocessExecutor(Executor):
             return [str(arg) for arg in self._command(job, placement)]
         return [arg.replace("{job_id}", job.id) for arg in self._command]
 
-    def launch(self, job: JobRecord, placement: Sequence[Device]) -> Handle:
-        env = {**os.environ, **self._env, "EVALFLEET_JOB_ID": job.id,
-               "EVALFLEET_PLACEMENT": json.dumps([list(d) for d in placement])}
+    def job_env(self, job: JobRecord, placement: Sequence[Device]) -> dict[str, str]:
+        """Variables for one job's process, on top of the environment and `env`."""
+        env = {"EVALFLEET_JOB_ID": job.id, "EVALFLEET_PLACEMENT": json.dumps([list(d) for d in placement])}
         if self._set_visible_devices:
             env["CUDA_VISIBLE_DEVICES"] = ",".join(str(gpu) for _, gpu in placement)
+        return env
+
+    def launch(self, job: JobRecord, placement: Sequence[Device]) -> Handle:
+        env = {**os.environ, **self._env, **self.job_env(job, placement)}
         log_path = None
         if self._log_dir is not None:
             self._log_dir.mkdir(parents=True, exist_ok=True)

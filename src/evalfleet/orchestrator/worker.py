@@ -1,0 +1,189 @@
+"""`evalfleet worker`: the process that runs one job, launched by the `LocalExecutor`.
+
+The worker, not the scheduler, knows how far it got, so it confirms its own start
+(placed -> running), reports progress and heartbeats, and records its result
+(running -> succeeded). On an error it records its one-sentence account and exits
+non-zero; what happens next (retry with backoff, or give up) is the scheduler's call.
+Every finished request is already in the request cache, so a retry resumes there.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import sys
+import threading
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from evalfleet.orchestrator.executors.local import THREADS_VARIABLE
+from evalfleet.orchestrator.states import JobState
+from evalfleet.orchestrator.store import JobRecord, JobStore
+from evalfleet.types import EvalfleetError, EvaluationRequest, EvaluationResult, UsageError
+
+RESULTS_FOLDER = "results"
+
+
+def job_output_dir(db_path: str | os.PathLike[str], job_id: str) -> Path:
+    """Where a job's results.json goes: next to the store, one folder per job."""
+    return Path(db_path).expanduser().resolve().parent / RESULTS_FOLDER / job_id
+
+
+def job_request(record: JobRecord, db_path: str | os.PathLike[str]) -> EvaluationRequest:
+    """The job's request with its output folder, and the layout of the devices it was given.
+
+    A layout change never changes cache keys, so a retry on fewer or more GPUs resumes too.
+    """
+    fields = dict(record.request)
+    fields["output_dir"] = fields.get("output_dir") or str(job_output_dir(db_path, record.id))
+    if record.placement and len(record.placement) > 1 and record.demand:
+        tp, pp = record.demand["tp"], record.demand["pp"]
+        fields.update(tp=tp, pp=pp, dp=max(1, len(record.placement) // (tp * pp)))
+    return EvaluationRequest.model_validate(fields)
+
+
+@dataclass(frozen=True)
+class ProgressSnapshot:
+    done: int
+    total: int | None
+    tokens_per_s: float | None
+    requests_per_s: float | None
+
+
+class ProgressReporter:
+    """The progress callback of `evaluate_request`, written to the store without slowing the work.
+
+    Writes are throttled to one per `min_interval_s`; a thread writes at least every
+    `heartbeat_s`, so a long batch (or a slow model load) never looks like a dead worker.
+    Totals add up lm-eval's request types as it reaches them (it runs them one after another).
+    """
+
+    def __init__(
+        self,
+        store: JobStore,
+        job_id: str,
+        *,
+        min_interval_s: float = 0.5,
+        heartbeat_s: float = 5.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.store, self.job_id = store, job_id
+        self.min_interval_s, self.heartbeat_s, self.clock = min_interval_s, heartbeat_s, clock
+        self._phases: dict[str, tuple[int, int, int]] = {}  # phase -> (done from the cache, done, total)
+        self._tokens = 0
+        self._started: float | None = None
+        self._written = -math.inf
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def __call__(self, phase: str, done: int, total: int, tokens: int) -> None:
+        now = self.clock()
+        with self._lock:
+            if self._started is None:
+                self._started = now
+            cached = self._phases[phase][0] if phase in self._phases else done
+            self._phases[phase] = (cached, done, total)
+            self._tokens = tokens
+            due = now - self._written >= self.min_interval_s or done == total
+        if due:
+            self.flush()
+
+    def snapshot(self) -> ProgressSnapshot | None:
+        """Requests done of those known so far, and the rates of this attempt's own computing."""
+        with self._lock:
+            if self._started is None:
+                return None
+            elapsed = self.clock() - self._started
+            done = sum(d for _, d, _ in self._phases.values())
+            total = sum(t for _, _, t in self._phases.values())
+            computed = sum(d - cached for cached, d, _ in self._phases.values())
+            tokens = self._tokens
+        if elapsed <= 0 or computed <= 0:
+            return ProgressSnapshot(done, total, None, None)
+        return ProgressSnapshot(done, total, round(tokens / elapsed, 3), round(computed / elapsed, 3))
+
+    def flush(self) -> None:
+        snapshot = self.snapshot()
+        with self._lock:
+            self._written = self.clock()
+        if snapshot is None:
+            self.store.heartbeat(self.job_id)
+        else:
+            self.store.update_progress(self.job_id, done=snapshot.done, total=snapshot.total,
+                                       tokens_per_s=snapshot.tokens_per_s, requests_per_s=snapshot.requests_per_s)
+
+    def _beat(self) -> None:
+        while not self._stop.wait(self.heartbeat_s):
+            try:
+                self.flush()
+            except Exception as error:  # a busy store must not kill the job; the next beat retries
+                print(f"[evalfleet worker] heartbeat failed: {error}", file=sys.stderr, flush=True)
+
+    def __enter__(self) -> ProgressReporter:
+        self._thread = threading.Thread(target=self._beat, name="evalfleet-heartbeat", daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+        self.flush()
+
+
+def confirm_start(store: JobStore, job_id: str) -> JobRecord:
+    """placed -> running, as this process; a job launched by a plain executor is running already."""
+    record = store.get(job_id)
+    if record.state is JobState.PLACED:
+        now = time.time()
+        return store.transition(job_id, JobState.RUNNING, expect=JobState.PLACED, now=now, started_at=now,
+                                heartbeat_at=now, pid=os.getpid(), reason=f"worker {os.getpid()} started")
+    if record.state is not JobState.RUNNING:
+        raise UsageError(f"job {job_id} is {record.state.value}; only placed jobs are run by a worker")
+    return record
+
+
+def limit_threads() -> None:
+    """Stay within this job's share of the cores, as the executor set it."""
+    threads = os.environ.get(THREADS_VARIABLE)
+    if threads:
+        import torch
+
+        torch.set_num_threads(max(1, int(threads)))
+
+
+def describe_error(error: Exception) -> str:
+    """One line for the store: a user-facing error as it is, anything else with its type."""
+    text = str(error).strip()
+    if not isinstance(error, EvalfleetError):
+        text = f"{type(error).__name__}: {text}" if text else type(error).__name__
+    return text.splitlines()[0]
+
+
+def run_worker(job_id: str, db_path: str | os.PathLike[str], *, heartbeat_s: float = 5.0) -> EvaluationResult:
+    """Run a placed job to its result; heartbeats start before the (slow) imports and model load."""
+    with JobStore(db_path) as store:
+        record = confirm_start(store, job_id)
+        with ProgressReporter(store, job_id, heartbeat_s=heartbeat_s) as reporter:
+            try:
+                from evalfleet.engines.run import evaluate_request
+
+                request = job_request(record, store.path)
+                limit_threads()
+                result = evaluate_request(request, progress=reporter)
+            except Exception as error:
+                message = describe_error(error)
+                store.report_error(job_id, message)
+                if isinstance(error, EvalfleetError):
+                    raise
+                traceback.print_exc()
+                raise EvalfleetError(message) from error
+        cache = result.evalfleet.get("cache", {})
+        store.transition(job_id, JobState.SUCCEEDED, expect=JobState.RUNNING, result_path=result.output_path,
+                         reason=f"finished; {cache.get('hits', 0)} requests from the cache, "
+                                f"{cache.get('computed', 0)} computed")
+    return result

@@ -1,0 +1,133 @@
+"""A real `evalfleet scheduler` in the background, for the end-to-end tests.
+
+The scheduler and its workers are real processes; the tests read the job store directly
+to wait (cheaper than one CLI call per poll) and use the CLI to submit, cancel and check.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import psutil
+
+from evalfleet.orchestrator import JobRecord, JobState, JobStore
+from clitools import evalfleet_command, run_subprocess
+
+
+def wait_for(condition: Callable[[], object], timeout: float, what: str, interval: float = 0.05) -> object:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
+
+
+def gone(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
+@dataclass
+class Fleet:
+    db: Path
+    log: Path
+    process: subprocess.Popen | None = None
+    seen: dict[int, float] = field(default_factory=dict)
+    """Every worker process seen (pid -> create time), to check none outlives the scheduler."""
+
+    def start(self, *args: str) -> None:
+        command = [*evalfleet_command(), "scheduler", "--db", str(self.db), *args]
+        with open(self.log, "ab") as log:
+            self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT,
+                                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        wait_for(lambda: "Ctrl-C stops it" in self.log.read_text() or self.process.poll() is not None,
+                 60, "the scheduler to start")
+        assert self.process.poll() is None, self.log.read_text()
+
+    def cli(self, *args: str, expect: int = 0) -> subprocess.CompletedProcess:
+        done = run_subprocess([*args, "--db", str(self.db)], timeout=120)
+        assert done.returncode == expect, (args, done.returncode, done.stdout, done.stderr)
+        return done
+
+    def submit(self, *args: str) -> str:
+        done = self.cli("submit", *args)
+        job_id = done.stdout.strip()
+        assert len(job_id) == 12 and job_id.isalnum(), done.stdout
+        return job_id
+
+    def status(self, job_id: str) -> dict:
+        return json.loads(self.cli("status", job_id, "--json").stdout)
+
+    def record(self, job_id: str) -> JobRecord:
+        with JobStore(self.db) as store:
+            record = store.get(job_id)
+        self._remember(record.pid)
+        return record
+
+    def wait_state(self, job_id: str, *states: JobState, timeout: float = 120) -> JobRecord:
+        def reached() -> JobRecord | None:
+            record = self.record(job_id)
+            if record.state.terminal and record.state not in states:
+                raise AssertionError(f"job {job_id} ended {record.state.value}: {record.error}\n{self.log.read_text()}")
+            return record if record.state in states else None
+
+        return wait_for(reached, timeout, f"job {job_id} to be {'/'.join(s.value for s in states)}")
+
+    def events(self, job_id: str | None = None):
+        with JobStore(self.db) as store:
+            return store.events(job_id)
+
+    def workers(self) -> list[psutil.Process]:
+        children = psutil.Process(self.process.pid).children(recursive=True)
+        for child in children:
+            self._remember(child.pid)
+        return children
+
+    def _remember(self, pid: int | None) -> None:
+        if pid is None or pid in self.seen:
+            return
+        try:
+            self.seen[pid] = psutil.Process(pid).create_time()
+        except psutil.Error:
+            pass
+
+    def stop(self, timeout: float = 60) -> int:
+        """SIGTERM the scheduler, wait for it, and return its exit code."""
+        self.workers()
+        self.process.send_signal(signal.SIGTERM)
+        code = self.process.wait(timeout)
+        self.process = None
+        return code
+
+    def kill_all(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.workers()
+            self.process.kill()
+            self.process.wait(30)
+        for pid in self.leftovers():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+
+    def leftovers(self) -> list[int]:
+        """Workers seen during the test that are still alive (pids are checked with their start time)."""
+        alive = []
+        for pid, created in self.seen.items():
+            try:
+                process = psutil.Process(pid)
+                if abs(process.create_time() - created) < 1 and process.status() != psutil.STATUS_ZOMBIE:
+                    alive.append(pid)
+            except psutil.Error:
+                continue
+        return alive
