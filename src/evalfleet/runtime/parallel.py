@@ -38,18 +38,16 @@ from transformers import AutoConfig, AutoModelForCausalLM, DynamicCache
 from evalfleet.runtime.backends.base import OutOfMemory
 from evalfleet.runtime.backends.hf import HFBackend
 from evalfleet.runtime.runner import compute
-from evalfleet.runtime.transport import CommunicationTimer
+from evalfleet.runtime.transport import LOAD_OOM_EXIT, CommunicationTimer
 from evalfleet.types import EvalfleetError
 
 # Test-only fault injector, read in worker processes alone: `swap_tp_shards` gives every TP rank
-# its neighbour's shard of one weight, `drop_pp_mask` hides the attention mask from the last
-# pipeline stage, `oom_above:N` fails every batch of more than N padded tokens as out of memory.
-# The distributed tests use them to show that their equality checks can fail.
+# its neighbour's shard of one weight, `drop_pp_mask` hides the padding (attention mask and
+# position ids) from the last pipeline stage, `oom_above:N` fails every batch of more than N
+# padded tokens as out of memory, `oom_at_load` fails the load so. The distributed tests use
+# them to show that their checks can fail and that the fault paths work.
 TEST_FAULT_ENV = "EVALFLEET_TEST_FAULT"
 
-# A rank that runs out of memory while loading exits with this code, so the driver can ask
-# the planner for a larger layout instead of retrying the same one.
-LOAD_OOM_EXIT = 3
 COLLECTIVE_TIMEOUT = timedelta(minutes=30)
 IDLE_TIMEOUT = timedelta(days=7)  # ranks other than 0 wait this long for the next message
 
@@ -75,6 +73,7 @@ class GroupSpec:
     revision: str | None = None
     trust_remote_code: bool = False
     time_communication: bool = True
+    share_prefixes: bool = False
 
     @property
     def world_size(self) -> int:
@@ -95,7 +94,9 @@ class GroupSpec:
 
 def check_layout(spec: GroupSpec) -> None:
     """Refuse, in one sentence and before any process starts, a layout the model cannot take."""
-    config = AutoConfig.from_pretrained(spec.model_path, revision=spec.revision, trust_remote_code=spec.trust_remote_code)
+    config = AutoConfig.from_pretrained(
+        spec.model_path, revision=spec.revision, trust_remote_code=spec.trust_remote_code
+    )
     text = config.get_text_config()
     name = getattr(config, "model_type", "this model")
     if spec.tp > 1:
@@ -169,7 +170,7 @@ class LoadedPart:
     tp_group: Any = None
 
 
-def load_part(spec: GroupSpec, rank: int) -> LoadedPart:
+def load_part(spec: GroupSpec) -> LoadedPart:
     """Load this rank's part of the model by the path its layout takes (module docstring)."""
     from transformers.distributed import DistributedConfig
 
@@ -179,11 +180,12 @@ def load_part(spec: GroupSpec, rank: int) -> LoadedPart:
         "revision": spec.revision,
         "trust_remote_code": spec.trust_remote_code,
         "max_length": spec.max_length,
+        "share_prefixes": spec.share_prefixes,
     }
     if spec.path == "single":
         return LoadedPart(HFBackend.load(spec.model_path, device=device, **common))
     if spec.path == "torch-hybrid":
-        return _load_hybrid(spec, rank, device, common)
+        return _load_hybrid(spec, device, common)
     config = DistributedConfig(tp_size=spec.tp, pp_size=spec.pp)
     backend = HFBackend.load(spec.model_path, device=device, distributed_config=config, **common)
     model = backend.model
@@ -195,7 +197,7 @@ def load_part(spec: GroupSpec, rank: int) -> LoadedPart:
     return LoadedPart(backend, tp_rank=mesh.get_local_rank(), tp_group=mesh.get_group())
 
 
-def _load_hybrid(spec: GroupSpec, rank: int, device: str, common: dict[str, Any]) -> LoadedPart:
+def _load_hybrid(spec: GroupSpec, device: str, common: dict[str, Any]) -> LoadedPart:
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor.parallel import parallelize_module
     from transformers.distributed.pipeline_parallel import apply_pipeline_parallelism
@@ -216,7 +218,7 @@ def _load_hybrid(spec: GroupSpec, rank: int, device: str, common: dict[str, Any]
     for index in range(first, last):
         parallelize_module(layers[index], mesh["tp"], plan)
     _generate_with_stage_cache(model, first)
-    backend = HFBackend(model, whole.tokenizer, device, spec.max_length)
+    backend = HFBackend(model, whole.tokenizer, device, spec.max_length, spec.share_prefixes)
     tp_mesh = mesh["tp"]
     return LoadedPart(backend, tp_rank=tp_mesh.get_local_rank(), stage=stage.pp_rank, tp_group=tp_mesh.get_group())
 
@@ -264,8 +266,9 @@ def inject_test_fault(part: LoadedPart, spec: GroupSpec) -> None:
     fault = active_test_fault()
     model = part.backend.model
     if fault == "swap_tp_shards" and spec.tp > 1:
-        name, weight = next((n, p) for n, p in model.named_parameters() if "mlp" in n and local_tensor(p).shape != p.shape)
-        local = local_tensor(weight)
+        local = next(
+            local_tensor(p) for n, p in model.named_parameters() if "mlp" in n and local_tensor(p).shape != p.shape
+        )
         shards = [torch.empty_like(local) for _ in range(spec.tp)]
         dist.all_gather(shards, local.contiguous(), group=part.tp_group)
         local.copy_(shards[(part.tp_rank + 1) % spec.tp])
@@ -274,7 +277,7 @@ def inject_test_fault(part: LoadedPart, spec: GroupSpec) -> None:
         forward = base.forward
 
         def forward_without_mask(*args: Any, **kwargs: Any) -> Any:
-            kwargs["attention_mask"] = None
+            kwargs["attention_mask"] = kwargs["position_ids"] = None  # transformers rebuilds a mask from positions
             return forward(*args, **kwargs)
 
         base.forward = forward_without_mask
@@ -305,6 +308,8 @@ def _exit_with_parent() -> None:
 def _join_group(spec: GroupSpec, rank: int, store_port: int) -> Any:
     """Join the replica's process group; return the gloo group that carries the driver's messages."""
     on_gpu = spec.device.startswith("cuda")
+    if on_gpu:
+        torch.cuda.set_device(0)
     store = dist.TCPStore("127.0.0.1", store_port, is_master=False, timeout=COLLECTIVE_TIMEOUT)
     dist.init_process_group(
         "nccl" if on_gpu else "gloo",
@@ -357,7 +362,9 @@ def serve(spec: GroupSpec, rank: int, store_port: int, conn: Connection | None) 
     control = _Control(rank, spec.world_size, group, conn)
     started = time.perf_counter()
     try:
-        part = load_part(spec, rank)
+        if active_test_fault() == "oom_at_load":
+            raise torch.OutOfMemoryError("test fault: out of memory at load")
+        part = load_part(spec)
     except torch.OutOfMemoryError as error:
         print(f"out of memory while loading: {error}", file=sys.stderr, flush=True)
         os._exit(LOAD_OOM_EXIT)

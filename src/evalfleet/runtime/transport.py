@@ -1,24 +1,47 @@
-"""What crosses process boundaries inside a worker group, and how long it takes.
+"""How the driver reaches a worker group's processes, and what their traffic costs.
 
-Two kinds of traffic: the driver's control messages to rank 0 (a socket pair inherited by the
-worker) and rank 0's broadcast of them to its group over a gloo "control" group; and the
-model's own collectives and point-to-point transfers (tensor-parallel all-reduces, pipeline
-activations), which `CommunicationTimer` measures by wrapping torch.distributed's entry
-points in the worker process. The control traffic goes through torch's internal
-`distributed_c10d` functions, which are not wrapped, so it is never counted as model traffic.
+`WorkerGroup` is the driver's handle on one replica: it spawns the ranks (each in its own
+session, one GPU or one CPU thread budget each), hosts the TCP store they rendezvous on (so
+no port has to be guessed), talks to rank 0 over an inherited socket pair, notices a dead or
+silent rank, and kills them all. Rank 0 relays each message to its group over a gloo
+"control" group (`parallel.serve`).
+
+The model's own collectives and point-to-point transfers (tensor-parallel all-reduces,
+pipeline activations) are measured in the workers by `CommunicationTimer`, which wraps
+torch.distributed's entry points. The control traffic goes through torch's internal
+`distributed_c10d` functions, which are not wrapped, so it never counts as model traffic.
 """
 
 from __future__ import annotations
 
+import atexit
 import functools
+import multiprocessing
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
 import time
+import weakref
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from evalfleet.types import EvalfleetError
+
+if TYPE_CHECKING:
+    from evalfleet.runtime.parallel import GroupSpec
 
 # (kind, bytes, seconds, devices): MultiGPUPerformanceMonitor.record_communication_event's shape.
 CommunicationCallback = Callable[[str, int, float, list[str]], None]
+# A rank that runs out of memory while loading exits with this code, so the driver can ask
+# the planner for a larger layout instead of retrying the same one.
+LOAD_OOM_EXIT = 3
 
 _DIST_FUNCTIONS = {
     "all_reduce": "all_reduce",
@@ -176,3 +199,184 @@ class CommunicationSummary:
                 for kind, (c, b, s) in sorted(self.by_kind.items())
             },
         }
+
+
+_LIVE_GROUPS: weakref.WeakSet[WorkerGroup] = weakref.WeakSet()
+
+
+class ReplicaFailed(Exception):
+    """A rank died or hung: the replica is lost and must be restarted."""
+
+
+class LoadOutOfMemory(EvalfleetError):
+    """The model did not fit the devices of a replica; a larger layout may fit."""
+
+
+def _kill_all_groups() -> None:
+    for group in list(_LIVE_GROUPS):
+        group.kill()
+
+
+def _sigterm_to_exit(signum: int, frame: Any) -> None:
+    raise SystemExit(128 + signum)
+
+
+atexit.register(_kill_all_groups)
+
+
+def _last_line(path: Path) -> str:
+    try:
+        lines = [line.strip() for line in path.read_text(errors="replace").splitlines() if line.strip()]
+    except OSError:
+        return ""
+    return lines[-1] if lines else ""
+
+
+class WorkerGroup:
+    """The processes of one replica, as the driver sees them."""
+
+    def __init__(
+        self, spec: GroupSpec, devices: Sequence[str], name: str = "replica-0", env: dict[str, str] | None = None
+    ) -> None:
+        if len(devices) != spec.world_size:
+            raise ValueError(f"{name} needs {spec.world_size} devices, got {len(devices)}")
+        self.spec = spec
+        self.devices = list(devices)
+        self.name = name
+        self.extra_env = dict(env or {})
+        self.processes: list[subprocess.Popen[bytes]] = []
+        self.info: dict[str, Any] = {}
+        self._conn: Any = None
+        self._store: Any = None
+        self._log_dir: Path | None = None
+
+    @property
+    def pids(self) -> list[int]:
+        return [process.pid for process in self.processes]
+
+    def start(self, timeout: float) -> dict[str, Any]:
+        """Spawn the ranks and wait until rank 0 says the model is loaded; return what it reported."""
+        import torch.distributed as dist
+
+        _LIVE_GROUPS.add(self)
+        self._log_dir = Path(tempfile.mkdtemp(prefix=f"evalfleet-{self.name}-"))
+        self._store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
+        driver_end, worker_end = multiprocessing.Pipe(duplex=True)
+        if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+            signal.signal(signal.SIGTERM, _sigterm_to_exit)
+        try:
+            for rank, device in enumerate(self.devices):
+                env = self._environment(rank, device, worker_end.fileno() if rank == 0 else None)
+                with open(self._log_dir / f"rank{rank}.log", "wb") as log:
+                    self.processes.append(
+                        subprocess.Popen(
+                            [sys.executable, "-m", "evalfleet.runtime.workers"],
+                            env=env,
+                            stdin=subprocess.DEVNULL,
+                            stdout=log,
+                            stderr=subprocess.STDOUT,
+                            pass_fds=(worker_end.fileno(),) if rank == 0 else (),
+                            start_new_session=True,
+                        )
+                    )
+        finally:
+            worker_end.close()
+        self._conn = driver_end
+        _, info = self.receive(timeout, "loading the model")
+        self.info = info
+        return info
+
+    def _environment(self, rank: int, device: str, conn_fd: int | None) -> dict[str, str]:
+        env = {**os.environ, **self.extra_env}
+        threads = str(self.spec.threads)
+        env.update(
+            {
+                "EVALFLEET_WORKER_SPEC": self.spec.to_json(),
+                "EVALFLEET_WORKER_RANK": str(rank),
+                "EVALFLEET_STORE_PORT": str(self._store.port),
+                "RANK": str(rank),
+                "LOCAL_RANK": "0",
+                "WORLD_SIZE": str(self.spec.world_size),
+                "OMP_NUM_THREADS": threads,
+                "MKL_NUM_THREADS": threads,
+                "TOKENIZERS_PARALLELISM": "false",
+                "PYTHONUNBUFFERED": "1",
+            }
+        )
+        # One GPU per rank, which the rank sees as cuda:0; a CPU rank sees none. "cuda:N" counts
+        # among the GPUs this driver may use (its own CUDA_VISIBLE_DEVICES), in PCI order as NVML does.
+        if device.startswith("cuda:"):
+            index = int(device.split(":", 1)[1])
+            visible = [v.strip() for v in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if v.strip()]
+            env["CUDA_VISIBLE_DEVICES"] = visible[index] if visible else str(index)
+            env.setdefault("CUDA_DEVICE_ORDER", "PCI_BUS_ID")
+        elif device == "cpu":
+            env["CUDA_VISIBLE_DEVICES"] = ""
+        if conn_fd is not None:
+            env["EVALFLEET_DRIVER_FD"] = str(conn_fd)
+        return env
+
+    def request(self, message: tuple[Any, ...], timeout: float) -> tuple[Any, ...]:
+        try:
+            self._conn.send(message)
+        except (OSError, EOFError) as error:
+            raise ReplicaFailed(f"{self.name}: rank 0 is gone ({error})") from None
+        return self.receive(timeout, f"batch {message[1]}")
+
+    def receive(self, timeout: float, doing: str) -> tuple[Any, ...]:
+        """Rank 0's next message; ReplicaFailed as soon as a rank dies, or after `timeout` seconds."""
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                if self._conn.poll(0.2):
+                    return self._conn.recv()
+            except (OSError, EOFError):
+                time.sleep(0.05)  # rank 0 is gone or going: the exit code below says how
+            for rank, process in enumerate(self.processes):
+                code = process.poll()
+                if code is not None:
+                    self._fail_on_exit(rank, code, doing)
+            if time.monotonic() > deadline:
+                raise ReplicaFailed(f"{self.name}: no answer within {timeout:g} s while {doing}")
+
+    def _fail_on_exit(self, rank: int, code: int, doing: str) -> None:
+        detail = _last_line(self._log_dir / f"rank{rank}.log") if self._log_dir else ""
+        if code == LOAD_OOM_EXIT:
+            raise LoadOutOfMemory(f"{self.name} ran out of memory loading the model on {self.devices[rank]}")
+        if doing == "loading the model" and code > 0:
+            raise EvalfleetError(f"rank {rank} of {self.name} failed while loading the model: {detail}")
+        reason = f"signal {-code}" if code < 0 else f"exit code {code}"
+        raise ReplicaFailed(f"rank {rank} of {self.name} stopped ({reason}) while {doing}: {detail}")
+
+    def stop(self, grace: float = 5.0) -> None:
+        """Ask the ranks to finish, then kill whatever is still running after `grace` seconds
+        (at once with no grace, which is also safe while another thread is mid-request)."""
+        if grace > 0 and self._conn is not None and all(process.poll() is None for process in self.processes):
+            try:
+                self._conn.send(("stop",))
+            except (OSError, EOFError):
+                pass
+            deadline = time.monotonic() + grace
+            while time.monotonic() < deadline and any(process.poll() is None for process in self.processes):
+                time.sleep(0.05)
+        self.kill()
+
+    def kill(self) -> None:
+        for process in self.processes:
+            if process.poll() is None:
+                try:
+                    os.killpg(process.pid, signal.SIGKILL)
+                except (ProcessLookupError, PermissionError):
+                    process.kill()
+        for process in self.processes:
+            try:
+                process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                pass
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+        self._store = None
+        _LIVE_GROUPS.discard(self)
+        if self._log_dir is not None:
+            shutil.rmtree(self._log_dir, ignore_errors=True)

@@ -16,200 +16,32 @@ driver kills every group it started at exit.
 
 from __future__ import annotations
 
-import atexit
-import multiprocessing
 import os
 import queue
 import signal
-import subprocess
-import sys
-import tempfile
 import threading
 import time
-import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
+from evalfleet.planning.strategy import ParallelLayout
 from evalfleet.runtime.backends.base import Item
-from evalfleet.runtime.parallel import LOAD_OOM_EXIT, GroupSpec, check_layout
+from evalfleet.runtime.parallel import GroupSpec, check_layout
 from evalfleet.runtime.runner import BatchCallback, BatchRunner
-from evalfleet.runtime.transport import CommunicationCallback, CommunicationSummary
+from evalfleet.runtime.transport import (
+    CommunicationCallback,
+    CommunicationSummary,
+    LoadOutOfMemory,
+    ReplicaFailed,
+    WorkerGroup,
+)
 from evalfleet.types import EvalfleetError
 
-_LIVE_GROUPS: weakref.WeakSet[WorkerGroup] = weakref.WeakSet()
+__all__ = ["LoadOutOfMemory", "ReplicaFailed", "WorkerGroup", "WorkerGroupRunner"]
 
-
-class ReplicaFailed(Exception):
-    """A rank died or hung: the replica is lost and must be restarted."""
-
-
-class LoadOutOfMemory(EvalfleetError):
-    """The model did not fit the devices of a replica; a larger layout may fit."""
-
-
-def _kill_all_groups() -> None:
-    for group in list(_LIVE_GROUPS):
-        group.kill()
-
-
-def _sigterm_to_exit(signum: int, frame: Any) -> None:
-    raise SystemExit(128 + signum)
-
-
-atexit.register(_kill_all_groups)
-
-
-def _last_line(path: Path) -> str:
-    try:
-        lines = [line.strip() for line in path.read_text(errors="replace").splitlines() if line.strip()]
-    except OSError:
-        return ""
-    return lines[-1] if lines else ""
-
-
-class WorkerGroup:
-    """The processes of one replica, as the driver sees them."""
-
-    def __init__(
-        self, spec: GroupSpec, devices: Sequence[str], name: str = "replica-0", env: dict[str, str] | None = None
-    ) -> None:
-        if len(devices) != spec.world_size:
-            raise ValueError(f"{name} needs {spec.world_size} devices, got {len(devices)}")
-        self.spec = spec
-        self.devices = list(devices)
-        self.name = name
-        self.extra_env = dict(env or {})
-        self.processes: list[subprocess.Popen[bytes]] = []
-        self.info: dict[str, Any] = {}
-        self._conn: Any = None
-        self._store: Any = None
-        self._log_dir = Path(tempfile.mkdtemp(prefix=f"evalfleet-{name}-"))
-
-    @property
-    def pids(self) -> list[int]:
-        return [process.pid for process in self.processes]
-
-    def start(self, timeout: float) -> dict[str, Any]:
-        """Spawn the ranks and wait until rank 0 says the model is loaded; return what it reported."""
-        import torch.distributed as dist
-
-        self._store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
-        driver_end, worker_end = multiprocessing.Pipe(duplex=True)
-        _LIVE_GROUPS.add(self)
-        if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
-            signal.signal(signal.SIGTERM, _sigterm_to_exit)
-        try:
-            for rank, device in enumerate(self.devices):
-                env = self._environment(rank, device, worker_end.fileno() if rank == 0 else None)
-                with open(self._log_dir / f"rank{rank}.log", "wb") as log:
-                    self.processes.append(
-                        subprocess.Popen(
-                            [sys.executable, "-m", "evalfleet.runtime.workers"],
-                            env=env,
-                            stdin=subprocess.DEVNULL,
-                            stdout=log,
-                            stderr=subprocess.STDOUT,
-                            pass_fds=(worker_end.fileno(),) if rank == 0 else (),
-                            start_new_session=True,
-                        )
-                    )
-        finally:
-            worker_end.close()
-        self._conn = driver_end
-        kind, info = self.receive(timeout, "loading the model")
-        self.info = info
-        return info
-
-    def _environment(self, rank: int, device: str, conn_fd: int | None) -> dict[str, str]:
-        env = {**os.environ, **self.extra_env}
-        threads = str(self.spec.threads)
-        env.update(
-            {
-                "EVALFLEET_WORKER_SPEC": self.spec.to_json(),
-                "EVALFLEET_WORKER_RANK": str(rank),
-                "EVALFLEET_STORE_PORT": str(self._store.port),
-                "RANK": str(rank),
-                "LOCAL_RANK": "0",
-                "WORLD_SIZE": str(self.spec.world_size),
-                "OMP_NUM_THREADS": threads,
-                "MKL_NUM_THREADS": threads,
-                "TOKENIZERS_PARALLELISM": "false",
-                "PYTHONUNBUFFERED": "1",
-                # One GPU per rank: the rank sees it as cuda:0. A CPU rank sees none.
-                "CUDA_VISIBLE_DEVICES": device.split(":", 1)[1] if device.startswith("cuda:") else "",
-            }
-        )
-        if conn_fd is not None:
-            env["EVALFLEET_DRIVER_FD"] = str(conn_fd)
-        return env
-
-    def request(self, message: tuple[Any, ...], timeout: float) -> tuple[Any, ...]:
-        try:
-            self._conn.send(message)
-        except (OSError, EOFError) as error:
-            raise ReplicaFailed(f"{self.name}: rank 0 is gone ({error})") from None
-        return self.receive(timeout, f"batch {message[1]}")
-
-    def receive(self, timeout: float, doing: str) -> tuple[Any, ...]:
-        """Rank 0's next message; ReplicaFailed as soon as a rank dies, or after `timeout` seconds."""
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                if self._conn.poll(0.2):
-                    return self._conn.recv()
-            except (OSError, EOFError):
-                pass  # rank 0 died: the loop below says which way
-            for rank, process in enumerate(self.processes):
-                code = process.poll()
-                if code is not None:
-                    self._fail_on_exit(rank, code, doing)
-            if time.monotonic() > deadline:
-                raise ReplicaFailed(f"{self.name}: no answer within {timeout:g} s while {doing}")
-
-    def _fail_on_exit(self, rank: int, code: int, doing: str) -> None:
-        detail = _last_line(self._log_dir / f"rank{rank}.log")
-        if code == LOAD_OOM_EXIT:
-            raise LoadOutOfMemory(f"{self.name} ran out of memory loading the model on {self.devices[rank]}")
-        if doing == "loading the model" and code > 0:
-            raise EvalfleetError(f"rank {rank} of {self.name} failed while loading the model: {detail}")
-        reason = f"signal {-code}" if code < 0 else f"exit code {code}"
-        raise ReplicaFailed(f"rank {rank} of {self.name} stopped ({reason}) while {doing}: {detail}")
-
-    def stop(self, grace: float = 5.0) -> None:
-        """Ask the ranks to finish, then kill whatever is still running after `grace` seconds."""
-        if self._conn is not None and all(process.poll() is None for process in self.processes):
-            try:
-                self._conn.send(("stop",))
-            except (OSError, EOFError):
-                pass
-            deadline = time.monotonic() + grace
-            while time.monotonic() < deadline and any(process.poll() is None for process in self.processes):
-                time.sleep(0.05)
-        self.kill()
-
-    def kill(self) -> None:
-        for process in self.processes:
-            if process.poll() is None:
-                try:
-                    os.killpg(process.pid, signal.SIGKILL)
-                except (ProcessLookupError, PermissionError):
-                    process.kill()
-        for process in self.processes:
-            try:
-                process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                pass
-        if self._conn is not None:
-            self._conn.close()
-            self._conn = None
-        self._store = None
-        _LIVE_GROUPS.discard(self)
-        for log in self._log_dir.glob("*.log"):
-            log.unlink(missing_ok=True)
-        if self._log_dir.exists():
-            self._log_dir.rmdir()
+# (batch wall seconds, pipeline stage of the rank, seconds the rank was busy): the monitor's record_step.
+StepCallback = Callable[[float, int, float], None]
 
 
 def _padded_tokens(items: Sequence[Item]) -> int:
@@ -257,6 +89,7 @@ class WorkerGroupRunner(BatchRunner):
         batch_timeout: float = 900.0,
         load_timeout: float = 1800.0,
         on_communication: CommunicationCallback | None = None,
+        on_step: StepCallback | None = None,
         placement: list[list[Any]] | None = None,
         env: dict[str, str] | None = None,
     ) -> None:
@@ -266,12 +99,14 @@ class WorkerGroupRunner(BatchRunner):
         self.batch_timeout = batch_timeout
         self.load_timeout = load_timeout
         self.on_communication = on_communication
+        self.on_step = on_step
         self.placement = placement
         self.env = dict(env or {})
         self.communication = CommunicationSummary()
         self.load_seconds = 0.0
         self._lock = threading.Lock()
         self._info: dict[str, Any] = {}
+        self._closing = False
 
     def start(self) -> WorkerGroupRunner:
         """Start every replica at once; on any failure stop them all and raise."""
@@ -319,6 +154,10 @@ class WorkerGroupRunner(BatchRunner):
     def max_length(self) -> int:
         return int(self._info["max_length"])
 
+    @property
+    def shares_prefixes(self) -> bool:
+        return self.spec.share_prefixes
+
     def worker_pids(self) -> list[list[int]]:
         return [replica.group.pids if replica.group else [] for replica in self.replicas]
 
@@ -330,13 +169,14 @@ class WorkerGroupRunner(BatchRunner):
         finished = threading.Event()
         live = [replica for replica in self.replicas if replica.group is not None]
         if batches and not live:
-            raise EvalfleetError("no replica of the worker group is running; every one failed earlier")
+            state = "was closed" if self._closing else "has no replica left; every one failed earlier"
+            raise EvalfleetError(f"the worker group {state}")
         threads = [
             threading.Thread(target=self._pull, args=(r, batches, todo, events, finished), daemon=True) for r in live
         ]
         for thread in threads:
             thread.start()
-        remaining, lost, clean = len(batches), 0, False
+        remaining, lost = len(batches), 0
         try:
             while remaining:
                 try:
@@ -350,17 +190,22 @@ class WorkerGroupRunner(BatchRunner):
                     raise EvalfleetError(payload[0])
                 else:
                     lost += 1
+                    if self._closing:
+                        raise EvalfleetError("the worker groups were stopped before the job finished")
                     if lost == len(threads):
                         raise EvalfleetError(f"every replica failed; last: {payload[0]}")
-            clean = True
-        finally:
-            finished.set()
-            if not clean:
+        except BaseException as error:
+            if not isinstance(error, Exception):  # Ctrl-C or exit: stop at once
                 for replica in self.replicas:
                     if replica.group is not None:
                         replica.group.kill()
+            raise
+        finally:
+            # Each replica finishes the batch in hand (bounded by batch_timeout), so none is
+            # left talking to its group when the next run starts.
+            finished.set()
             for thread in threads:
-                thread.join(timeout=30)
+                thread.join()
 
     def _pull(
         self,
@@ -380,11 +225,14 @@ class WorkerGroupRunner(BatchRunner):
                 events.put(("done", index, self._compute(replica, index, batches[index])))
             except ReplicaFailed as failure:
                 todo.put(index)
-                if finished.is_set() or not self._restart(replica, str(failure)):
+                if finished.is_set() or self._closing or not self._restart(replica, str(failure)):
                     events.put(("lost", str(failure)))
                     return
             except EvalfleetError as error:
                 events.put(("fatal", str(error)))
+                return
+            except Exception as error:  # a bug must fail the job, not leave it waiting
+                events.put(("fatal", f"{replica.name} failed: {type(error).__name__}: {error}"))
                 return
 
     def _compute(self, replica: _Replica, index: int, batch: Sequence[Item]) -> list[Any]:
@@ -393,8 +241,9 @@ class WorkerGroupRunner(BatchRunner):
         start = 0
         while start < len(batch):
             chunk = _first_chunk(batch[start:], replica.token_budget)
+            began = time.perf_counter()
             status, _, values, reports = replica.group.request(("batch", index, chunk), self.batch_timeout)
-            self._record(replica, reports)
+            self._record(replica, reports, time.perf_counter() - began)
             if status == "oom":
                 if len(chunk) == 1:
                     raise EvalfleetError(
@@ -407,27 +256,30 @@ class WorkerGroupRunner(BatchRunner):
             start += len(chunk)
         return results
 
-    def _record(self, replica: _Replica, reports: list[dict[str, Any]]) -> None:
+    def _record(self, replica: _Replica, reports: list[dict[str, Any]], seconds: float) -> None:
         with self._lock:
             self.communication.add_batch(reports)
-            if self.on_communication is None:
-                return
             for rank, report in enumerate(reports):
-                for event in report["events"]:
-                    self.on_communication(event["kind"], event["bytes"], event["seconds"], [replica.devices[rank]])
+                if self.on_step is not None:
+                    self.on_step(seconds, rank // self.spec.tp, report["busy_seconds"])
+                if self.on_communication is not None:
+                    for event in report["events"]:
+                        self.on_communication(event["kind"], event["bytes"], event["seconds"], [replica.devices[rank]])
 
     def _restart(self, replica: _Replica, reason: str) -> bool:
-        """Kill the replica and start it again, unless it has used up its restarts."""
+        """Kill the replica and start it again, unless it has used up its restarts or the runner is closing."""
         replica.failures.append(reason)
-        while replica.restarts < self.max_restarts:
+        while replica.restarts < self.max_restarts and not self._closing:
             replica.restarts += 1
             if replica.group is not None:
                 replica.group.kill()
             try:
                 self._start_replica(replica)
-                return True
             except (ReplicaFailed, EvalfleetError) as error:
                 replica.failures.append(str(error))
+                continue
+            if not self._closing:
+                return True
         if replica.group is not None:
             replica.group.kill()
         replica.group = None
@@ -435,10 +287,9 @@ class WorkerGroupRunner(BatchRunner):
 
     def describe(self) -> dict[str, Any]:
         tp, pp, dp = self.spec.tp, self.spec.pp, len(self.replicas)
-        strategy = "hybrid" if tp > 1 and pp > 1 else "tp" if tp > 1 else "pp" if pp > 1 else "dp" if dp > 1 else "single"
         ranks = self._info.get("ranks", [])
         return {
-            "strategy": strategy,
+            "strategy": ParallelLayout(tp, pp, dp).strategy.value,
             "tp": tp,
             "pp": pp,
             "dp": dp,
@@ -456,10 +307,13 @@ class WorkerGroupRunner(BatchRunner):
             "communication": self.communication.as_dict(),
         }
 
-    def close(self) -> None:
+    def close(self, grace: float = 5.0) -> None:
+        """Stop every group (killing what is still running after `grace` seconds); a `run` in
+        progress in another thread then fails instead of restarting them. Safe to call twice."""
+        self._closing = True
         for replica in self.replicas:
             if replica.group is not None:
-                replica.group.stop()
+                replica.group.stop(grace)
                 replica.group = None
 
 

@@ -1,0 +1,235 @@
+"""Worker groups against one process: same numbers for every layout, real splits, faults survived.
+
+CPU over gloo, one thread per rank. Each layout's group is started once for the module.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+
+import pytest
+from distributed_support import alive, differences, run_all, worker_pids_of
+
+from evalfleet.runtime.backends.base import LoglikelihoodItem
+from evalfleet.runtime.parallel import GroupSpec
+from evalfleet.runtime.workers import WorkerGroupRunner
+from evalfleet.types import EvalfleetError
+
+pytestmark = pytest.mark.slow
+
+# The project's tolerance for tensor parallelism (sums in another order); pipeline and data
+# parallelism run the very same kernels on the same shapes, so they must match much closer.
+TOLERANCE = {"tp": (1e-4, 1e-5), "hybrid": (1e-4, 1e-5), "pp": (1e-6, 1e-7), "dp": (1e-6, 1e-7)}
+LAYOUTS = {"tp": (2, 1, 1), "pp": (1, 2, 1), "hybrid": (2, 2, 1), "dp": (1, 1, 2)}
+
+
+def start_runner(model, tp=1, pp=1, dp=1, **kwargs) -> WorkerGroupRunner:
+    spec = GroupSpec(str(model), dtype="float32", device="cpu", tp=tp, pp=pp, threads=1)
+    return WorkerGroupRunner(spec, [["cpu"] * (tp * pp)] * dp, **kwargs).start()
+
+
+@pytest.fixture(scope="module")
+def runners(llama):
+    """One started runner per layout, made on first use and closed at the end of the module."""
+    started: dict[str, WorkerGroupRunner] = {}
+    events: list[tuple] = []
+
+    def get(name: str) -> WorkerGroupRunner:
+        if name not in started:
+            tp, pp, dp = LAYOUTS[name]
+            started[name] = start_runner(llama, tp, pp, dp, on_communication=lambda *event: events.append(event))
+        return started[name]
+
+    get.events = events
+    yield get
+    for runner in started.values():
+        runner.close()
+
+
+@pytest.mark.parametrize("layout", ["tp", "pp", "dp", "hybrid"])
+def test_every_layout_gives_the_single_process_results(layout, runners, requests_and_reference):
+    batches, reference = requests_and_reference
+    runner = runners(layout)
+    problems = differences(reference, run_all(runner, batches), *TOLERANCE[layout])
+    assert not problems, "\n".join(problems[:10])
+    description = runner.describe()
+    assert (description["tp"], description["pp"], description["dp"]) == LAYOUTS[layout]
+    assert description["strategy"] == layout
+
+
+def test_tensor_parallel_ranks_hold_half_of_each_sharded_weight(runners):
+    ranks = runners("tp").info["ranks"]
+    assert [r["tp_rank"] for r in ranks] == [0, 1]
+    full = ranks[0]["parameters_of_full_tensors"]
+    for rank in ranks:
+        shapes = rank["shapes"]
+        assert shapes["model.layers.0.self_attn.q_proj.weight"] == [24, 48]  # 48 output features, split in 2
+        assert shapes["model.layers.1.mlp.down_proj.weight"] == [48, 48]  # 96 input features, split in 2
+        assert shapes["model.layers.0.input_layernorm.weight"] == [48]  # norms are replicated
+        assert rank["parameters"] < 0.6 * full
+
+
+def test_pipeline_stages_hold_disjoint_layers_that_add_up_to_the_model(runners, llama):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    whole = sum(p.numel() for p in AutoModelForCausalLM.from_pretrained(llama, dtype=torch.float32).parameters())
+    first, last = runners("pp").info["ranks"]
+    assert (first["stage"], last["stage"]) == (0, 1)
+    assert any(n.startswith("model.layers.0.") for n in first["shapes"])
+    assert not any(n.startswith("model.layers.1.") for n in first["shapes"])
+    assert not any(n.startswith("model.layers.0.") for n in last["shapes"])
+    assert "lm_head.weight" in last["shapes"] and "lm_head.weight" not in first["shapes"]
+    assert first["parameters"] + last["parameters"] == whole
+
+
+def test_hybrid_ranks_shard_their_own_stage_only(runners):
+    ranks = runners("hybrid").info["ranks"]
+    assert [(r["stage"], r["tp_rank"]) for r in ranks] == [(0, 0), (0, 1), (1, 0), (1, 1)]
+    for rank in ranks:
+        layer = f"model.layers.{rank['stage']}."
+        other = f"model.layers.{1 - rank['stage']}."
+        assert rank["shapes"][layer + "self_attn.q_proj.weight"] == [24, 48]
+        assert not any(name.startswith(other) for name in rank["shapes"])
+
+
+def test_communication_is_timed_and_reported(runners, requests_and_reference):
+    runner = runners("tp")
+    run_all(runner, requests_and_reference[0][:2])
+    kinds = {event[0] for event in runners.events}
+    assert "all_reduce" in kinds
+    assert all(nbytes >= 0 and seconds >= 0 and devices == ["cpu"] for _, nbytes, seconds, devices in runners.events)
+    summary = runner.describe()["communication"]
+    assert summary["bytes"] > 0 and summary["calls"] > 0
+    assert 0 < summary["share"] <= 1
+    assert summary["by_kind"]["all_reduce"]["calls"] > 0
+
+
+def test_a_killed_rank_is_restarted_and_the_results_do_not_change(runners, requests_and_reference):
+    batches, reference = requests_and_reference
+    runner = runners("tp")
+    before = runner.describe()["restarts"]
+    victim = runner.worker_pids()[0][1]
+    done: dict[int, list] = {}
+
+    def on_batch_done(index, results):
+        if len(done) == 1:
+            os.kill(victim, signal.SIGKILL)
+        done[index] = results
+
+    runner.run(batches, on_batch_done)
+    assert not differences(reference, [done[i] for i in range(len(batches))])
+    assert runner.describe()["restarts"] == before + 1
+    assert victim not in runner.worker_pids()[0]
+    assert not alive([victim])
+
+
+def test_a_hung_rank_times_out_and_its_replica_restarts(runners, requests_and_reference):
+    batches, reference = requests_and_reference
+    runner = runners("pp")
+    before = runner.describe()["restarts"]
+    stuck = runner.worker_pids()[0][1]
+    os.kill(stuck, signal.SIGSTOP)
+    runner.batch_timeout = 3.0
+    try:
+        results = run_all(runner, batches[:3])
+    finally:
+        runner.batch_timeout = 900.0
+    assert not differences(reference[:3], results, *TOLERANCE["pp"])
+    assert runner.describe()["restarts"] == before + 1
+    assert not alive([stuck])
+
+
+def test_the_fault_injectors_make_the_equality_check_fail(llama, requests_and_reference):
+    """Proof that the equality tests can fail: a swapped TP shard or a missing PP mask is caught."""
+    batches, reference = requests_and_reference
+    padded = [i for i, batch in enumerate(batches) if len({item.length for item in batch}) > 1][:3]
+    for layout, fault in (("tp", "swap_tp_shards"), ("pp", "drop_pp_mask")):
+        tp, pp, _ = LAYOUTS[layout]
+        runner = start_runner(llama, tp, pp, env={"EVALFLEET_TEST_FAULT": fault})
+        try:
+            results = run_all(runner, [batches[i] for i in padded])
+            problems = differences([reference[i] for i in padded], results, *TOLERANCE[layout])
+        finally:
+            runner.close()
+        assert problems, f"{fault} went unnoticed"
+
+
+def test_out_of_memory_halves_the_token_budget_and_gives_the_same_results(llama, requests_and_reference):
+    batches, reference = requests_and_reference
+    runner = start_runner(llama, env={"EVALFLEET_TEST_FAULT": "oom_above:300"})
+    try:
+        # Smaller batches pad differently: equal within the project's tolerance, not bit for bit.
+        assert not differences(reference, run_all(runner, batches))
+        assert runner.describe()["oom_halvings"] >= 1
+        too_long = [[LoglikelihoodItem((5,) * 400, (6,))]]
+        with pytest.raises(EvalfleetError, match="does not fit in memory"):
+            run_all(runner, too_long)
+    finally:
+        runner.close()
+
+
+def test_workers_are_gone_after_close_and_after_a_failed_start(llama, tmp_path):
+    runner = start_runner(llama, dp=2)
+    pids = [pid for group in runner.worker_pids() for pid in group]
+    assert len(alive(pids)) == 2
+    runner.close()
+    runner.close()
+    assert not alive(pids)
+
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    for path in llama.iterdir():
+        (broken / path.name).write_bytes(path.read_bytes())
+    (broken / "model.safetensors").write_bytes(b"not a safetensors file")
+    before = set(worker_pids_of(os.getpid()))
+    with pytest.raises(EvalfleetError, match="failed while loading the model"):
+        start_runner(broken, dp=2)
+    assert set(worker_pids_of(os.getpid())) <= before
+
+
+def test_every_replica_lost_is_an_error_not_a_hang(llama, requests_and_reference):
+    batches, _ = requests_and_reference
+    runner = start_runner(llama, max_restarts=0)
+    try:
+        pid = runner.worker_pids()[0][0]
+        os.kill(pid, signal.SIGKILL)
+        with pytest.raises(EvalfleetError, match="every replica failed"):
+            run_all(runner, batches)
+        with pytest.raises(EvalfleetError, match="no replica left"):
+            run_all(runner, batches)
+    finally:
+        runner.close()
+    assert not alive([pid])
+
+
+def test_workers_die_with_a_driver_killed_by_sigkill(llama):
+    """No atexit runs after SIGKILL: the workers' own parent watch must end them."""
+    import subprocess
+    import sys
+    import time
+
+    script = (
+        "import sys\n"
+        "from evalfleet.runtime.parallel import GroupSpec\n"
+        "from evalfleet.runtime.workers import WorkerGroupRunner\n"
+        "runner = WorkerGroupRunner(GroupSpec(sys.argv[1]), [['cpu']]).start()\n"
+        "print(*runner.worker_pids()[0], flush=True)\n"
+        "sys.stdin.read()\n"
+    )
+    driver = subprocess.Popen(
+        [sys.executable, "-c", script, str(llama)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
+    try:
+        pids = [int(pid) for pid in driver.stdout.readline().split()]
+        assert len(alive(pids)) == 1
+        driver.kill()
+        driver.wait(timeout=30)
+        deadline = time.monotonic() + 10
+        while alive(pids) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not alive(pids)
+    finally:
+        if driver.poll() is None:
+            driver.kill()
