@@ -6,23 +6,11 @@ Worker groups cost seconds to start, so tests share them through module-scoped f
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import pytest
 from distributed_support import make_requests, run_all
-
-
-def _root_conftest():
-    """The suite's root conftest, loaded under its own name, for `build_tiny_model`."""
-    path = Path(__file__).resolve().parent.parent / "conftest.py"
-    spec = importlib.util.spec_from_file_location("evalfleet_tests_root_conftest", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-build_tiny_model = _root_conftest().build_tiny_model
+from tinymodels import build_tiny_model
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,7 @@ import random
 
 import pytest
 
-from conftest import build_tiny_model
+from tinymodels import build_tiny_model
 from evalfleet.engines.lightweight import LightweightEvaluationEngine
 from evalfleet.types import EvaluationRequest
 from samples import compare_samples, load_samples, metric_differences
