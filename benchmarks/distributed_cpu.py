@@ -10,9 +10,9 @@ correctness at scale: their figures show the cost of splitting a model that fits
 speed-up. dp=2 gains over the single process only what torch's own threads leave on the
 table: compare it with the one-thread run to see how well replicas scale.
 
-    python benchmarks/distributed_cpu.py [--rounds 2] [--docs 500]
+    python benchmarks/distributed_cpu.py [--rounds 2] [--docs 500] [--model bench|demo]
 
-Writes benchmarks/results/distributed_cpu.json.
+Writes benchmarks/results/distributed_cpu.json (distributed_cpu_demo.json with --model demo).
 """
 
 from __future__ import annotations
@@ -30,6 +30,8 @@ ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT))
 
 from vs_lmeval import make_mc_task, make_model  # noqa: E402
+
+from evalfleet.types import DEMO_MODEL_DIR  # noqa: E402
 
 LAYOUTS = {
     "single": {"engine": "lightweight"},
@@ -86,6 +88,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--docs", type=int, default=500)
+    parser.add_argument("--model", choices=("bench", "demo"), default="bench",
+                        help="bench: the random Llama of vs_lmeval.py (hidden 256); demo: the bundled 0.9M-parameter model")
     args = parser.parse_args()
     os.environ.setdefault("TQDM_DISABLE", "1")
     import torch
@@ -97,7 +101,7 @@ def main() -> None:
         folder = Path(tmp)
         (folder / "tasks").mkdir()
         make_mc_task(folder / "tasks", args.docs)
-        model = make_model(folder / "model")
+        model = make_model(folder / "model") if args.model == "bench" else DEMO_MODEL_DIR
         for round_ in range(args.rounds):
             for name in LAYOUTS:
                 figures = run_once(model, folder / "tasks", name, folder / f"out-{name}-{round_}")
@@ -110,6 +114,7 @@ def main() -> None:
     single = best["single"]["requests_per_s"]
     document = {
         "benchmark": "distributed engine on the CPU, 2,000 multiple-choice log-likelihood requests",
+        "model": "random Llama, hidden 256, 4 layers" if args.model == "bench" else "bundled demo model, hidden 128, 4 layers",
         "machine": {"cpu_cores": cores, "torch": torch.__version__},
         "requests": best["single"]["requests"],
         "layouts": best,
@@ -119,7 +124,7 @@ def main() -> None:
         "target": "dp=2 with one thread per replica >= 1.3x the single process using every core",
     }
     document["target_met"] = document["speedup_vs_single"]["dp=2"] >= 1.3
-    out = ROOT / "results" / "distributed_cpu.json"
+    out = ROOT / "results" / ("distributed_cpu.json" if args.model == "bench" else "distributed_cpu_demo.json")
     out.parent.mkdir(exist_ok=True)
     out.write_text(json.dumps(document, indent=2) + "\n")
     print(json.dumps(document["speedup_vs_single"]), "->", out)
