@@ -9,6 +9,7 @@ greedy decoding with stop strings checked on the decoded text.
 from __future__ import annotations
 
 import inspect
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,10 @@ from evalfleet.types import EvalfleetError, UsageError
 
 WEIGHT_PATTERNS = ("*.safetensors", "*.bin", "*.pt", "*.pth", "*.gguf")
 DEFAULT_MAX_LENGTH = 2048
+# Packed and unpacked scores differ by float rounding only (~1e-6 in float32, ~1e-2 in bfloat16);
+# a dropped mask moves them by far more.
+PACKING_TOLERANCE = 2e-2
+log = logging.getLogger("evalfleet")
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -112,6 +117,7 @@ class HFBackend(Backend):
     ) -> None:
         self.model = model
         self.share_prefixes = share_prefixes
+        self._packing_checked = False
         self.tokenizer = tokenizer
         self.device = torch.device(device)
         self._max_length = model_max_length(model.config, tokenizer, max_length)
@@ -185,7 +191,30 @@ class HFBackend(Backend):
     @torch.inference_mode()
     def loglikelihood(self, items: list[LoglikelihoodItem]) -> list[tuple[float, bool]]:
         if self.share_prefixes:
-            return self._loglikelihood_packed(items)
+            packed = self._loglikelihood_packed(items)
+            if self._packing_checked or self._packing_agrees(items, packed):
+                return packed
+            self.share_prefixes = False
+            log.warning("%s ignores custom attention masks; computing shared contexts one by one", self.describe())
+        return self._loglikelihood_plain(items)
+
+    def _packing_agrees(self, items: list[LoglikelihoodItem], packed: list[tuple[float, bool]]) -> bool:
+        """Once per backend: the first shared context, packed, must score as it does unpacked.
+
+        An attention implementation that drops a custom 4D mask (some fused kernels do) would
+        let continuations see each other; this catches it before any result counts.
+        """
+        first = items[0].context
+        sample = [i for i, item in enumerate(items) if item.context == first][:4]
+        if len(sample) < 2:
+            return True
+        self._packing_checked = True
+        plain = self._loglikelihood_plain([items[i] for i in sample])
+        return all(
+            abs(packed[i][0] - value) <= PACKING_TOLERANCE * (1 + abs(value)) for i, (value, _) in zip(sample, plain, strict=True)
+        )
+
+    def _loglikelihood_plain(self, items: list[LoglikelihoodItem]) -> list[tuple[float, bool]]:
         # The last token is never an input: position i predicts token i + 1.
         inputs = [list(item.context + item.continuation)[:-1] for item in items]
         keep = max(1, max(len(item.continuation) for item in items))
