@@ -83,7 +83,7 @@ class LightweightEvaluationEngine(EvaluationEngine):
             engine=self.name,
             dtype=dtype,
             device=device,
-            model_gb=round(backend.parameter_bytes() / 1e9, 6),
+            model_gb=round(backend.parameter_bytes() / 2**30, 6),
             progress=self.progress,
         )
 

@@ -242,7 +242,7 @@ class DistributedEvaluationEngine(EvaluationEngine):
                 engine=self.name,
                 dtype=info.dtype,
                 device=resolve_device(request.model.device),
-                model_gb=round(sum(info.parameter_bytes_per_rank) / 1e9, 6),
+                model_gb=round(sum(info.parameter_bytes_per_rank) / 2**30, 6),
                 progress=self.progress,
                 extra={
                     "distributed": {

@@ -267,8 +267,8 @@ class MultiGPUModelLoader:
 
         from evalfleet.planning import estimate_weights_gb, profile_model
 
-        weights_gb = estimate_weights_gb(profile_model(resolve_model_path(model_config.path)), "float32")
-        return max(1, int(psutil.virtual_memory().available / 1e9 // max(weights_gb * 1.2, 1e-9)))
+        weights_gb = estimate_weights_gb(profile_model(model_config.path), "float32")
+        return max(1, int(psutil.virtual_memory().available / 2**30 // max(weights_gb * 1.2, 1e-9)))
 
     def allocate_gpu_resources(self, tp: int, pp: int, dp: int, busy: Any = ()) -> list[tuple[int, int]]:
         """(node, gpu) for each rank of a tp x pp x dp layout on this machine (the planner's `place`)."""
