@@ -13,6 +13,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+from lm_eval import simple_evaluate
+from lm_eval.utils import handle_non_serializable
+
 from evalfleet.runtime.backends.hf import resolve_dtype, resolve_device
 from evalfleet.runtime.batching import default_token_budget
 from evalfleet.runtime.cache import RequestCache, model_identity
@@ -43,12 +46,6 @@ def load_dtype_and_device(request: EvaluationRequest) -> tuple[str, str]:
     return resolve_dtype(request.model.dtype, device), device
 
 
-def _json_default(value: Any) -> Any:
-    from lm_eval.utils import handle_non_serializable
-
-    return handle_non_serializable(value)
-
-
 def run_evaluation(
     request: EvaluationRequest,
     runner: BatchRunner,
@@ -61,8 +58,6 @@ def run_evaluation(
     progress: ProgressCallback | None = None,
     extra: dict[str, Any] | None = None,
 ) -> EvaluationResult:
-    from lm_eval import simple_evaluate
-
     output_dir = check_output_dir(request.output_dir)
     manager = build_task_manager(request.tasks.names, request.tasks.include_path)
     model_path = resolve_model_path(request.model.path)
@@ -131,10 +126,10 @@ def write_outputs(result: EvaluationResult, samples: dict[str, list] | None, out
     """results.json (lm-eval's document + `evalfleet`) and, if logged, samples_<task>.jsonl."""
     path = output_dir / "results.json"
     tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(result.document(), indent=2, default=_json_default, ensure_ascii=False))
+    tmp.write_text(json.dumps(result.document(), indent=2, default=handle_non_serializable, ensure_ascii=False))
     tmp.replace(path)
     for task, rows in (samples or {}).items():
         with (output_dir / f"samples_{task}.jsonl").open("w") as handle:
             for row in rows:
-                handle.write(json.dumps(row, default=_json_default, ensure_ascii=False) + "\n")
+                handle.write(json.dumps(row, default=handle_non_serializable, ensure_ascii=False) + "\n")
     return path

@@ -13,7 +13,7 @@ import os
 import psutil
 
 from evalfleet.engines.base import EvaluationEngine
-from evalfleet.types import DistributionStrategy, EvaluationRequest, ModelConfig, resolve_model_path
+from evalfleet.types import DistributionStrategy, EvaluationRequest, ModelConfig
 
 GPU_LIGHTWEIGHT_MAX_GB = 15.0
 
@@ -49,7 +49,7 @@ def estimate_model_size(model_config: ModelConfig | str) -> float:
 
     if isinstance(model_config, str):
         model_config = ModelConfig(path=model_config)
-    profile = profile_model(resolve_model_path(model_config.path))
+    profile = profile_model(model_config.path)
     return float(estimate_weights_gb(profile, _weights_dtype(model_config)))
 
 

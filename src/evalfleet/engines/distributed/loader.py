@@ -228,7 +228,7 @@ class MultiGPUModelLoader:
         """The planner's answer for this model on this machine's GPUs."""
         from evalfleet.planning import plan, profile_model
 
-        profile = profile_model(resolve_model_path(model_config.path))
+        profile = profile_model(model_config.path)
         dtype = resolve_dtype(model_config.dtype, "cuda")
         return plan(
             profile,
