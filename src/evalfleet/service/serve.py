@@ -101,12 +101,18 @@ def _stop(process: subprocess.Popen) -> None:
 
 
 def serve(options: ServeOptions, say=print) -> None:
-    import uvicorn
+    try:
+        import uvicorn
 
-    from evalfleet.service.app import ServiceConfig, create_app
+        from evalfleet.service.app import ServiceConfig, create_app
+    except ImportError as error:
+        raise EvalfleetError(f"evalfleet serve needs the service extra ({error.name} is missing): "
+                             "pip install 'evalfleet[service]'") from None
 
     token = resolve_token(options.token_file)
     check_host(options.host, token)
+    if token.created:
+        say(f"created a service token in {token.source} (readable by you only)")
     roots = ModelRoots(options.model_roots)
     db_path = resolve_db_path(options.db).resolve()
     command = scheduler_arguments(options, db_path)
@@ -118,8 +124,6 @@ def serve(options: ServeOptions, say=print) -> None:
             scheduler = _start_scheduler(command, db_path)
         port = sock.getsockname()[1]
         shown_host = f"[{options.host}]" if ":" in options.host else options.host
-        if token.created:
-            say(f"created a service token in {token.source} (readable by you only)")
         say(f"evalfleet serve (pid {os.getpid()}) on http://{shown_host}:{port}/ over {db_path}; "
             f"token from {token.source}; " + ("scheduler pid " + str(scheduler.pid) if scheduler else
                                                "no scheduler (another process schedules)") + "; Ctrl-C stops it")
