@@ -22,14 +22,14 @@ from evalfleet.service.api import submit
 from evalfleet.service.charts import pool_charts
 from evalfleet.service.fleet import Fleet
 from evalfleet.service.samples import describe_sample
-from evalfleet.service.schemas import MAX_SAMPLES_PAGE, JobSubmission
+from evalfleet.service.schemas import JobSubmission
 from evalfleet.service.security import COOKIE_NAME, token_matches
 from evalfleet.types import EvalfleetError, describe_validation_error
 
 templates = Jinja2Templates(directory=Path(__file__).parent / "templates")
 templates.env.filters["clock"] = lambda at: time.strftime("%H:%M:%S", time.localtime(at)) if at else ""
 templates.env.filters["duration"] = lambda s: "" if s is None else f"{int(s) // 60}m{int(s) % 60:02d}s" if s >= 60 else f"{int(s)}s"
-SAMPLES_PAGE = 25
+SAMPLES_PAGE = 25  # within the API's MAX_SAMPLES_PAGE
 
 
 def _fleet(request: Request) -> Fleet:
@@ -156,7 +156,7 @@ def job_results(request: Request, job_id: str) -> HTMLResponse:
 
 def samples_page(request: Request, job_id: str, task: str,
                  offset: Annotated[int, Query(ge=0, le=10_000_000)] = 0) -> HTMLResponse:
-    total, rows = _fleet(request).samples(job_id, task, offset=offset, limit=min(SAMPLES_PAGE, MAX_SAMPLES_PAGE))
+    total, rows = _fleet(request).samples(job_id, task, offset=offset, limit=SAMPLES_PAGE)
     return render(request, "samples.html", job_id=job_id, task=task, total=total, offset=offset,
                   page=SAMPLES_PAGE, samples=[describe_sample(row) for row in rows])
 
