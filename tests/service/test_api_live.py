@@ -6,6 +6,7 @@ import json
 
 import httpx
 import pytest
+from clitools import run_subprocess
 from conftest import TOKEN
 from orchestrator.fleet import wait_for
 
@@ -68,6 +69,11 @@ def test_submit_follow_results_samples_and_compare(live_service, tiny_model):
     samples_a = {s["doc_id"]: s["acc"] for s in live.client.get(f"/api/v1/jobs/{demo_id}/samples/demo_mc").json()["samples"]}
     samples_b = {s["doc_id"]: s["acc"] for s in live.client.get(f"/api/v1/jobs/{job['id']}/samples/demo_mc").json()["samples"]}
     assert [f["doc_id"] for f in acc["flipped"]] == [d for d in sorted(samples_a) if samples_a[d] != samples_b[d]]
+
+    # The command line compares the same two jobs by id, with the same figures.
+    done = run_subprocess(["compare", demo_id, job["id"], "--db", str(live.db), "--json"], timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["tasks"] == comparison["tasks"]
 
     metrics = live.client.get("/metrics").text
     assert 'evalfleet_jobs{state="succeeded"} 2.0' in metrics and "evalfleet_queue_wait_seconds_count 2.0" in metrics
