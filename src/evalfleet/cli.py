@@ -258,6 +258,41 @@ def cancel(
     typer.echo(f"job {record.id} cancelled", err=True)
 
 
+@app.command()
+def serve(
+    host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on; a non-loopback one needs --token-file or $EVALFLEET_TOKEN."),
+    port: int = typer.Option(8765, "--port", min=0, max=65535, help="Port (0 picks a free one)."),
+    db: str | None = typer.Option(None, "--db", help=_DB_HELP),
+    slots: int | None = typer.Option(None, "--slots", min=1, help="Also schedule on N CPU slots."),
+    gpus: str | None = typer.Option(None, "--gpus", help="Also schedule on this pool: a spec, a cluster YAML or 'auto'."),
+    ray: str | None = typer.Option(None, "--ray", help="Also schedule on the Ray cluster at this address."),
+    token_file: str | None = typer.Option(None, "--token-file", help="File holding the service token (else $EVALFLEET_TOKEN, else one created in the user data folder)."),
+    model_root: list[str] = typer.Option([], "--model-root", help="Folder whose models may be submitted over HTTP (repeatable; the demo model always may)."),
+    interval: float = typer.Option(2.0, "--interval", min=0.05, help="Seconds between scheduling rounds."),
+    max_attempts: int = typer.Option(3, "--max-attempts", min=1, help="Attempts per job before it fails for good."),
+    preempt: bool = typer.Option(False, "--preempt/--no-preempt", help="Let long-waiting jobs stop lower-priority ones."),
+) -> None:
+    """Serve the dashboard and HTTP API over the job store; with --slots/--gpus/--ray, schedule too."""
+    from evalfleet.service.serve import ServeOptions
+    from evalfleet.service.serve import serve as serve_forever
+
+    serve_forever(ServeOptions(host=host, port=port, db=db, slots=slots, gpus=gpus, ray=ray, token_file=token_file,
+                               model_roots=model_root, interval=interval, max_attempts=max_attempts, preempt=preempt))
+
+
+@app.command()
+def compare(
+    a: str = typer.Argument(..., help="Run A: a job id, or a results.json (or its folder)."),
+    b: str = typer.Argument(..., help="Run B: a job id, or a results.json (or its folder)."),
+    as_json: bool = typer.Option(False, "--json", help="One JSON document instead of a table."),
+    db: str | None = typer.Option(None, "--db", help=_DB_HELP),
+) -> None:
+    """Compare two runs task by task: values, difference, paired test (McNemar or bootstrap), flipped samples."""
+    from evalfleet.service.compare_report import compare_command
+
+    compare_command(a, b, db=db, as_json=as_json)
+
+
 @app.command(hidden=True)
 def worker(
     job: str = typer.Option(..., "--job", help="The job id."),
