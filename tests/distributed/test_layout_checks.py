@@ -5,8 +5,10 @@ from __future__ import annotations
 import pytest
 
 from evalfleet.runtime.backends.base import LoglikelihoodItem
-from evalfleet.runtime.parallel import GroupSpec, StageCache, check_layout
-from evalfleet.runtime.transport import CommunicationSummary, CommunicationTimer
+from evalfleet.runtime.group import GroupSpec, check_layout
+from evalfleet.runtime.parallel import StageCache
+from evalfleet.runtime.timing import CommunicationTimer
+from evalfleet.runtime.transport import CommunicationSummary
 from evalfleet.runtime.workers import _first_chunk
 from evalfleet.types import EvalfleetError
 

@@ -10,9 +10,10 @@ import signal
 
 import pytest
 from distributed_support import alive, differences, run_all, worker_pids_of
+from faultenv import fault_env
 
 from evalfleet.runtime.backends.base import LoglikelihoodItem
-from evalfleet.runtime.parallel import GroupSpec
+from evalfleet.runtime.group import GroupSpec
 from evalfleet.runtime.workers import WorkerGroupRunner
 from evalfleet.types import EvalfleetError
 
@@ -147,7 +148,7 @@ def test_the_fault_injectors_make_the_equality_check_fail(llama, requests_and_re
     padded = [i for i, batch in enumerate(batches) if len({item.length for item in batch}) > 1][:3]
     for layout, fault in (("tp", "swap_tp_shards"), ("pp", "drop_pp_mask")):
         tp, pp, _ = LAYOUTS[layout]
-        runner = start_runner(llama, tp, pp, env={"EVALFLEET_TEST_FAULT": fault})
+        runner = start_runner(llama, tp, pp, env=fault_env(fault))
         try:
             results = run_all(runner, [batches[i] for i in padded])
             problems = differences([reference[i] for i in padded], results, *TOLERANCE[layout])
@@ -158,7 +159,7 @@ def test_the_fault_injectors_make_the_equality_check_fail(llama, requests_and_re
 
 def test_out_of_memory_halves_the_token_budget_and_gives_the_same_results(llama, requests_and_reference):
     batches, reference = requests_and_reference
-    runner = start_runner(llama, env={"EVALFLEET_TEST_FAULT": "oom_above:300"})
+    runner = start_runner(llama, env=fault_env("oom_above:300"))
     try:
         # Smaller batches pad differently: equal within the project's tolerance, not bit for bit.
         assert not differences(reference, run_all(runner, batches))
@@ -212,7 +213,7 @@ def test_workers_die_with_a_driver_killed_by_sigkill(llama):
 
     script = (
         "import sys\n"
-        "from evalfleet.runtime.parallel import GroupSpec\n"
+        "from evalfleet.runtime.group import GroupSpec\n"
         "from evalfleet.runtime.workers import WorkerGroupRunner\n"
         "runner = WorkerGroupRunner(GroupSpec(sys.argv[1]), [['cpu']]).start()\n"
         "print(*runner.worker_pids()[0], flush=True)\n"

@@ -1,9 +1,9 @@
 """Worker groups: data-parallel replicas of tp x pp processes, driven from this process.
 
-A replica is `tp * pp` python processes (`python -m evalfleet.runtime.workers`) joined by
+A replica is `tp * pp` python processes (`python -m evalfleet.runtime.rank`) joined by
 torch.distributed (gloo on CPU, nccl on CUDA) through a TCP store that the driver hosts, so
 no port has to be guessed. Rank 0 talks to the driver over an inherited socket pair and
-broadcasts each batch to the other ranks (`parallel.serve`). Replicas pull batches from one
+broadcasts each batch to the other ranks (`rank.serve`). Replicas pull batches from one
 shared queue, so a slow replica never holds the others back.
 
 Faults: a rank that dies, or a batch that outlives `batch_timeout`, fails its replica; the
@@ -16,9 +16,7 @@ driver kills every group it started at exit.
 
 from __future__ import annotations
 
-import os
 import queue
-import signal
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -27,7 +25,7 @@ from typing import Any
 
 from evalfleet.planning.strategy import ParallelLayout
 from evalfleet.runtime.backends.base import Item
-from evalfleet.runtime.parallel import GroupSpec, check_layout
+from evalfleet.runtime.group import GroupSpec, check_layout
 from evalfleet.runtime.runner import BatchCallback, BatchRunner
 from evalfleet.runtime.transport import (
     CommunicationCallback,
@@ -315,21 +313,3 @@ class WorkerGroupRunner(BatchRunner):
             if replica.group is not None:
                 replica.group.stop(grace)
                 replica.group = None
-
-
-def _worker_main() -> None:
-    import faulthandler
-    from multiprocessing.connection import Connection
-
-    faulthandler.register(signal.SIGUSR1)  # `kill -USR1 <pid>` prints where a hung rank is
-
-    from evalfleet.runtime.parallel import serve
-
-    spec = GroupSpec.from_json(os.environ["EVALFLEET_WORKER_SPEC"])
-    rank = int(os.environ["EVALFLEET_WORKER_RANK"])
-    fd = os.environ.get("EVALFLEET_DRIVER_FD")
-    serve(spec, rank, int(os.environ["EVALFLEET_STORE_PORT"]), Connection(int(fd)) if fd else None)
-
-
-if __name__ == "__main__":
-    _worker_main()

@@ -17,7 +17,7 @@ from typing import Any
 
 from evalfleet.planning.strategy import ParallelLayout
 from evalfleet.runtime.backends.hf import resolve_device, resolve_dtype
-from evalfleet.runtime.parallel import GroupSpec
+from evalfleet.runtime.group import GroupSpec
 from evalfleet.runtime.transport import CommunicationCallback
 from evalfleet.runtime.workers import LoadOutOfMemory, StepCallback, WorkerGroupRunner
 from evalfleet.types import DistributionStrategy, EvalfleetError, ModelConfig, resolve_model_path
