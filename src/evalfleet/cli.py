@@ -258,6 +258,39 @@ def cancel(
     typer.echo(f"job {record.id} cancelled", err=True)
 
 
+@app.command()
+def pool(
+    as_json: bool = typer.Option(False, "--json", help="One JSON document: nodes, GPUs, the job holding each, quarantines with their evidence."),
+    db: str | None = typer.Option(None, "--db", help=_DB_HELP),
+) -> None:
+    """Show the scheduler's pool: every GPU, the job holding it, and quarantined GPUs with the evidence."""
+    from rich.console import Console
+
+    from evalfleet.orchestrator.pool_status import pool_status, pool_table
+    from evalfleet.orchestrator.store import JobStore, resolve_db_path
+
+    with JobStore(resolve_db_path(db)) as store:
+        status = pool_status(store)
+    if as_json:
+        typer.echo(status.model_dump_json(indent=2))
+    else:
+        Console().print(pool_table(status))
+
+
+@app.command()
+def release(
+    device: str = typer.Argument(..., help="The quarantined GPU: NODE:GPU, or GPU for node 0."),
+    db: str | None = typer.Option(None, "--db", help=_DB_HELP),
+) -> None:
+    """Return a quarantined GPU to the pool once it has been checked."""
+    from evalfleet.orchestrator.pool_status import release_device
+    from evalfleet.orchestrator.store import JobStore, resolve_db_path
+
+    with JobStore(resolve_db_path(db)) as store:
+        node, gpu = release_device(store, device)
+    typer.echo(f"GPU {gpu} of node {node} is back in the pool", err=True)
+
+
 @app.command(hidden=True)
 def worker(
     job: str = typer.Option(..., "--job", help="The job id."),
