@@ -97,7 +97,11 @@ def test_hybrid_ranks_shard_their_own_stage_only(runners):
 
 def test_communication_is_timed_and_reported(runners, requests_and_reference):
     runner = runners("tp")
-    run_all(runner, requests_and_reference[0][:2])
+    runner.time_every = 1
+    try:
+        run_all(runner, requests_and_reference[0][:2])
+    finally:
+        runner.time_every = 20
     kinds = {event[0] for event in runners.events}
     assert "all_reduce" in kinds
     assert all(nbytes >= 0 and seconds >= 0 and devices == ["cpu"] for _, nbytes, seconds, devices in runners.events)
@@ -105,6 +109,21 @@ def test_communication_is_timed_and_reported(runners, requests_and_reference):
     assert summary["bytes"] > 0 and summary["calls"] > 0
     assert 0 < summary["share"] <= 1
     assert summary["by_kind"]["all_reduce"]["calls"] > 0
+
+
+def test_communication_is_timed_on_one_batch_in_n(llama, requests_and_reference):
+    batches, _ = requests_and_reference
+    batches = (batches * 2)[:7]
+    events: list[tuple] = []
+    runner = start_runner(llama, tp=2, time_every=3, on_communication=lambda *event: events.append(event))
+    try:
+        run_all(runner, batches)
+        summary = runner.describe()["communication"]
+    finally:
+        runner.close()
+    assert (summary["batches"], summary["timed_batches"], summary["sample_every"]) == (7, 3, 3)  # batches 0, 3, 6
+    assert summary["calls"] > 0 and 0 < summary["share"] <= 1
+    assert events
 
 
 def test_a_killed_rank_is_restarted_and_the_results_do_not_change(runners, requests_and_reference):

@@ -7,7 +7,9 @@ rank's loading and computing with the fault named in `EVALFLEET_TEST_FAULT`:
 - `swap_tp_shards`: every TP rank takes its neighbour's shard of one weight;
 - `drop_pp_mask`: the last pipeline stage loses the padding (mask and position ids);
 - `oom_above:N`: every batch of more than N padded tokens fails as out of memory (planted);
-- `oom_at_load`: loading fails as out of memory.
+- `oom_at_load`: loading fails as out of memory;
+- `rlimit:RANK:MB`: once loaded, rank RANK may grow its writable memory (RLIMIT_DATA) by only
+  MB megabytes, so a large enough batch fails a *real* allocation.
 """
 
 from __future__ import annotations
@@ -17,13 +19,23 @@ import os
 FAULT = os.environ.get("EVALFLEET_TEST_FAULT", "")
 
 
+def _data_bytes() -> int:
+    """This process's writable private memory (VmData), what RLIMIT_DATA limits."""
+    with open("/proc/self/status") as status:
+        line = next(line for line in status if line.startswith("VmData:"))
+    return int(line.split()[1]) * 1024
+
+
 def _install() -> None:
+    import resource
+
     import torch
     import torch.distributed as dist
 
     from evalfleet.runtime import parallel, runner
     from evalfleet.runtime.backends.base import OutOfMemory
 
+    rank = int(os.environ["EVALFLEET_WORKER_RANK"])
     load_part, compute = parallel.load_part, runner.compute
 
     @torch.no_grad()
@@ -50,6 +62,11 @@ def _install() -> None:
                 return forward(*args, **kwargs)
 
             base.forward = forward_without_mask
+        elif FAULT.startswith("rlimit:"):
+            _, limited_rank, megabytes = FAULT.split(":")
+            if int(limited_rank) == rank:
+                limit = _data_bytes() + int(megabytes) * 2**20
+                resource.setrlimit(resource.RLIMIT_DATA, (limit, resource.getrlimit(resource.RLIMIT_DATA)[1]))
         return part
 
     def faulty_compute(backend, items):

@@ -16,6 +16,10 @@ from evalfleet.types import EvalfleetError
 # A rank that runs out of memory while loading exits with LOAD_OOM_EXIT, so the driver can
 # ask the planner for a larger layout instead of retrying the same one.
 LOAD_OOM_EXIT = 3
+# A rank of a multi-rank group that runs out of memory during a batch exits with BATCH_OOM_EXIT:
+# its peers may be waiting in a collective it will never join, so the group cannot agree on
+# anything; the driver restarts it and retries with half the token budget.
+BATCH_OOM_EXIT = 4
 
 PATHS = {
     (False, False): "single",

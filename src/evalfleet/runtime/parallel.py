@@ -31,6 +31,7 @@ from transformers import DynamicCache
 from evalfleet.runtime.backends.hf import HFBackend
 from evalfleet.runtime.group import PATHS, GroupSpec, check_layout, torch_styles
 
+
 class StageCache(DynamicCache):
     """A `DynamicCache` that measures its length on this stage's first layer.
 

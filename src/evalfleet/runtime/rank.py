@@ -21,10 +21,9 @@ import torch
 import torch.distributed as dist
 from torch.distributed import distributed_c10d as c10d
 
-from evalfleet.runtime.backends.base import OutOfMemory
-from evalfleet.runtime.group import LOAD_OOM_EXIT, GroupSpec
+from evalfleet.runtime.group import BATCH_OOM_EXIT, LOAD_OOM_EXIT, GroupSpec
 from evalfleet.runtime.parallel import load_part, rank_report
-from evalfleet.runtime.runner import compute
+from evalfleet.runtime.runner import compute, out_of_memory
 from evalfleet.runtime.timing import CommunicationTimer
 
 COLLECTIVE_TIMEOUT = timedelta(minutes=30)
@@ -79,14 +78,6 @@ class _Control:
         c10d.gather_object(value, gathered, dst=0, group=self.group)
         return gathered or []
 
-    def agree(self, status: str) -> str:
-        """The group's status for a batch: out of memory if any rank was."""
-        if self.world_size == 1:
-            return status
-        flag = torch.tensor([int(status == "oom")])
-        c10d.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.group)
-        return "oom" if flag.item() else "done"
-
     def reply(self, message: Any) -> None:
         if self.rank == 0:
             self.conn.send(message)
@@ -106,24 +97,34 @@ def serve(spec: GroupSpec, rank: int, store_port: int, conn: Connection | None) 
         os._exit(LOAD_OOM_EXIT)
     on_gpu = part.backend.device.type == "cuda"
     timer = CommunicationTimer(torch.cuda.synchronize if on_gpu else None)
-    if spec.time_communication and spec.world_size > 1:
-        timer.install()
     report = rank_report(part, rank) | {"load_seconds": time.perf_counter() - started}
     reports = control.gather(report)
     control.reply(("ready", {"path": spec.path, "max_length": part.backend.max_length, "ranks": reports}))
     while (message := control.next_message())[0] == "batch":
-        _, index, items = message
+        _, index, items, timed = message
+        # Timing adds device syncs to every collective, so only the batches the driver samples pay for it.
+        timed = timed and spec.time_communication and spec.world_size > 1
+        if timed:
+            timer.install()
         began = time.perf_counter()
         status, results = "done", None
         try:
             results = compute(part.backend, items)
-        except OutOfMemory:
+        except Exception as error:
+            if not out_of_memory(error):
+                raise
+            if spec.world_size > 1:
+                # Peers may wait in a collective this rank will never join, so the group cannot
+                # agree on anything: leave at once, and the driver restarts the group.
+                print(f"out of memory in batch {index}", file=sys.stderr, flush=True)
+                os._exit(BATCH_OOM_EXIT)
             status = "oom"
             if on_gpu:
                 torch.cuda.empty_cache()
-        status = control.agree(status)
+        finally:
+            timer.uninstall()
         busy = time.perf_counter() - began
-        reports = control.gather({"busy_seconds": busy, "events": timer.take()})
+        reports = control.gather({"busy_seconds": busy, "events": timer.take(), "timed": timed})
         control.reply((status, index, results if status == "done" else None, reports))
     if group is not None:
         dist.destroy_process_group()

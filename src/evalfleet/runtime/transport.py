@@ -27,26 +27,41 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from evalfleet.runtime.group import LOAD_OOM_EXIT, GroupSpec
-from evalfleet.types import EvalfleetError
+from evalfleet.runtime.group import BATCH_OOM_EXIT, LOAD_OOM_EXIT, GroupSpec
+from evalfleet.types import EvalfleetError, ResourceError
 
 # (kind, bytes, seconds, devices): MultiGPUPerformanceMonitor.record_communication_event's shape.
 CommunicationCallback = Callable[[str, int, float, list[str]], None]
 
 @dataclass
 class CommunicationSummary:
-    """What the driver keeps of every rank's traffic, for results.json and the monitor."""
+    """What the driver keeps of every rank's traffic, for results.json and the monitor.
 
+    Only one batch in `sample_every` is timed (timing syncs the device around each collective);
+    `share` compares the timed batches' traffic with those batches' own busy time.
+    """
+
+    sample_every: int = 1
     seconds: float = 0.0
     bytes: int = 0
     calls: int = 0
     busy_seconds: float = 0.0
+    timed_busy_seconds: float = 0.0
+    batches: int = 0
+    timed_batches: int = 0
     by_kind: dict[str, list[float]] = field(default_factory=lambda: defaultdict(lambda: [0, 0, 0.0]))
 
     def add_batch(self, per_rank: list[dict[str, Any]]) -> None:
-        """`per_rank`: one {"busy_seconds", "events"} per rank of the group for one batch."""
+        """`per_rank`: one {"busy_seconds", "events", "timed"} per rank of the group for one batch."""
+        if not per_rank:
+            return
+        self.batches += 1
+        timed = any(report.get("timed") for report in per_rank)
+        self.timed_batches += timed
         for report in per_rank:
             self.busy_seconds += report["busy_seconds"]
+            if timed:
+                self.timed_busy_seconds += report["busy_seconds"]
             for event in report["events"]:
                 self.seconds += event["seconds"]
                 self.bytes += event["bytes"]
@@ -57,13 +72,16 @@ class CommunicationSummary:
                 totals[2] += event["seconds"]
 
     def as_dict(self) -> dict[str, Any]:
-        share = self.seconds / self.busy_seconds if self.busy_seconds > 0 else 0.0
+        share = self.seconds / self.timed_busy_seconds if self.timed_busy_seconds > 0 else 0.0
         return {
             "seconds": round(self.seconds, 6),
             "bytes": int(self.bytes),
             "calls": int(self.calls),
             "rank_busy_seconds": round(self.busy_seconds, 6),
             "share": round(min(share, 1.0), 6),
+            "sample_every": self.sample_every,
+            "batches": self.batches,
+            "timed_batches": self.timed_batches,
             "by_kind": {
                 kind: {"calls": int(c), "bytes": int(b), "seconds": round(s, 6)}
                 for kind, (c, b, s) in sorted(self.by_kind.items())
@@ -78,7 +96,12 @@ class ReplicaFailed(Exception):
     """A rank died or hung: the replica is lost and must be restarted."""
 
 
-class LoadOutOfMemory(EvalfleetError):
+class BatchOutOfMemory(ReplicaFailed):
+    """A rank of a multi-rank group ran out of memory mid-batch and left; its peers are being
+    stopped, and the replica must restart before a smaller batch is tried."""
+
+
+class LoadOutOfMemory(ResourceError):
     """The model did not fit the devices of a replica; a larger layout may fit."""
 
 
@@ -202,10 +225,13 @@ class WorkerGroup:
                     return self._conn.recv()
             except (OSError, EOFError):
                 time.sleep(0.05)  # rank 0 is gone or going: the exit code below says how
-            for rank, process in enumerate(self.processes):
-                code = process.poll()
-                if code is not None:
-                    self._fail_on_exit(rank, code, doing)
+            codes = {rank: process.poll() for rank, process in enumerate(self.processes)}
+            exited = {rank: code for rank, code in codes.items() if code is not None}
+            if exited:
+                # The first rank to fail takes its peers down with it: report the cause, not the echo.
+                causes = [rank for rank, code in exited.items() if code in (LOAD_OOM_EXIT, BATCH_OOM_EXIT)]
+                rank = causes[0] if causes else min(exited)
+                self._fail_on_exit(rank, exited[rank], doing)
             if time.monotonic() > deadline:
                 raise ReplicaFailed(f"{self.name}: no answer within {timeout:g} s while {doing}")
 
@@ -213,6 +239,8 @@ class WorkerGroup:
         detail = _last_line(self._log_dir / f"rank{rank}.log") if self._log_dir else ""
         if code == LOAD_OOM_EXIT:
             raise LoadOutOfMemory(f"{self.name} ran out of memory loading the model on {self.devices[rank]}")
+        if code == BATCH_OOM_EXIT:
+            raise BatchOutOfMemory(f"rank {rank} of {self.name} ran out of memory while {doing}")
         if doing == "loading the model" and code > 0:
             raise EvalfleetError(f"rank {rank} of {self.name} failed while loading the model: {detail}")
         reason = f"signal {-code}" if code < 0 else f"exit code {code}"
