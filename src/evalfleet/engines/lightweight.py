@@ -85,6 +85,7 @@ class LightweightEvaluationEngine(EvaluationEngine):
             device=device,
             model_gb=round(backend.parameter_bytes() / 2**30, 6),
             progress=self.progress,
+            monitor=self.monitor,
         )
 
     async def evaluate(self, request: EvaluationRequest) -> EvaluationResult:

@@ -244,6 +244,7 @@ class DistributedEvaluationEngine(EvaluationEngine):
                 device=resolve_device(request.model.device),
                 model_gb=round(sum(info.parameter_bytes_per_rank) / 2**30, 6),
                 progress=self.progress,
+                monitor=self.monitor,
                 extra={
                     "distributed": {
                         "reason": layout.reason,
