@@ -1,7 +1,8 @@
 """The `evalfleet` command. Each command is a thin shell over the layer that does the work.
 
 User mistakes raise `EvalfleetError`; `main` turns them into one sentence on stderr and
-the error's exit code, never a traceback.
+the error's exit code, never a traceback; so is a package that is not installed (with the
+extra that installs it).
 """
 
 from __future__ import annotations
@@ -305,12 +306,28 @@ def worker(
     typer.echo(f"job {job} finished -> {result.output_path}", err=True)
 
 
+# Optional packages and the extra that installs each; anything else is a broken installation.
+EXTRAS = {"vllm": "vllm", "ray": "ray", "fastapi": "service", "uvicorn": "service"}
+
+
+def missing_package(error: ModuleNotFoundError) -> str:
+    """One sentence for a package that is not installed: which extra brings it, or how to repair."""
+    package = (error.name or "").split(".")[0] or "a required package"
+    extra = EXTRAS.get(package)
+    if extra is not None:
+        return f"this needs the optional package '{package}'; install it with: pip install 'evalfleet[{extra}]'"
+    return f"the package '{package}' is missing from this installation; reinstall evalfleet (pip install evalfleet)"
+
+
 def main() -> None:
     try:
         app()
     except EvalfleetError as error:
         typer.echo(f"error: {error}", err=True)
         sys.exit(error.exit_code)
+    except ModuleNotFoundError as error:
+        typer.echo(f"error: {missing_package(error)}", err=True)
+        sys.exit(1)
     except KeyboardInterrupt:
         typer.echo("interrupted", err=True)
         sys.exit(130)
