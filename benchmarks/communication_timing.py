@@ -4,11 +4,12 @@ every batch, on one batch in 20 (the default), and off, side by side in one run.
 The timer wraps torch.distributed's collectives and (on CUDA) syncs the device around each
 one; sampling one batch in N leaves the other batches unwrapped. The overhead is each
 setting's seconds per batch against timing off, as a ratio; the target is <= 2% for the
-default. Settings alternate within each round and the best round counts (shared machines).
+default. Settings alternate within each round, and each setting's median round counts
+(shared machines: a round that another process slowed down does not decide).
 On the CPU there is no device sync to pay for, so these figures are a floor; on GPUs the
 always-on cost is larger and the sampled one stays near 1/N of it.
 
-    python benchmarks/communication_timing.py [--rounds 3] [--batches 40]
+    python benchmarks/communication_timing.py [--rounds 7] [--batches 12]
 
 Writes benchmarks/results/communication_timing.json.
 """
@@ -19,6 +20,7 @@ import argparse
 import json
 import os
 import random
+import statistics
 import sys
 import tempfile
 import time
@@ -51,8 +53,8 @@ def time_batches(runner: WorkerGroupRunner, batches: list) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--batches", type=int, default=40)
+    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--batches", type=int, default=12)
     args = parser.parse_args()
     import torch
 
@@ -81,7 +83,7 @@ def main() -> None:
         finally:
             for runner in runners.values():
                 runner.close()
-    best = {name: min(values) for name, values in rounds.items()}
+    best = {name: statistics.median(values) for name, values in rounds.items()}
     off = best["off"]
     overhead = {name: round(seconds / off - 1, 4) for name, seconds in best.items() if name != "off"}
     default = f"1 in {COMMUNICATION_SAMPLE_EVERY} (default)"
