@@ -1,7 +1,8 @@
 """The `evalfleet` command. Each command is a thin shell over the layer that does the work.
 
 User mistakes raise `EvalfleetError`; `main` turns them into one sentence on stderr and
-the error's exit code, never a traceback.
+the error's exit code, never a traceback; so is a package that is not installed (with the
+extra that installs it).
 """
 
 from __future__ import annotations
@@ -293,6 +294,39 @@ def compare(
     compare_command(a, b, db=db, as_json=as_json)
 
 
+@app.command()
+def pool(
+    as_json: bool = typer.Option(False, "--json", help="One JSON document: nodes, GPUs, the job holding each, quarantines with their evidence."),
+    db: str | None = typer.Option(None, "--db", help=_DB_HELP),
+) -> None:
+    """Show the scheduler's pool: every GPU, the job holding it, and quarantined GPUs with the evidence."""
+    from rich.console import Console
+
+    from evalfleet.orchestrator.pool_status import pool_status, pool_table
+    from evalfleet.orchestrator.store import JobStore, resolve_db_path
+
+    with JobStore(resolve_db_path(db)) as store:
+        status = pool_status(store)
+    if as_json:
+        typer.echo(status.model_dump_json(indent=2))
+    else:
+        Console().print(pool_table(status))
+
+
+@app.command()
+def release(
+    device: str = typer.Argument(..., help="The quarantined GPU: NODE:GPU, or GPU for node 0."),
+    db: str | None = typer.Option(None, "--db", help=_DB_HELP),
+) -> None:
+    """Return a quarantined GPU to the pool once it has been checked."""
+    from evalfleet.orchestrator.pool_status import release_device
+    from evalfleet.orchestrator.store import JobStore, resolve_db_path
+
+    with JobStore(resolve_db_path(db)) as store:
+        node, gpu = release_device(store, device)
+    typer.echo(f"GPU {gpu} of node {node} is back in the pool", err=True)
+
+
 @app.command(hidden=True)
 def worker(
     job: str = typer.Option(..., "--job", help="The job id."),
@@ -307,12 +341,28 @@ def worker(
     typer.echo(f"job {job} finished -> {result.output_path}", err=True)
 
 
+# Optional packages and the extra that installs each; anything else is a broken installation.
+EXTRAS = {"vllm": "vllm", "ray": "ray", "fastapi": "service", "uvicorn": "service"}
+
+
+def missing_package(error: ModuleNotFoundError) -> str:
+    """One sentence for a package that is not installed: which extra brings it, or how to repair."""
+    package = (error.name or "").split(".")[0] or "a required package"
+    extra = EXTRAS.get(package)
+    if extra is not None:
+        return f"this needs the optional package '{package}'; install it with: pip install 'evalfleet[{extra}]'"
+    return f"the package '{package}' is missing from this installation; reinstall evalfleet (pip install evalfleet)"
+
+
 def main() -> None:
     try:
         app()
     except EvalfleetError as error:
         typer.echo(f"error: {error}", err=True)
         sys.exit(error.exit_code)
+    except ModuleNotFoundError as error:
+        typer.echo(f"error: {missing_package(error)}", err=True)
+        sys.exit(1)
     except KeyboardInterrupt:
         typer.echo("interrupted", err=True)
         sys.exit(130)

@@ -22,6 +22,8 @@ from evalfleet.runtime.cache import RequestCache, model_identity
 from evalfleet.runtime.lm import EvalfleetLM, ProgressCallback
 from evalfleet.runtime.runner import BatchRunner
 from evalfleet.tasks import build_task_manager
+from evalfleet.tasks.noise import silence_third_party_noise
+from evalfleet.tasks.reachability import unreachable_dataset
 from evalfleet.types import EvalfleetError, EvaluationRequest, EvaluationResult, resolve_model_path
 
 # lm-eval's default of 100,000 bootstrap resamples costs tens of seconds per perplexity metric;
@@ -57,20 +59,27 @@ def run_evaluation(
     model_gb: float | None = None,
     progress: ProgressCallback | None = None,
     extra: dict[str, Any] | None = None,
+    monitor: Any = None,
 ) -> EvaluationResult:
     output_dir = check_output_dir(request.output_dir)
     manager = build_task_manager(request.tasks.names, request.tasks.include_path)
     model_path = resolve_model_path(request.model.path)
+    token_budget = request.max_batch_tokens or default_token_budget(device)
+    if monitor is not None:  # its suggestions then name this run's settings, and it watches only these devices
+        layout = runner.describe()
+        monitor.set_layout(tp=layout.get("tp"), pp=layout.get("pp"), dp=layout.get("dp"),
+                           max_batch_tokens=token_budget, devices=layout.get("devices"))
     cache = RequestCache(request.cache_path) if request.use_cache else None
     lm = EvalfleetLM(
         runner,
         tokenizer,
         model_identity(model_path, request.model.revision, dtype),
         cache=cache,
-        token_budget=request.max_batch_tokens or default_token_budget(device),
+        token_budget=token_budget,
         batch_size=request.batch_size if isinstance(request.batch_size, int) else None,
         progress=progress,
     )
+    silence_third_party_noise()
     started = time.perf_counter()
     try:
         output = simple_evaluate(
@@ -86,6 +95,11 @@ def run_evaluation(
             torch_random_seed=request.seed,
             fewshot_random_seed=request.seed,
         )
+    except Exception as error:
+        offline = unreachable_dataset(error, list(request.tasks.names))
+        if offline is None:
+            raise
+        raise offline from None
     finally:
         if cache is not None:
             cache.close()

@@ -10,7 +10,7 @@ from typing import Any
 
 from evalfleet.engines.base import EngineCapabilities, EvaluationEngine
 from evalfleet.engines.evaluation import load_dtype_and_device, run_evaluation
-from evalfleet.engines.router import device_memory_gb, estimate_model_size
+from evalfleet.engines.capacity import device_memory_gb, estimate_model_size
 from evalfleet.runtime.backends.hf import HFBackend
 from evalfleet.runtime.lm import ProgressCallback
 from evalfleet.runtime.runner import InProcessRunner
@@ -85,6 +85,7 @@ class LightweightEvaluationEngine(EvaluationEngine):
             device=device,
             model_gb=round(backend.parameter_bytes() / 2**30, 6),
             progress=self.progress,
+            monitor=self.monitor,
         )
 
     async def evaluate(self, request: EvaluationRequest) -> EvaluationResult:
