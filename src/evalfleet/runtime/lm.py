@@ -157,11 +157,11 @@ class EvalfleetLM(TemplateLM):
     def _execute(self, phase: str, items: list[Item]) -> list[Any]:
         """Results for `items` in order: from the cache where present, else computed and committed."""
         unique = list(dict.fromkeys(items))
-        keys = [request_key(self.identity, item) for item in unique]
+        keys = [request_key(self.identity, item) for item in unique] if self.cache is not None else []
         known = self.cache.get_many(keys) if self.cache is not None else {}
-        results: dict[Item, Any] = {item: known[key] for item, key in zip(unique, keys, strict=True) if key in known}
+        results: dict[Item, Any] = {item: known[key] for item, key in zip(unique, keys) if key in known}
         todo = [item for item in unique if item not in results]
-        todo_keys = {item: key for item, key in zip(unique, keys, strict=True) if item not in results}
+        todo_keys = {item: key for item, key in zip(unique, keys) if item not in results}
         self.stats.items += len(unique)
         self.stats.cached += len(results)
         done = len(results)
