@@ -44,7 +44,18 @@ def _run(engine, model, folder, out):
         "model": {"path": str(model), "dtype": "float32", "device": "cpu"},
         "tasks": {"names": ["plus_one"], "include_path": str(folder)}, "output_dir": str(out), "use_cache": False,
     })
-    return engine.evaluate_sync(request).results["results"]["plus_one"]
+    result = engine.evaluate_sync(request)
+    _check_split(result.evalfleet["timing"])
+    return result.results["results"]["plus_one"]
+
+
+def _check_split(timing: dict) -> None:
+    """results.json splits the wall time: every part is there, none negative, and they add up."""
+    split = timing["split"]
+    assert set(split) == {"startup_seconds", "requests_seconds", "compute_seconds", "scoring_seconds", "writing_seconds"}
+    assert min(split.values()) >= 0 and split["compute_seconds"] > 0 and split["writing_seconds"] > 0
+    inside = split["requests_seconds"] + split["compute_seconds"] + split["scoring_seconds"]
+    assert abs(inside - timing["wall_seconds"]) <= 0.01 + 0.01 * timing["wall_seconds"]
 
 
 def test_built_requests_are_reused_until_the_task_changes(tiny_model, task_folder, built, tmp_path, isolated_cache):

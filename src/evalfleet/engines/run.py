@@ -11,6 +11,7 @@ from pathlib import Path
 
 import psutil
 
+from evalfleet.engines.environment import start_gathering
 from evalfleet.engines.evaluation import check_output_dir, load_dtype_and_device, note_request_start, write_outputs
 from evalfleet.engines.router import estimate_model_size, select_engine
 from evalfleet.runtime.backends.hf import check_model_folder
@@ -46,6 +47,7 @@ def evaluate_request(
     note_request_start(_start_of(_first_request))
     _first_request = False
     check_request(request)
+    start_gathering()  # lm-eval's environment report, while the model loads
     engine = select_engine(request)
     if not engine.can_handle_request(request):
         size = estimate_model_size(request.model)
