@@ -327,7 +327,8 @@ class HFBackend(Backend):
                 ids[row, span] = torch.tensor(continuation)
                 positions[row, span] = torch.arange(offset + len(context), offset + len(context) + len(continuation))
                 segment[row, span] = number
-                predictors[index] = (row, [end_of_context - 1 - window] + list(range(cursor - window, cursor + len(continuation) - 1 - window)))
+                predicting = [end_of_context - 1 - window, *range(cursor - window, cursor + len(continuation) - 1 - window)]
+                predictors[index] = (row, predicting[: len(continuation)])
                 cursor += len(continuation)
         past = self._prefix_cache(items[0].context[:prefix], len(packed)) if prefix else None
         mask = self._packed_mask(segment, prefix)
