@@ -14,6 +14,7 @@ from evalfleet.engines.capacity import device_memory_gb, estimate_model_size
 from evalfleet.runtime.backends.hf import HFBackend
 from evalfleet.runtime.lm import ProgressCallback
 from evalfleet.runtime.runner import InProcessRunner
+from evalfleet.runtime.threads import set_torch_threads
 from evalfleet.types import DistributionStrategy, EvaluationRequest, EvaluationResult, resolve_model_path
 
 
@@ -61,6 +62,8 @@ class LightweightEvaluationEngine(EvaluationEngine):
         if self._loaded is not None and self._loaded[0] == key:
             return self._loaded[1]
         self.optimize_memory()
+        if device == "cpu":
+            set_torch_threads()
         backend = HFBackend.load(
             key[0],
             dtype=dtype,

@@ -66,6 +66,11 @@ class BatchRunner(ABC):
         """Whether the backend packs items with a common context into one row (see batching)."""
         return False
 
+    @property
+    def reuses_prefixes(self) -> bool:
+        """Whether the backend computes a prefix shared by a batch's contexts once (see batching)."""
+        return False
+
     def describe(self) -> dict[str, Any]:
         """The layout and devices used, for results.json."""
         return {}
@@ -90,6 +95,10 @@ class InProcessRunner(BatchRunner):
     @property
     def shares_prefixes(self) -> bool:
         return bool(getattr(self.backend, "share_prefixes", False))
+
+    @property
+    def reuses_prefixes(self) -> bool:
+        return bool(getattr(self.backend, "reuse_prefixes", False))
 
     def run(self, batches: Sequence[Sequence[Item]], on_batch_done: BatchCallback) -> None:
         """Each batch in pieces that fit the token budget; out of memory halves the budget for
