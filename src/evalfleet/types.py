@@ -165,3 +165,9 @@ class UsageError(EvalfleetError):
     """Bad arguments or bad input files: exit code 2."""
 
     exit_code = 2
+
+
+class NodeLost(EvalfleetError):
+    """A machine (or a rank's process on it) went away mid-job: nobody's mistake, so retried at once."""
+
+    exit_code = 75  # EX_TEMPFAIL

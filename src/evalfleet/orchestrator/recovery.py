@@ -51,12 +51,14 @@ def recover(
     *,
     blame_devices: bool = True,
     retry: bool = True,
+    backoff: bool = True,
 ) -> RecoveryDecision:
     """Record a failed attempt of `job_id`; requeue it with backoff or fail it for good.
 
     `blame_devices=False` is for failures that say nothing about the hardware (the
     scheduler itself died), so they never count towards quarantine; `retry=False` for
-    failures no retry can fix (the request itself is wrong).
+    failures no retry can fix (the request itself is wrong); `backoff=False` retries at once
+    (a lost node: the job was not at fault and the other nodes are ready).
     """
     record = store.get(job_id)
     if record.state not in _RECOVERABLE:
@@ -78,7 +80,7 @@ def recover(
                 quarantined.append(device)
     common = {"attempts": failures, "error": reason, "pid": None, "handle": None, "placement": None}
     if retry and failures < options.max_attempts:
-        delay = backoff_seconds(failures, options)
+        delay = backoff_seconds(failures, options) if backoff else 0.0
         store.transition(
             job_id, JobState.QUEUED, now=now, not_before=now + delay,
             reason=f"attempt {failures} of {options.max_attempts} failed ({reason}); retry in {delay:.0f}s",

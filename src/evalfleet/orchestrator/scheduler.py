@@ -25,6 +25,7 @@ from pydantic import ValidationError
 
 from evalfleet.orchestrator.demand import Device, JobDemand
 from evalfleet.orchestrator.executors.base import Executor, Exited, Handle
+from evalfleet.orchestrator.pool import record_pool
 from evalfleet.orchestrator.policy import (
     AllocationPlan,
     PolicyOptions,
@@ -38,7 +39,7 @@ from evalfleet.orchestrator.sizing import size_request
 from evalfleet.orchestrator.states import JobState
 from evalfleet.orchestrator.store import JobRecord, JobStore
 from evalfleet.planning import Inventory
-from evalfleet.types import EvalfleetError, EvaluationRequest, UsageError, describe_validation_error
+from evalfleet.types import EvalfleetError, EvaluationRequest, NodeLost, UsageError, describe_validation_error
 
 _ACTIVE = (JobState.PLACED, JobState.RUNNING)
 SELF_REPORTING_HEARTBEAT_TIMEOUT_S = 120.0
@@ -170,14 +171,14 @@ class DistributedEvaluationOrchestrator:
     # faults ---------------------------------------------------------------------------------
 
     def handle_fault_recovery(self, job_id: str, reason: str, *, blame_devices: bool = True,
-                              retry: bool = True) -> RecoveryDecision:
+                              retry: bool = True, backoff: bool = True) -> RecoveryDecision:
         """Requeue a failed job with exponential backoff, or fail it once its attempts are spent.
 
         GPUs on which several jobs failed are quarantined; the history is in the store's events.
         """
         self._stop(job_id)
         return recover(self.store, job_id, reason, self.clock(), self.recovery, blame_devices=blame_devices,
-                       retry=retry)
+                       retry=retry, backoff=backoff)
 
     def reconcile(self) -> list[str]:
         """After a restart: adopt live jobs of this host, requeue those whose process is gone."""
@@ -205,6 +206,7 @@ class DistributedEvaluationOrchestrator:
         """One round: collect exits, stop what was cancelled, then start what the policy says."""
         if self.executor is None:
             raise EvalfleetError("the orchestrator has no executor, so it can plan but not run jobs")
+        self._follow_pool()
         self._poll()
         plan = self.create_allocation_plan()
         for job_id in plan.preempt:
@@ -220,6 +222,13 @@ class DistributedEvaluationOrchestrator:
             await self.run_once()
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(stop.wait(), timeout=interval_s)
+
+    def _follow_pool(self) -> None:
+        """Take the executor's pool as it is now (nodes lost or joined), and tell `submit` of it."""
+        pool = self.executor.current_pool()
+        if pool is not None and pool != self.inventory:
+            self.inventory = pool
+            record_pool(self.store, pool, max_attempts=self.recovery.max_attempts)
 
     def _poll(self) -> None:
         now = self.clock()
@@ -261,9 +270,12 @@ class DistributedEvaluationOrchestrator:
             reason = describe_exit(code)
             if record.error:  # the worker's own account of this attempt (cleared at each launch)
                 reason += f": {record.error}"
-        # A self-reporting worker exits with UsageError's code only when the request itself is wrong.
+        # A self-reporting worker exits with UsageError's code only when the request itself is wrong,
+        # and with NodeLost's when a machine went away: then it resumes elsewhere at once.
         wrong_request = self.executor.self_reporting and code == UsageError.exit_code
-        self.handle_fault_recovery(job_id, reason, blame_devices=not wrong_request, retry=not wrong_request)
+        lost_node = self.executor.self_reporting and code == NodeLost.exit_code
+        self.handle_fault_recovery(job_id, reason, blame_devices=not (wrong_request or lost_node),
+                                   retry=not wrong_request, backoff=not lost_node)
 
     def shutdown(self, wait_s: float = 30.0) -> list[str]:
         """Stop every process this scheduler runs and requeue their jobs, without counting an attempt.

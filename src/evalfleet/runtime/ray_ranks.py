@@ -1,0 +1,265 @@
+"""Worker groups as Ray actors: one actor per rank, on whichever nodes of a Ray cluster hold them.
+
+Each job gets one placement group with one bundle (`{"GPU": 1}`) per rank; a bundle may be
+pinned to a node (`ray.io/node-id` label), which is how the scheduler's placement (a tp group
+inside one node, stages and replicas anywhere) reaches Ray. The ranks of a replica join
+torch.distributed through a TCP store hosted by rank 0 at its node's address, then load their
+part with the same rank-side code as local workers (`parallel.load_part`) and compute each batch
+with `parallel.compute_with_faults`. Every rank of a replica gets the same batch, so no control
+group is needed; rank 0's answer is the replica's.
+
+A node that declares GPUs but has no CUDA runs its ranks on the CPU, one thread per declared
+GPU, so the whole path runs on a CPU-only test cluster.
+
+Results come back to the driver through Ray, never through a shared filesystem. A rank that
+dies (its node lost, its process killed) fails the run with `NodeLost`; the scheduler then
+requeues the job and it resumes from the request cache on the nodes that remain.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import os
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from evalfleet.planning.strategy import ParallelLayout
+from evalfleet.runtime.backends.base import Item
+from evalfleet.runtime.parallel import GroupSpec, check_layout
+from evalfleet.runtime.runner import BatchCallback, BatchRunner
+from evalfleet.types import EvalfleetError, NodeLost
+
+NODE_LABEL = "ray.io/node-id"
+# Test-only: `EVALFLEET_TEST_FAULT=slow_batch:SECONDS` makes every rank sleep that long per batch,
+# so a test can remove a node while a job is surely mid-way.
+SLOW_BATCH_FAULT = "slow_batch:"
+
+
+class RankActor:
+    """One rank of one replica. Wrapped by `ray.remote` when a runner starts (Ray stays optional)."""
+
+    def __init__(self, spec_json: str, rank: int, fault: str = "") -> None:
+        import torch
+
+        if fault:
+            os.environ["EVALFLEET_TEST_FAULT"] = fault
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.spec = dataclasses.replace(GroupSpec.from_json(spec_json), device=device)
+        self.rank = rank
+        self.part: Any = None
+        self.store: Any = None
+        torch.set_num_threads(self.spec.threads)
+
+    def where(self) -> dict[str, Any]:
+        import ray
+
+        context = ray.get_runtime_context()
+        return {"rank": self.rank, "node_id": context.get_node_id(), "address": ray.util.get_node_ip_address(),
+                "pid": os.getpid(), "device": self.spec.device}
+
+    def host_store(self) -> int:
+        """Rank 0 hosts the replica's rendezvous; the port is the kernel's choice, never a guess."""
+        import torch.distributed as dist
+
+        from evalfleet.runtime.parallel import COLLECTIVE_TIMEOUT
+
+        self.store = dist.TCPStore(self.where()["address"], 0, is_master=True, wait_for_workers=False,
+                                   timeout=COLLECTIVE_TIMEOUT)
+        return int(self.store.port)
+
+    def load(self, address: str, port: int) -> dict[str, Any]:
+        import torch
+        import torch.distributed as dist
+
+        from evalfleet.runtime.parallel import COLLECTIVE_TIMEOUT, inject_test_fault, load_part, rank_report
+
+        started = time.perf_counter()
+        if self.spec.world_size > 1:
+            on_gpu = self.spec.device == "cuda"
+            if on_gpu:
+                torch.cuda.set_device(0)
+            store = self.store or dist.TCPStore(address, port, is_master=False, timeout=COLLECTIVE_TIMEOUT)
+            dist.init_process_group("nccl" if on_gpu else "gloo", store=store, rank=self.rank,
+                                    world_size=self.spec.world_size, timeout=COLLECTIVE_TIMEOUT)
+        self.part = load_part(self.spec)
+        inject_test_fault(self.part, self.spec)
+        report = rank_report(self.part, self.rank)
+        return report | {"load_seconds": time.perf_counter() - started, "max_length": self.part.backend.max_length,
+                         **self.where()}
+
+    def compute(self, items: list[Item]) -> list[Any]:
+        from evalfleet.runtime.parallel import active_test_fault, compute_with_faults
+
+        fault = active_test_fault()
+        if fault.startswith(SLOW_BATCH_FAULT):
+            time.sleep(float(fault[len(SLOW_BATCH_FAULT):]))
+        return compute_with_faults(self.part.backend, items)
+
+
+@dataclasses.dataclass
+class _Replica:
+    index: int
+    actors: list[Any]
+    ranks: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+
+
+def connect(address: str) -> None:
+    """Join the Ray cluster at `address` (`auto` finds a local head) as a driver, once per process."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    try:
+        ray.init(address=address, logging_level="ERROR", log_to_driver=False)
+    except (ConnectionError, ValueError, RuntimeError) as error:
+        raise EvalfleetError(f"cannot reach the Ray cluster at '{address}': {str(error).splitlines()[0]}") from None
+
+
+class RayGroupRunner(BatchRunner):
+    """Batches computed by `dp` replicas of `tp * pp` Ray actors each.
+
+    `nodes` gives the Ray node id for each rank (dp-major, then stage, then tp rank), or None
+    to let Ray choose. Replicas take batches from one queue as they finish the last one.
+    """
+
+    def __init__(self, spec: GroupSpec, dp: int, nodes: Sequence[str | None] | None = None, *,
+                 load_timeout: float = 1800.0) -> None:
+        self.spec = spec
+        self.dp = dp
+        self.nodes = list(nodes) if nodes is not None else [None] * (dp * spec.world_size)
+        if len(self.nodes) != dp * spec.world_size:
+            raise EvalfleetError(f"{len(self.nodes)} nodes given for {dp * spec.world_size} ranks")
+        self.load_timeout = load_timeout
+        self.replicas: list[_Replica] = []
+        self.group: Any = None
+        self.load_seconds = 0.0
+
+    def start(self) -> RayGroupRunner:
+        import ray
+        from ray.util.placement_group import placement_group
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        check_layout(self.spec)
+        began = time.perf_counter()
+        bundles = [{"GPU": 1.0} for _ in self.nodes]
+        selectors = [{NODE_LABEL: node} if node else {} for node in self.nodes]
+        self.group = placement_group(bundles, strategy="PACK", bundle_label_selector=selectors)
+        ready, _ = ray.wait([self.group.ready()], timeout=self.load_timeout)
+        if not ready:
+            self.close()
+            raise NodeLost(f"the Ray cluster could not reserve {len(bundles)} GPU(s) for this job in "
+                           f"{self.load_timeout:.0f}s (a node it was placed on may be gone)")
+        remote = ray.remote(RankActor)
+        fault = os.environ.get("EVALFLEET_TEST_FAULT", "")
+        world = self.spec.world_size
+        for r in range(self.dp):
+            actors = [
+                remote.options(num_cpus=0, num_gpus=1, max_restarts=0, scheduling_strategy=
+                               PlacementGroupSchedulingStrategy(self.group, placement_group_bundle_index=r * world + k))
+                .remote(self.spec.to_json(), k, fault)
+                for k in range(world)
+            ]
+            self.replicas.append(_Replica(r, actors))
+        try:
+            loads = []
+            for replica in self.replicas:
+                head = replica.actors[0]
+                address = ray.get(head.where.remote())["address"]
+                port = ray.get(head.host_store.remote()) if world > 1 else 0
+                loads.append([actor.load.remote(address, port) for actor in replica.actors])
+            for replica, refs in zip(self.replicas, loads):
+                replica.ranks = ray.get(refs, timeout=self.load_timeout)
+        except ray.exceptions.RayActorError as error:
+            self.close()
+            raise NodeLost(f"a rank died while loading the model: {_first_line(error)}") from None
+        except ray.exceptions.RayTaskError as error:
+            self.close()
+            raise EvalfleetError(f"a rank failed to load the model: {_first_line(error)}") from None
+        self.load_seconds = time.perf_counter() - began
+        return self
+
+    @property
+    def max_length(self) -> int:
+        return int(self.replicas[0].ranks[0]["max_length"])
+
+    @property
+    def shares_prefixes(self) -> bool:
+        return self.spec.share_prefixes
+
+    def rank_nodes(self) -> list[list[dict[str, Any]]]:
+        """Per replica, where each rank runs: node id, address, pid, device."""
+        keys = ("rank", "node_id", "address", "pid", "device")
+        return [[{key: rank[key] for key in keys} for rank in replica.ranks] for replica in self.replicas]
+
+    def run(self, batches: Sequence[Sequence[Item]], on_batch_done: BatchCallback) -> None:
+        import ray
+
+        todo = collections.deque(range(len(batches)))
+        idle = collections.deque(self.replicas)
+        owner: dict[Any, tuple[_Replica, int, list[Any]]] = {}  # every unfinished ref -> its batch
+        while todo or owner:
+            while todo and idle:
+                replica, index = idle.popleft(), todo.popleft()
+                refs = [actor.compute.remote(list(batches[index])) for actor in replica.actors]
+                owner.update({ref: (replica, index, refs) for ref in refs})
+            finished, _ = ray.wait(list(owner), num_returns=1)
+            replica, index, refs = owner.pop(finished[0])
+            self._get(finished[0], replica)  # a dead rank fails here, before its peers time out
+            if any(ref in owner for ref in refs):
+                continue
+            results = self._get(refs[0], replica)
+            on_batch_done(index, results)
+            idle.append(replica)
+
+    def _get(self, ref: Any, replica: _Replica) -> Any:
+        import ray
+
+        try:
+            return ray.get(ref)
+        except (ray.exceptions.RayActorError, ray.exceptions.NodeDiedError, ray.exceptions.WorkerCrashedError,
+                ray.exceptions.ObjectLostError) as error:
+            nodes = sorted({rank["node_id"] for rank in replica.ranks})
+            raise NodeLost(f"replica {replica.index} lost a rank on node {' or '.join(n[:12] for n in nodes)}: "
+                           f"{type(error).__name__}") from None
+        except ray.exceptions.RayTaskError as error:
+            raise EvalfleetError(f"replica {replica.index} failed: {_first_line(error)}") from None
+
+    def describe(self) -> dict[str, Any]:
+        tp, pp = self.spec.tp, self.spec.pp
+        ranks = self.replicas[0].ranks if self.replicas else []
+        return {
+            "strategy": ParallelLayout(tp, pp, self.dp).strategy.value,
+            "tp": tp,
+            "pp": pp,
+            "dp": self.dp,
+            "devices": [rank["device"] for replica in self.replicas for rank in replica.ranks],
+            "placement": [[rank["node_id"] for rank in replica.ranks] for replica in self.replicas],
+            "backend": "hf",
+            "dtype": self.spec.dtype,
+            "parallel_path": self.spec.path,
+            "threads_per_rank": self.spec.threads,
+            "load_seconds": round(self.load_seconds, 3),
+            "parameters_per_rank": [rank["parameters"] for rank in ranks],
+            "parameter_bytes_per_rank": [rank["parameter_bytes"] for rank in ranks],
+            "ray": {"ranks": self.rank_nodes()},
+        }
+
+    def close(self, grace: float = 0.0) -> None:
+        """Kill every rank and free the placement group. Safe to call twice."""
+        import ray
+        from ray.util.placement_group import remove_placement_group
+
+        for replica in self.replicas:
+            for actor in replica.actors:
+                ray.kill(actor)
+        self.replicas = []
+        if self.group is not None:
+            remove_placement_group(self.group)
+            self.group = None
+
+
+def _first_line(error: BaseException) -> str:
+    lines = [line for line in str(error).splitlines() if line.strip()]
+    return lines[-1].strip() if lines else type(error).__name__
