@@ -11,7 +11,7 @@ ways:
 Reported per N: GPU-hours of finished work lost, GPU-hours of repeated start-up, makespan over
 the failure-free lower bound, and makespan against the same trace without failures.
 
-    python benchmarks/node_failures.py [--jobs 500] [--seed 0] [--every 1,4,12]
+    python benchmarks/node_failures.py [--jobs 500] [--seed 0] [--every 1,2,4]
 
 Writes benchmarks/results/node_failures.json.
 """
@@ -69,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--jobs", type=int, default=500)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--every", default="1,4,12", help="hours between node losses, comma-separated")
+    parser.add_argument("--every", default="1,2,4", help="hours between node losses, comma-separated")
     parser.add_argument("--repair", type=float, default=1.0, help="hours until a lost node is back")
     parser.add_argument("--output", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
