@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from evalfleet.engines.ray_engine import ray_layout, spread_over_nodes
@@ -77,3 +79,34 @@ def _policy():
     from evalfleet.orchestrator.policy import PolicyOptions, create_allocation_plan
 
     return functools.partial(create_allocation_plan, options=PolicyOptions())
+
+
+def test_ray_flags_refuse_a_second_pool_and_pool_json_reads_the_store(capsys, monkeypatch, tmp_path):
+    from clitools import run_main
+
+    code, out, err = run_main(["scheduler", "--ray", "auto", "--slots", "2"], capsys, monkeypatch)
+    assert code == 2 and out == "" and err == "error: with --ray the Ray cluster is the pool; drop --gpus and --slots\n"
+
+    from evalfleet.orchestrator.pool import record_pool
+
+    inventory, _ = inventory_from_ray([_node("a", 2), _node("b", 1)])
+    with JobStore(tmp_path / "jobs.sqlite") as store:
+        record_pool(store, inventory, max_attempts=3)
+        job = store.add({"model": {"path": "demo"}, "tasks": {"names": ["demo_mc"]}}, priority="normal", max_attempts=3, now=0.0)
+        store.transition(job, JobState.PLACED, placement=[[1, 0]], now=1.0)
+        store.quarantine((0, 1), "three jobs failed on it")
+        from evalfleet.orchestrator.pool_report import record_ranks
+
+        record_ranks(store, job, [[{"rank": 0, "node_id": "b" * 56, "address": "10.0.0.2", "pid": 7,
+                                    "device": "cpu"}]])
+    code, out, err = run_main(["pool", "--json"], capsys, monkeypatch)
+    assert code == 0, err
+    document = json.loads(out)
+    assert [(n["name"], len(n["gpus"])) for n in document["nodes"]] == [("a", 2), ("b", 1)]
+    assert document["nodes"][1]["gpus"][0]["job"] == job
+    assert document["quarantined"] == [{"node": 0, "gpu": 1, "reason": "three jobs failed on it"}]
+    assert document["jobs"][0]["ranks"][0][0]["address"] == "10.0.0.2"
+    code, out, _ = run_main(["pool"], capsys, monkeypatch)
+    assert code == 0 and "rank 0 on node bbbbbbbb (10.0.0.2)" in out
+    code, out, _ = run_main(["status", job], capsys, monkeypatch)
+    assert code == 0 and "rank 0 on node bbbbbbbb" in out
