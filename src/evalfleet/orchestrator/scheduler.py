@@ -25,7 +25,6 @@ from pydantic import ValidationError
 
 from evalfleet.orchestrator.demand import Device, JobDemand
 from evalfleet.orchestrator.executors.base import Executor, Exited, Handle
-from evalfleet.orchestrator.pool import record_pool
 from evalfleet.orchestrator.policy import (
     AllocationPlan,
     PolicyOptions,
@@ -34,6 +33,7 @@ from evalfleet.orchestrator.policy import (
     Start,
     create_allocation_plan,
 )
+from evalfleet.orchestrator.pool import record_pool
 from evalfleet.orchestrator.recovery import RecoveryDecision, RecoveryOptions, recover
 from evalfleet.orchestrator.sizing import size_request
 from evalfleet.orchestrator.states import JobState
