@@ -224,7 +224,19 @@ class RayGroupRunner(BatchRunner):
             raise NodeLost(f"replica {replica.index} lost a rank on node {' or '.join(n[:12] for n in nodes)}: "
                            f"{type(error).__name__}") from None
         except ray.exceptions.RayTaskError as error:
+            if self._peer_lost(replica):  # a collective failed because a peer's process died with its node
+                raise NodeLost(f"replica {replica.index} lost a rank: {_first_line(error)}") from None
             raise EvalfleetError(f"replica {replica.index} failed: {_first_line(error)}") from None
+
+    def _peer_lost(self, replica: _Replica, timeout_s: float = 30.0) -> bool:
+        """Whether a rank of `replica` is dead; Ray may take its health-check period to say so."""
+        import ray
+
+        try:
+            ray.get([actor.where.remote() for actor in replica.actors], timeout=timeout_s)
+        except (ray.exceptions.RayActorError, ray.exceptions.NodeDiedError, ray.exceptions.GetTimeoutError):
+            return True
+        return False
 
     def describe(self) -> dict[str, Any]:
         tp, pp = self.spec.tp, self.spec.pp
