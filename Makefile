@@ -7,6 +7,11 @@ STAMP := $(VENV)/.installed
 # and pip never resolves a CUDA build on a CPU-only machine.
 TORCH_PIN ?= torch==2.13.0
 
+# The GPU check machines run transformers 5.17: the single-device path is tested on it too, from an
+# overlay folder put before the venv's own packages (PYTHONPATH), with the hub version it needs.
+COMPAT := .tf517
+COMPAT_PINS := transformers==5.17.0 huggingface-hub==1.33.0 httpx==0.28.1 httpcore==1.0.9 h11==0.16.0
+
 .PHONY: install demo test bench clean
 
 $(STAMP): pyproject.toml
@@ -16,12 +21,16 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q -e '.[test]'
 	touch $(STAMP)
 
+$(COMPAT)/.installed: $(STAMP)
+	$(BIN)/python -m pip install -q --no-deps --target $(COMPAT) $(COMPAT_PINS)
+	touch $@
+
 install: $(STAMP)
 
 demo: $(STAMP)
 	$(BIN)/evalfleet run --model demo --tasks demo_mc,demo_arith,demo_ppl --output runs/demo
 
-test: $(STAMP)
+test: $(STAMP) $(COMPAT)/.installed
 	$(BIN)/python -m pytest -q --cov=evalfleet --cov-report=term --cov-fail-under=85 tests
 
 bench: $(STAMP)
@@ -30,4 +39,4 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/scheduling.py --json
 
 clean:
-	rm -rf $(VENV) runs .pytest_cache .coverage*
+	rm -rf $(VENV) $(COMPAT) runs .pytest_cache .coverage*

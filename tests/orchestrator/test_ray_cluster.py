@@ -16,6 +16,7 @@ from pathlib import Path
 
 import psutil
 import pytest
+from faultenv import fault_env
 from fleet import Fleet, wait_for
 from samples import compare_samples, load_samples
 from tinymodels import build_tiny_model
@@ -165,7 +166,8 @@ def test_scheduler_runs_three_jobs_side_by_side(cluster, llama, reference, fleet
 
 
 def test_a_node_lost_mid_job_is_left_and_the_job_finishes_elsewhere(cluster, llama, reference, fleet, monkeypatch):
-    monkeypatch.setenv("EVALFLEET_TEST_FAULT", "slow_batch:0.4")
+    for key, value in fault_env("slow_batch:0.4").items():  # reaches the rank actors through runtime_env
+        monkeypatch.setenv(key, value)
     fleet.start("--ray", cluster.address, "--interval", "0.2")
     job = fleet.submit("--model", str(llama), "--tasks", "demo_mc,demo_arith", "--limit", LIMIT, "--gpus", "2",
                        "--strategy", "pp", "--pp", "2", "--batch-size", "1", "--log-samples")
@@ -192,7 +194,7 @@ def test_a_node_lost_mid_job_is_left_and_the_job_finishes_elsewhere(cluster, lla
 
     # The dead node's GPUs left the pool; a node that joins is used.
     pool = json.loads(fleet.cli("pool", "--json").stdout)
-    assert [node["gpus"] for node in pool["nodes"] if node["name"] == doomed] == [[]]
+    assert [(node["alive"], node["gpus"]) for node in pool["nodes"] if node["name"] == doomed] == [(False, [])]
     cluster.gpu_nodes.append(cluster.add_node(num_cpus=1, num_gpus=2))
     cluster.wait_for_nodes()
     joined = cluster.gpu_nodes[-1].node_id
@@ -201,14 +203,20 @@ def test_a_node_lost_mid_job_is_left_and_the_job_finishes_elsewhere(cluster, lla
 
 
 def test_a_restarted_scheduler_adopts_running_ray_jobs(cluster, llama, reference, fleet, monkeypatch, tmp_path):
-    monkeypatch.setenv("EVALFLEET_TEST_FAULT", "slow_batch:1.5")
+    for key, value in fault_env("slow_batch:1.5").items():  # reaches the rank actors through runtime_env
+        monkeypatch.setenv(key, value)
     fleet.start("--ray", cluster.address, "--interval", "0.2")
     job = fleet.submit("--model", str(llama), "--tasks", "demo_mc,demo_arith", "--limit", LIMIT, "--gpus", "1",
                        "--batch-size", "1", "--log-samples")
     running = wait_for(lambda: (r := fleet.record(job)).state is JobState.RUNNING and r.done >= 1 and r, 300,
                        "the job to compute")
-    actors = {p.pid for p in rank_actors()}
+    found = rank_actors()
+    actors = {p.pid for p in found}
     assert len(actors) == 1
+    # The fault (and the folder of its sitecustomize) reached the rank through its runtime_env.
+    environ = found[0].environ()
+    assert environ["EVALFLEET_TEST_FAULT"] == "slow_batch:1.5" and environ["EVALFLEET_WORKER_RANK"] == "0"
+    assert environ["PYTHONPATH"].startswith(str(Path(__file__).parents[1] / "faults")), environ["PYTHONPATH"]
     fleet.process.kill()
     fleet.process.wait(30)
     fleet.process = None

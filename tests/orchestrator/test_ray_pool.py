@@ -95,7 +95,7 @@ def test_ray_flags_refuse_a_second_pool_and_pool_json_reads_the_store(capsys, mo
         job = store.add({"model": {"path": "demo"}, "tasks": {"names": ["demo_mc"]}}, priority="normal", max_attempts=3, now=0.0)
         store.transition(job, JobState.PLACED, placement=[[1, 0]], now=1.0)
         store.quarantine((0, 1), "three jobs failed on it")
-        from evalfleet.orchestrator.pool_report import record_ranks
+        from evalfleet.orchestrator.pool_status import record_ranks
 
         record_ranks(store, job, [[{"rank": 0, "node_id": "b" * 56, "address": "10.0.0.2", "pid": 7,
                                     "device": "cpu"}]])
@@ -104,8 +104,8 @@ def test_ray_flags_refuse_a_second_pool_and_pool_json_reads_the_store(capsys, mo
     document = json.loads(out)
     assert [(n["name"], len(n["gpus"])) for n in document["nodes"]] == [("a", 2), ("b", 1)]
     assert document["nodes"][1]["gpus"][0]["job"] == job
-    assert document["quarantined"] == [{"node": 0, "gpu": 1, "reason": "three jobs failed on it"}]
-    assert document["jobs"][0]["ranks"][0][0]["address"] == "10.0.0.2"
+    assert [(q["node"], q["gpu"], q["reason"]) for q in document["quarantined"]] == [(0, 1, "three jobs failed on it")]
+    assert [(r["job"], r["replicas"][0][0]["address"]) for r in document["ranks"]] == [(job, "10.0.0.2")]
     code, out, _ = run_main(["pool"], capsys, monkeypatch)
     assert code == 0 and "rank 0 on node bbbbbbbb (10.0.0.2)" in out
     code, out, _ = run_main(["status", job], capsys, monkeypatch)

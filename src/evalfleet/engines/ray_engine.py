@@ -15,7 +15,7 @@ from evalfleet.engines.evaluation import load_dtype_and_device, run_evaluation
 from evalfleet.engines.run import check_request
 from evalfleet.runtime.backends.hf import load_tokenizer
 from evalfleet.runtime.lm import ProgressCallback
-from evalfleet.runtime.parallel import GroupSpec
+from evalfleet.runtime.group import GroupSpec
 from evalfleet.runtime.ray_ranks import RayGroupRunner, connect
 from evalfleet.types import DistributionStrategy, EvalfleetError, EvaluationRequest, EvaluationResult, resolve_model_path
 

@@ -23,7 +23,7 @@ from rich.text import Text
 from evalfleet.orchestrator.demand import JobDemand
 from evalfleet.orchestrator.policy import PolicyOptions, QueuedJob, queue_order
 from evalfleet.orchestrator.pool import recorded_pool, submission_pool
-from evalfleet.orchestrator.pool_report import describe_ranks, job_ranks
+from evalfleet.orchestrator.pool_status import describe_ranks, job_ranks
 from evalfleet.orchestrator.recovery import RecoveryOptions
 from evalfleet.orchestrator.scheduler import DistributedEvaluationOrchestrator, TaskProgress
 from evalfleet.orchestrator.states import JobState

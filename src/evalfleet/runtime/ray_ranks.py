@@ -5,7 +5,7 @@ pinned to a node (`ray.io/node-id` label), which is how the scheduler's placemen
 inside one node, stages and replicas anywhere) reaches Ray. The ranks of a replica join
 torch.distributed through a TCP store hosted by rank 0 at its node's address, then load their
 part with the same rank-side code as local workers (`parallel.load_part`) and compute each batch
-with `parallel.compute_with_faults`. Every rank of a replica gets the same batch, so no control
+with `runner.compute`. Every rank of a replica gets the same batch, so no control
 group is needed; rank 0's answer is the replica's.
 
 A node that declares GPUs but has no CUDA runs its ranks on the CPU, one thread per declared
@@ -21,30 +21,36 @@ from __future__ import annotations
 import collections
 import dataclasses
 import os
+import socket
 import time
 from collections.abc import Sequence
 from typing import Any
 
 from evalfleet.planning.strategy import ParallelLayout
 from evalfleet.runtime.backends.base import Item
-from evalfleet.runtime.parallel import GroupSpec, check_layout
+from evalfleet.runtime.group import GroupSpec, check_layout
 from evalfleet.runtime.runner import BatchCallback, BatchRunner
 from evalfleet.types import EvalfleetError, NodeLost
 
 NODE_LABEL = "ray.io/node-id"
-# Test-only: `EVALFLEET_TEST_FAULT=slow_batch:SECONDS` makes every rank sleep that long per batch,
-# so a test can remove a node while a job is surely mid-way.
-SLOW_BATCH_FAULT = "slow_batch:"
+CONNECT_TIMEOUT_S = 10.0
+# Actors on other machines do not inherit the driver's environment as local ranks do: these
+# variables (and every EVALFLEET_* one) travel with each actor's runtime_env.
+FORWARDED = ("PYTHONPATH",)
+
+
+def rank_env(rank: int) -> dict[str, str]:
+    """The environment of one rank's actor process: the driver's evalfleet settings, and the rank."""
+    forwarded = {k: v for k, v in os.environ.items() if k.startswith("EVALFLEET_") or k in FORWARDED}
+    return forwarded | {"EVALFLEET_WORKER_RANK": str(rank)}
 
 
 class RankActor:
     """One rank of one replica. Wrapped by `ray.remote` when a runner starts (Ray stays optional)."""
 
-    def __init__(self, spec_json: str, rank: int, fault: str = "") -> None:
+    def __init__(self, spec_json: str, rank: int) -> None:
         import torch
 
-        if fault:
-            os.environ["EVALFLEET_TEST_FAULT"] = fault
         device = "cuda" if torch.cuda.is_available() else "cpu"
         self.spec = dataclasses.replace(GroupSpec.from_json(spec_json), device=device)
         self.rank = rank
@@ -63,7 +69,7 @@ class RankActor:
         """Rank 0 hosts the replica's rendezvous; the port is the kernel's choice, never a guess."""
         import torch.distributed as dist
 
-        from evalfleet.runtime.parallel import COLLECTIVE_TIMEOUT
+        from evalfleet.runtime.rank import COLLECTIVE_TIMEOUT
 
         self.store = dist.TCPStore(self.where()["address"], 0, is_master=True, wait_for_workers=False,
                                    timeout=COLLECTIVE_TIMEOUT)
@@ -73,7 +79,8 @@ class RankActor:
         import torch
         import torch.distributed as dist
 
-        from evalfleet.runtime.parallel import COLLECTIVE_TIMEOUT, inject_test_fault, load_part, rank_report
+        from evalfleet.runtime import parallel
+        from evalfleet.runtime.rank import COLLECTIVE_TIMEOUT
 
         started = time.perf_counter()
         if self.spec.world_size > 1:
@@ -83,19 +90,15 @@ class RankActor:
             store = self.store or dist.TCPStore(address, port, is_master=False, timeout=COLLECTIVE_TIMEOUT)
             dist.init_process_group("nccl" if on_gpu else "gloo", store=store, rank=self.rank,
                                     world_size=self.spec.world_size, timeout=COLLECTIVE_TIMEOUT)
-        self.part = load_part(self.spec)
-        inject_test_fault(self.part, self.spec)
-        report = rank_report(self.part, self.rank)
+        self.part = parallel.load_part(self.spec)
+        report = parallel.rank_report(self.part, self.rank)
         return report | {"load_seconds": time.perf_counter() - started, "max_length": self.part.backend.max_length,
                          **self.where()}
 
     def compute(self, items: list[Item]) -> list[Any]:
-        from evalfleet.runtime.parallel import active_test_fault, compute_with_faults
+        from evalfleet.runtime import runner
 
-        fault = active_test_fault()
-        if fault.startswith(SLOW_BATCH_FAULT):
-            time.sleep(float(fault[len(SLOW_BATCH_FAULT):]))
-        return compute_with_faults(self.part.backend, items)
+        return runner.compute(self.part.backend, items)
 
 
 @dataclasses.dataclass
@@ -105,12 +108,25 @@ class _Replica:
     ranks: list[dict[str, Any]] = dataclasses.field(default_factory=list)
 
 
+def check_reachable(address: str) -> None:
+    """Refuse a HOST:PORT nobody listens on at once: Ray itself retries it for minutes."""
+    host, _, port = address.rpartition(":")
+    if not (host and port.isdigit()):
+        return  # `auto`, or a form Ray checks itself
+    try:
+        socket.create_connection((host, int(port)), timeout=CONNECT_TIMEOUT_S).close()
+    except OSError as error:
+        raise EvalfleetError(f"cannot reach the Ray cluster at '{address}': "
+                             f"{error.strerror or type(error).__name__}") from None
+
+
 def connect(address: str) -> None:
     """Join the Ray cluster at `address` (`auto` finds a local head) as a driver, once per process."""
     import ray
 
     if ray.is_initialized():
         return
+    check_reachable(address)
     try:
         ray.init(address=address, logging_level="ERROR", log_to_driver=False)
     except (ConnectionError, ValueError, RuntimeError) as error:
@@ -152,13 +168,13 @@ class RayGroupRunner(BatchRunner):
             raise NodeLost(f"the Ray cluster could not reserve {len(bundles)} GPU(s) for this job in "
                            f"{self.load_timeout:.0f}s (a node it was placed on may be gone)")
         remote = ray.remote(RankActor)
-        fault = os.environ.get("EVALFLEET_TEST_FAULT", "")
         world = self.spec.world_size
         for r in range(self.dp):
             actors = [
-                remote.options(num_cpus=0, num_gpus=1, max_restarts=0, scheduling_strategy=
+                remote.options(num_cpus=0, num_gpus=1, max_restarts=0, runtime_env={"env_vars": rank_env(k)},
+                               scheduling_strategy=
                                PlacementGroupSchedulingStrategy(self.group, placement_group_bundle_index=r * world + k))
-                .remote(self.spec.to_json(), k, fault)
+                .remote(self.spec.to_json(), k)
                 for k in range(world)
             ]
             self.replicas.append(_Replica(r, actors))
