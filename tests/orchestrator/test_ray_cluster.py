@@ -17,7 +17,7 @@ from pathlib import Path
 import psutil
 import pytest
 from faultenv import fault_env
-from fleet import Fleet, wait_for
+from fleet import fleet_in, wait_for
 from samples import compare_samples, load_samples
 from tinymodels import build_tiny_model
 
@@ -111,16 +111,9 @@ def agrees(reference: Path, folder: Path) -> list[str]:
 
 @pytest.fixture
 def fleet(tmp_path):
-    fleet = Fleet(tmp_path / "fleet" / "jobs.db", tmp_path / "scheduler.log")
-    fleet.db.parent.mkdir()
-    try:
+    with fleet_in(tmp_path) as fleet:
         yield fleet
-        if fleet.process is not None:
-            assert fleet.stop() == 0, fleet.log.read_text()
-        assert fleet.leftovers() == [], f"drivers outlived the scheduler\n{fleet.log.read_text()}"
-        wait_for(lambda: not rank_actors(), 30, "the rank actors to exit")
-    finally:
-        fleet.kill_all()
+    wait_for(lambda: not rank_actors(), 30, "the rank actors to exit")
 
 
 def node_ids(cluster) -> list[str]:

@@ -26,10 +26,10 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from evalfleet.planning.strategy import ParallelLayout
 from evalfleet.runtime.backends.base import Item
 from evalfleet.runtime.group import GroupSpec, check_layout
 from evalfleet.runtime.runner import BatchCallback, BatchRunner
+from evalfleet.runtime.workers import describe_layout
 from evalfleet.types import EvalfleetError, NodeLost
 
 NODE_LABEL = "ray.io/node-id"
@@ -255,24 +255,11 @@ class RayGroupRunner(BatchRunner):
         return False
 
     def describe(self) -> dict[str, Any]:
-        tp, pp = self.spec.tp, self.spec.pp
-        ranks = self.replicas[0].ranks if self.replicas else []
-        return {
-            "strategy": ParallelLayout(tp, pp, self.dp).strategy.value,
-            "tp": tp,
-            "pp": pp,
-            "dp": self.dp,
-            "devices": [rank["device"] for replica in self.replicas for rank in replica.ranks],
-            "placement": [[rank["node_id"] for rank in replica.ranks] for replica in self.replicas],
-            "backend": "hf",
-            "dtype": self.spec.dtype,
-            "parallel_path": self.spec.path,
-            "threads_per_rank": self.spec.threads,
-            "load_seconds": round(self.load_seconds, 3),
-            "parameters_per_rank": [rank["parameters"] for rank in ranks],
-            "parameter_bytes_per_rank": [rank["parameter_bytes"] for rank in ranks],
-            "ray": {"ranks": self.rank_nodes()},
-        }
+        return describe_layout(
+            self.spec, self.dp, self.replicas[0].ranks if self.replicas else [], self.load_seconds,
+            devices=[rank["device"] for replica in self.replicas for rank in replica.ranks],
+            placement=[[rank["node_id"] for rank in replica.ranks] for replica in self.replicas],
+        ) | {"ray": {"ranks": self.rank_nodes()}}
 
     def close(self, grace: float = 0.0) -> None:
         """Kill every rank and free the placement group. Safe to call twice."""
