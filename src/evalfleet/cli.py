@@ -312,7 +312,7 @@ def compare(
 
 @app.command()
 def pool(
-    as_json: bool = typer.Option(False, "--json", help="One JSON document: nodes, GPUs, the job holding each, quarantines with their evidence."),
+    as_json: bool = typer.Option(False, "--json", help="One JSON document: nodes (Ray: dead ones too), GPUs, the job holding each, quarantines with their evidence, ranks of Ray jobs."),
     db: str | None = typer.Option(None, "--db", help=_DB_HELP),
 ) -> None:
     """Show the scheduler's pool: every GPU, the job holding it, quarantined GPUs with the evidence, and on Ray the node of each rank."""
