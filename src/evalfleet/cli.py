@@ -85,6 +85,7 @@ def run(
     no_cache: bool = typer.Option(False, "--no-cache", help="Neither read nor write the request cache."),
     cache_path: str | None = typer.Option(None, "--cache", help="Request cache file (default $EVALFLEET_CACHE or the user cache)."),
     report: bool = typer.Option(False, "--report", help="Write monitoring.png next to results.json."),
+    ray_address: str | None = typer.Option(None, "--ray", help="Run the ranks on the Ray cluster at ADDRESS ('auto': the local head), groups spread over its nodes."),
 ) -> None:
     """Evaluate a model on lm-eval tasks; writes OUTPUT/results.json."""
     os.environ.setdefault("TQDM_DISABLE", "1")  # our own progress display replaces lm-eval's bars
@@ -109,7 +110,12 @@ def run(
     from evalfleet.progress import RunProgress, results_table
 
     with RunProgress() as progress:
-        result = evaluate_request(request, progress=progress, report=report)
+        if ray_address is None:
+            result = evaluate_request(request, progress=progress, report=report)
+        else:
+            from evalfleet.engines.ray_engine import evaluate_on_ray
+
+            result = evaluate_on_ray(request, ray_address, progress=progress)
     console = Console()
     console.print(results_table(result.document()))
     timing = result.evalfleet["timing"]
@@ -178,6 +184,7 @@ def scheduler(
     backoff: float = typer.Option(30.0, "--backoff", min=0, help="Seconds before the first retry; doubles each time."),
     heartbeat_timeout: float = typer.Option(120.0, "--heartbeat-timeout", min=1, help="Restart a job silent this long."),
     interval: float = typer.Option(2.0, "--interval", min=0.05, help="Seconds between scheduling rounds."),
+    ray_address: str | None = typer.Option(None, "--ray", help="Run jobs on the Ray cluster at ADDRESS ('auto': the local head); its nodes and GPUs are the pool."),
 ) -> None:
     """Run the job scheduler in the foreground (Ctrl-C stops it and requeues its running jobs)."""
     from evalfleet.orchestrator.foreground import SchedulerOptions, run_scheduler
@@ -186,7 +193,16 @@ def scheduler(
 
     options = SchedulerOptions(preempt=preempt, max_attempts=max_attempts, backoff_s=backoff,
                                interval_s=interval, heartbeat_timeout_s=heartbeat_timeout)
-    run_scheduler(resolve_db_path(db), pool_from_options(gpus, slots), options)
+    db_path = resolve_db_path(db)
+    if ray_address is None:
+        run_scheduler(db_path, pool_from_options(gpus, slots), options)
+        return
+    if gpus is not None or slots is not None:
+        raise UsageError("with --ray the Ray cluster is the pool; drop --gpus and --slots")
+    from evalfleet.orchestrator.executors.ray import ray_pool_and_executor
+
+    inventory, executor = ray_pool_and_executor(ray_address, db_path, grace_s=options.grace_s)
+    run_scheduler(db_path, inventory, options, executor=executor)
 
 
 @app.command()
@@ -296,13 +312,13 @@ def compare(
 
 @app.command()
 def pool(
-    as_json: bool = typer.Option(False, "--json", help="One JSON document: nodes, GPUs, the job holding each, quarantines with their evidence."),
+    as_json: bool = typer.Option(False, "--json", help="One JSON document: nodes (Ray: dead ones too), GPUs, the job holding each, quarantines with their evidence, ranks of Ray jobs."),
     db: str | None = typer.Option(None, "--db", help=_DB_HELP),
 ) -> None:
-    """Show the scheduler's pool: every GPU, the job holding it, and quarantined GPUs with the evidence."""
+    """Show the scheduler's pool: every GPU, the job holding it, quarantined GPUs with the evidence, and on Ray the node of each rank."""
     from rich.console import Console
 
-    from evalfleet.orchestrator.pool_status import pool_status, pool_table
+    from evalfleet.orchestrator.pool_status import pool_status, pool_table, rank_lines
     from evalfleet.orchestrator.store import JobStore, resolve_db_path
 
     with JobStore(resolve_db_path(db)) as store:
@@ -311,6 +327,8 @@ def pool(
         typer.echo(status.model_dump_json(indent=2))
     else:
         Console().print(pool_table(status))
+        for line in rank_lines(status):
+            typer.echo(line)
 
 
 @app.command()

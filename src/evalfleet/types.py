@@ -183,3 +183,10 @@ class InfrastructureError(EvalfleetError):
     """A process, a collective or a node was lost; a retry may succeed, the devices may be at fault."""
 
     failure = "infrastructure"
+
+
+class NodeLost(InfrastructureError):
+    """A machine (or a rank's process on it) went away mid-job: nobody's mistake, so retried at once
+    on the nodes that remain, and no device is blamed."""
+
+    exit_code = 75  # EX_TEMPFAIL

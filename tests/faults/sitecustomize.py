@@ -9,12 +9,15 @@ rank's loading and computing with the fault named in `EVALFLEET_TEST_FAULT`:
 - `oom_above:N`: every batch of more than N padded tokens fails as out of memory (planted);
 - `oom_at_load`: loading fails as out of memory;
 - `rlimit:RANK:MB`: once loaded, rank RANK may grow its writable memory (RLIMIT_DATA) by only
-  MB megabytes, so a large enough batch fails a *real* allocation.
+  MB megabytes, so a large enough batch fails a *real* allocation;
+- `slow_batch:SECONDS`: every batch takes that much longer, so a test can act mid-job (remove
+  a Ray node).
 """
 
 from __future__ import annotations
 
 import os
+import time
 
 FAULT = os.environ.get("EVALFLEET_TEST_FAULT", "")
 
@@ -70,6 +73,8 @@ def _install() -> None:
         return part
 
     def faulty_compute(backend, items):
+        if FAULT.startswith("slow_batch:"):
+            time.sleep(float(FAULT.split(":", 1)[1]))
         if FAULT.startswith("oom_above:"):
             padded = len(items) * max(item.length for item in items)
             if padded > int(FAULT.split(":", 1)[1]):

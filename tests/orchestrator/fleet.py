@@ -12,7 +12,7 @@ import os
 import signal
 import subprocess
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -131,3 +131,18 @@ class Fleet:
             except psutil.Error:
                 continue
         return alive
+
+
+@contextlib.contextmanager
+def fleet_in(tmp_path: Path, *, check_leftovers: bool = True) -> Iterator[Fleet]:
+    """A fleet over a fresh store; afterwards its scheduler stopped cleanly and no process is left."""
+    fleet = Fleet(tmp_path / "fleet" / "jobs.db", tmp_path / "scheduler.log")
+    fleet.db.parent.mkdir()
+    try:
+        yield fleet
+        if fleet.process is not None:
+            assert fleet.stop() == 0, fleet.log.read_text()
+        if check_leftovers:
+            assert fleet.leftovers() == [], f"workers outlived the scheduler\n{fleet.log.read_text()}"
+    finally:
+        fleet.kill_all()  # whatever happened above, leave no process behind

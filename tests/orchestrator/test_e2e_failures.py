@@ -6,7 +6,7 @@ import json
 import shutil
 
 import pytest
-from fleet import Fleet
+from fleet import fleet_in
 
 from evalfleet.orchestrator import JobState
 
@@ -15,14 +15,8 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture
 def fleet(tmp_path):
-    fleet = Fleet(tmp_path / "fleet" / "jobs.db", tmp_path / "scheduler.log")
-    fleet.db.parent.mkdir()
-    try:
+    with fleet_in(tmp_path, check_leftovers=False) as fleet:
         yield fleet
-        if fleet.process is not None:
-            assert fleet.stop() == 0, fleet.log.read_text()
-    finally:
-        fleet.kill_all()
 
 
 @pytest.fixture(scope="module")

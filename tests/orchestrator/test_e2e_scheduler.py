@@ -14,7 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-from fleet import Fleet, gone, wait_for
+from fleet import Fleet, fleet_in, gone, wait_for
 from samples import compare_samples, load_samples, metric_differences
 
 from evalfleet.orchestrator import JobState
@@ -27,15 +27,8 @@ LONG_TASKS = "demo_mc,demo_ppl,demo_arith"
 
 @pytest.fixture
 def fleet(tmp_path):
-    fleet = Fleet(tmp_path / "fleet" / "jobs.db", tmp_path / "scheduler.log")
-    fleet.db.parent.mkdir()
-    try:
+    with fleet_in(tmp_path) as fleet:
         yield fleet
-        if fleet.process is not None:
-            assert fleet.stop() == 0, fleet.log.read_text()
-        assert fleet.leftovers() == [], f"workers outlived the scheduler\n{fleet.log.read_text()}"
-    finally:
-        fleet.kill_all()  # whatever happened above, leave no process behind
 
 
 def _placements(fleet: Fleet) -> list[tuple[str, tuple]]:

@@ -66,6 +66,10 @@ STAND_INS = {
     "crash": "w.confirm_start(s, job); s.report_error(job, 'CUDA error: an illegal memory access'); sys.exit(1)",
     "wrong": "w.confirm_start(s, job); s.report_error(job, \"unknown task 'x'\"); sys.exit(2)",
     "hang": "time.sleep(60)",
+    # As a Ray job's driver does when a node dies (NodeLost); the evidence must not count.
+    "lost": "w.confirm_start(s, job); s.report_error(job, 'replica 0 lost a rank', {'failure': 'infrastructure',"
+            " 'reason': 'replica 0 lost a rank', 'evidence': [{'device': [0, g], 'findings': ['Xid 79 (1 event)']}"
+            " for g in range(2)]}); sys.exit(75)",
 }
 
 
@@ -143,6 +147,19 @@ def test_a_wrong_request_fails_at_once_and_blames_no_device(tmp_path):
     with JobStore(tmp_path / "jobs.db") as store:
         failures = store._conn.execute("SELECT COUNT(*) FROM device_failures").fetchone()[0]
     assert failures == 0
+
+
+def test_a_lost_node_is_retried_at_once_and_blames_no_device(tmp_path):
+    orchestrator = _orchestrator(tmp_path)
+    job = _submit(orchestrator, "lost")
+    _run_until(orchestrator, lambda: orchestrator.status(job).state.terminal)
+    record = orchestrator.status(job)
+    assert record.state is JobState.FAILED and record.attempts == 3 and "lost a rank" in record.error
+    retries = [e.reason for e in orchestrator.store.events(job) if e.to_state is JobState.QUEUED and e.from_state]
+    assert len(retries) == 2 and all(reason.endswith("retry in 0s") for reason in retries), retries
+    assert orchestrator.store.quarantined() == {}
+    with JobStore(tmp_path / "jobs.db") as store:
+        assert store._conn.execute("SELECT COUNT(*) FROM device_failures").fetchone()[0] == 0
 
 
 def test_shutdown_stops_workers_and_requeues_without_counting_an_attempt(tmp_path):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 import stat
 
 import pytest
@@ -51,12 +52,27 @@ def test_serve_refuses_bad_options_with_one_sentence(tmp_path, capsys, monkeypat
     cases = [
         (["serve", "--host", "0.0.0.0"], "--host 0.0.0.0 is reachable from other machines"),
         (["serve", "--slots", "1", "--gpus", "cpu"], "use one of --slots, --gpus or --ray, not --slots and --gpus"),
-        (["serve", "--ray", "auto"], "--ray needs the Ray executor"),
         (["serve", "--model-root", str(tmp_path / "nope")], "is not a folder"),
     ]
     for args, message in cases:
         code, out, err = run_main([*args, "--db", str(tmp_path / "jobs.db")], capsys, monkeypatch)
         assert code == 2 and message in err and err.count("\n") == 1 and "Traceback" not in err, (args, err)
+    with socket.socket() as closed:  # a port nobody listens on
+        closed.bind(("127.0.0.1", 0))
+        address = f"127.0.0.1:{closed.getsockname()[1]}"
+    code, out, err = run_main(["serve", "--ray", address, "--db", str(tmp_path / "jobs.db")], capsys, monkeypatch)
+    assert (code, err) == (1, f"error: cannot reach the Ray cluster at '{address}': Connection refused\n")
+
+
+def test_serve_passes_a_reachable_ray_address_to_its_scheduler(tmp_path):
+    from evalfleet.service.serve import ServeOptions, scheduler_arguments
+
+    with socket.socket() as listening:
+        listening.bind(("127.0.0.1", 0))
+        listening.listen()
+        address = f"127.0.0.1:{listening.getsockname()[1]}"
+        command = scheduler_arguments(ServeOptions(ray=address), tmp_path / "jobs.db")
+    assert command[3:8] == ["scheduler", "--db", str(tmp_path / "jobs.db"), "--ray", address]
 
 
 def _request(path: str, include: str | None = None, **model) -> EvaluationRequest:

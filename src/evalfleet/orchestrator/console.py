@@ -23,6 +23,7 @@ from rich.text import Text
 from evalfleet.orchestrator.demand import JobDemand
 from evalfleet.orchestrator.policy import PolicyOptions, QueuedJob, queue_order
 from evalfleet.orchestrator.pool import recorded_pool, submission_pool
+from evalfleet.orchestrator.pool_status import describe_ranks, job_ranks
 from evalfleet.orchestrator.recovery import RecoveryOptions
 from evalfleet.orchestrator.scheduler import DistributedEvaluationOrchestrator, TaskProgress
 from evalfleet.orchestrator.states import JobState
@@ -99,6 +100,7 @@ def job_document(record: JobRecord, store: JobStore, progress: TaskProgress | No
             "eta_s": round(progress.eta_s, 1) if progress and progress.eta_s is not None else None,
         },
         "devices": [list(d) for d in record.placement or ()],
+        "ranks": job_ranks(store, record.id),
         "pid": record.pid,
         "submitted_at": record.submitted_at,
         "started_at": record.started_at,
@@ -230,6 +232,7 @@ def _render_job(document: dict[str, Any], console: Console) -> None:
         "tokens/s": f"{progress['tokens_per_s']:,.0f}" if progress["tokens_per_s"] else "",
         "ETA": _duration(progress["eta_s"]),
         "devices": ", ".join(f"node {n} device {g}" for n, g in document["devices"]),
+        "ranks": describe_ranks(document["ranks"]),
         "result": document["result_path"] or "", "error": document["error"] or "",
     }
     for key, value in rows.items():

@@ -18,6 +18,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from evalfleet.orchestrator.executors.base import Executor
 from evalfleet.orchestrator.executors.local import LocalExecutor
 from evalfleet.orchestrator.policy import PolicyOptions
 from evalfleet.orchestrator.pool import record_pool
@@ -76,9 +77,11 @@ def run_scheduler(
     inventory: Inventory,
     options: SchedulerOptions = SchedulerOptions(),
     say: Callable[[str], None] = _say,
+    executor: Executor | None = None,
 ) -> None:
+    """Schedule over `inventory` with `executor` (default: worker processes on this machine)."""
     with JobStore(db_path) as store, scheduler_lock(store.path):
-        executor = LocalExecutor(store.path, inventory, grace_s=options.grace_s)
+        executor = executor or LocalExecutor(store.path, inventory, grace_s=options.grace_s)
         orchestrator = DistributedEvaluationOrchestrator(
             store, inventory, executor,
             policy=PolicyOptions(preemption=options.preempt),
@@ -86,7 +89,7 @@ def run_scheduler(
             heartbeat_timeout_s=options.heartbeat_timeout_s,
         )
         record_pool(store, inventory, max_attempts=options.max_attempts)
-        say(f"evalfleet scheduler (pid {os.getpid()}) on {describe_pool(inventory)}, "
+        say(f"evalfleet scheduler (pid {os.getpid()}) on {describe_pool(inventory)} ({executor.name}), "
                       f"store {store.path}; Ctrl-C stops it")
         asyncio.run(_serve(orchestrator, options, say))
 

@@ -63,12 +63,14 @@ def recover(
     failure: FailureClass = FailureClass.INFRASTRUCTURE,
     evidence: Sequence[DeviceEvidence] = (),
     blame_devices: bool = True,
+    backoff: bool = True,
 ) -> RecoveryDecision:
     """Record a failed attempt of `job_id`; requeue it with backoff or fail it for good.
 
     `blame_devices=False` is for infrastructure failures that say nothing about the job's
-    devices (the scheduler itself died, the launch failed), so they never count towards
-    quarantine; failures of the other classes never do.
+    devices (the scheduler itself died, the launch failed, a node was lost), so they never
+    count towards quarantine; failures of the other classes never do. `backoff=False`
+    retries at once (a lost node: the job was not at fault and the other nodes are ready).
     """
     record = store.get(job_id)
     if record.state not in _RECOVERABLE:
@@ -81,7 +83,7 @@ def recover(
                              count_failure=blame_devices)
     common = {"attempts": failures, "error": reason, "pid": None, "handle": None, "placement": None}
     if failure.retried and failures < options.max_attempts:
-        delay = backoff_seconds(failures, options)
+        delay = backoff_seconds(failures, options) if backoff else 0.0
         store.transition(
             job_id, JobState.QUEUED, now=now, not_before=now + delay,
             reason=f"attempt {failures} of {options.max_attempts} failed ({reason}); retry in {delay:.0f}s",

@@ -34,12 +34,13 @@ from evalfleet.orchestrator.policy import (
     create_allocation_plan,
 )
 from evalfleet.orchestrator.failures import DeviceEvidence, ExitReport, FailureClass
+from evalfleet.orchestrator.pool import record_pool
 from evalfleet.orchestrator.recovery import RecoveryDecision, RecoveryOptions, recover
 from evalfleet.orchestrator.sizing import size_request
 from evalfleet.orchestrator.states import JobState
 from evalfleet.orchestrator.store import JobRecord, JobStore
 from evalfleet.planning import Inventory
-from evalfleet.types import EvalfleetError, EvaluationRequest, UsageError, describe_validation_error
+from evalfleet.types import EvalfleetError, EvaluationRequest, NodeLost, UsageError, describe_validation_error
 
 _ACTIVE = (JobState.PLACED, JobState.RUNNING)
 SELF_REPORTING_HEARTBEAT_TIMEOUT_S = 120.0
@@ -171,15 +172,17 @@ class DistributedEvaluationOrchestrator:
     # faults ---------------------------------------------------------------------------------
 
     def handle_fault_recovery(self, job_id: str, reason: str, *, failure: FailureClass = FailureClass.INFRASTRUCTURE,
-                              evidence: tuple[DeviceEvidence, ...] = (), blame_devices: bool = True) -> RecoveryDecision:
-        """Requeue a job that failed for infrastructure reasons with exponential backoff, or fail it
-        (at once for request, deterministic and resource failures, which a retry would repeat).
+                              evidence: tuple[DeviceEvidence, ...] = (), blame_devices: bool = True,
+                              backoff: bool = True) -> RecoveryDecision:
+        """Requeue a job that failed for infrastructure reasons with exponential backoff (at once for a
+        lost node), or fail it (at once for request, deterministic and resource failures, which a
+        retry would repeat).
 
         GPUs are quarantined only on device evidence; the history is in the store's events.
         """
         self._stop(job_id)
         return recover(self.store, job_id, reason, self.clock(), self.recovery, failure=failure,
-                       evidence=evidence, blame_devices=blame_devices)
+                       evidence=evidence, blame_devices=blame_devices, backoff=backoff)
 
     def reconcile(self) -> list[str]:
         """After a restart: adopt live jobs of this host, requeue those whose process is gone."""
@@ -207,6 +210,7 @@ class DistributedEvaluationOrchestrator:
         """One round: collect exits, stop what was cancelled, then start what the policy says."""
         if self.executor is None:
             raise EvalfleetError("the orchestrator has no executor, so it can plan but not run jobs")
+        self._follow_pool()
         self._poll()
         plan = self.create_allocation_plan()
         for job_id in plan.preempt:
@@ -222,6 +226,13 @@ class DistributedEvaluationOrchestrator:
             await self.run_once()
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(stop.wait(), timeout=interval_s)
+
+    def _follow_pool(self) -> None:
+        """Take the executor's pool as it is now (nodes lost or joined), and tell `submit` of it."""
+        pool = self.executor.current_pool()
+        if pool is not None and pool != self.inventory:
+            self.inventory = pool
+            record_pool(self.store, pool, max_attempts=self.recovery.max_attempts)
 
     def _poll(self) -> None:
         now = self.clock()
@@ -264,7 +275,10 @@ class DistributedEvaluationOrchestrator:
             reason = f"{describe_exit(code)}: {report.reason}"
         else:
             reason = describe_exit(code) + (f": {record.error}" if record.error else "")
-        if report is not None:
+        if self.executor.self_reporting and code == NodeLost.exit_code:
+            # A machine went away: resume on the nodes that remain at once, and blame no device.
+            self.handle_fault_recovery(job_id, reason, blame_devices=False, backoff=False)
+        elif report is not None:
             self.handle_fault_recovery(job_id, reason, failure=report.failure, evidence=tuple(report.evidence))
         elif self.executor.self_reporting and code == UsageError.exit_code:
             self.handle_fault_recovery(job_id, reason, failure=FailureClass.REQUEST)

@@ -6,6 +6,11 @@ with its signature), and plays out the consequences: jobs start after their star
 replicas they were given, crash where the trace says, back off and resume from the request
 cache (finished work is kept), and get preempted if the policy says so. The policy only
 ever sees estimates; the simulator knows the truth.
+
+With `NodeFailures`, a node is lost every `every_s` seconds (nodes in turn) and comes back
+`repair_s` later; the jobs on it are requeued at once. evalfleet resumes them from the
+request cache, losing only the batches in flight; `restart_from_zero=True` plays the usual
+alternative (lm-eval has no request cache), where a job starts over.
 """
 
 from __future__ import annotations
@@ -52,6 +57,17 @@ class _Attempt:
         return self.end if now >= self.compute_from else self.expected_end
 
 
+@dataclass(frozen=True)
+class NodeFailures:
+    every_s: float
+    repair_s: float = 3600.0
+    restart_from_zero: bool = False
+    in_flight_s: float = 10.0
+    """Compute lost with the batches a resumed job had in flight when its node died."""
+    max_losses: int = 200
+    """Losses stop after this many, so a job that never outlives a node's uptime still ends."""
+
+
 @dataclass
 class ClassStats:
     jobs: int
@@ -77,6 +93,12 @@ class SimulationReport:
     warm_starts: int = 0
     starts: int = 0
     rounds: int = 0
+    nodes_lost: int = 0
+    jobs_hit_by_node_loss: int = 0
+    lost_gpu_s: float = 0.0
+    """GPU-seconds of finished compute thrown away by node losses (to be computed again)."""
+    restart_gpu_s: float = 0.0
+    """GPU-seconds spent starting up again after node losses."""
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -114,6 +136,7 @@ def simulate(
     scheduler: Scheduler,
     *,
     recovery: RecoveryOptions = RecoveryOptions(),
+    node_failures: NodeFailures | None = None,
 ) -> SimulationReport:
     """Play `trace` on `inventory` under `scheduler` until every job succeeded or failed for good."""
     jobs = {spec.id: _Job(spec) for spec in trace}
@@ -129,11 +152,15 @@ def simulate(
 
     for spec in trace:
         push(spec.arrival, "arrive", spec.id)
+    if node_failures is not None:
+        push(node_failures.every_s, "node_down", "0")
+    down: dict[int, float] = {}  # node index -> when it comes back
     arrived: set[str] = set()
     running: dict[str, _Attempt] = {}
     warm: dict[Device, str] = {}
     busy_gpu_s = 0.0
-    counts = {"failures": 0, "preemptions": 0, "warm": 0, "starts": 0, "rounds": 0}
+    counts = {"failures": 0, "preemptions": 0, "warm": 0, "starts": 0, "rounds": 0, "nodes_lost": 0, "hit": 0}
+    losses = {"lost_gpu_s": 0.0, "restart_gpu_s": 0.0}
 
     def stop(attempt: _Attempt, now: float) -> None:
         nonlocal busy_gpu_s
@@ -142,6 +169,20 @@ def simulate(
         computed = max(0.0, now - attempt.compute_from) * attempt.rate
         job = attempt.job
         job.done = min(1.0, job.done + computed / job.spec.true_work_tokens) if job.spec.true_work_tokens else 1.0
+
+    def lose_node(attempt: _Attempt, now: float, failures: NodeFailures) -> None:
+        """Stop a job whose node died; keep what the cache holds (or nothing, restarting from zero)."""
+        job, gpus_used = attempt.job, len(attempt.start.devices)
+        stop(attempt, now)
+        losses["restart_gpu_s"] += gpus_used * (min(now, attempt.compute_from) - attempt.began)
+        if failures.restart_from_zero:  # every token so far, at this attempt's speed
+            lost_s = job.done * job.spec.true_work_tokens / attempt.rate
+            job.done = 0.0
+        else:
+            lost_s = min(max(0.0, now - attempt.compute_from), failures.in_flight_s)
+            job.done = max(0.0, job.done - lost_s * attempt.rate / job.spec.true_work_tokens)
+        losses["lost_gpu_s"] += gpus_used * lost_s
+        job.not_before = now
 
     def queue_view(now: float) -> list[QueuedJob]:
         waiting = [j for j in arrived if j not in running and jobs[j].finished is None and not jobs[j].failed]
@@ -178,6 +219,19 @@ def simulate(
             attempt = running.get(job_id)
             if kind == "arrive":
                 arrived.add(job_id)
+            elif kind == "node_down":
+                node = int(job_id)
+                left = any(j.finished is None for j in jobs.values())
+                if left and counts["nodes_lost"] < node_failures.max_losses:
+                    counts["nodes_lost"] += 1
+                    down[node] = now + node_failures.repair_s
+                    push(now + node_failures.repair_s, "node_up", job_id)
+                    push(now + node_failures.every_s, "node_down", str((node + 1) % len(inventory.nodes)))
+                    for victim in [a for a in running.values() if any(d[0] == node for d in a.start.devices)]:
+                        counts["hit"] += 1
+                        lose_node(victim, now, node_failures)
+            elif kind == "node_up":
+                down.pop(int(job_id), None)
             elif kind in ("finish", "crash") and attempt is not None and attempt.serial == event_serial:
                 stop(attempt, now)
                 job = jobs[job_id]
@@ -195,7 +249,8 @@ def simulate(
             counts["rounds"] += 1
             views = [RunningJob(a.job.spec.id, a.start.devices, a.eta(now), a.job.spec.priority)
                      for a in running.values()]
-            plan = scheduler(queue_view(now), inventory, views, now, warm=warm)
+            gone = [(n, g) for n in down for g in range(len(inventory.nodes[n].gpus))]
+            plan = scheduler(queue_view(now), inventory, views, now, warm=warm, quarantined=gone)
             for victim in plan.preempt:
                 counts["preemptions"] += 1
                 stop(running[victim], now)
@@ -224,4 +279,5 @@ def simulate(
         failed_jobs=sum(j.failed for j in jobs.values()), preemptions=counts["preemptions"],
         unfinished=sum(j.finished is None for j in jobs.values()),
         warm_starts=counts["warm"], starts=counts["starts"], rounds=counts["rounds"],
+        nodes_lost=counts["nodes_lost"], jobs_hit_by_node_loss=counts["hit"], **losses,
     )

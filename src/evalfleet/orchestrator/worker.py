@@ -10,6 +10,7 @@ Every finished request is already in the request cache, so a retry resumes there
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import sys
@@ -166,6 +167,22 @@ def describe_error(error: Exception) -> str:
     return text.splitlines()[0]
 
 
+def _evaluate(request: EvaluationRequest, store: JobStore, job_id: str, reporter: ProgressReporter) -> EvaluationResult:
+    """Here, or with the ranks on a Ray cluster when the Ray executor launched this worker."""
+    from evalfleet.orchestrator.executors.ray import ADDRESS_VARIABLE, NODES_VARIABLE
+
+    address = os.environ.get(ADDRESS_VARIABLE)
+    if address:
+        from evalfleet.engines.ray_engine import evaluate_on_ray
+        from evalfleet.orchestrator.pool_status import record_ranks
+
+        return evaluate_on_ray(request, address, json.loads(os.environ[NODES_VARIABLE]), progress=reporter,
+                               on_ranks=lambda ranks: record_ranks(store, job_id, ranks))
+    from evalfleet.engines.run import evaluate_request
+
+    return evaluate_request(request, progress=reporter)
+
+
 def run_worker(job_id: str, db_path: str | os.PathLike[str], *, heartbeat_s: float = 5.0) -> EvaluationResult:
     """Run a placed job to its result; heartbeats start before the (slow) imports and model load."""
     with JobStore(db_path) as store:
@@ -174,11 +191,9 @@ def run_worker(job_id: str, db_path: str | os.PathLike[str], *, heartbeat_s: flo
             on_gpus = os.environ.get("CUDA_VISIBLE_DEVICES") != ""  # a CPU slot's job sees no GPU
             watch = DeviceWatch(record.placement or () if on_gpus else ())
             try:
-                from evalfleet.engines.run import evaluate_request
-
                 request = job_request(record, store.path)
                 limit_threads()
-                result = evaluate_request(request, progress=reporter)
+                result = _evaluate(request, store, job_id, reporter)
             except Exception as error:
                 message = describe_error(error)
                 report = exit_report(error, message, watch.evidence())

@@ -298,22 +298,11 @@ class WorkerGroupRunner(BatchRunner):
         return False
 
     def describe(self) -> dict[str, Any]:
-        tp, pp, dp = self.spec.tp, self.spec.pp, len(self.replicas)
-        ranks = self._info.get("ranks", [])
-        return {
-            "strategy": ParallelLayout(tp, pp, dp).strategy.value,
-            "tp": tp,
-            "pp": pp,
-            "dp": dp,
-            "devices": [device for replica in self.replicas for device in replica.devices],
-            "placement": self.placement or [list(replica.devices) for replica in self.replicas],
-            "backend": "hf",
-            "dtype": self.spec.dtype,
-            "parallel_path": self.spec.path,
-            "threads_per_rank": self.spec.threads,
-            "load_seconds": round(self.load_seconds, 3),
-            "parameters_per_rank": [rank["parameters"] for rank in ranks],
-            "parameter_bytes_per_rank": [rank["parameter_bytes"] for rank in ranks],
+        return describe_layout(
+            self.spec, len(self.replicas), self._info.get("ranks", []), self.load_seconds,
+            devices=[device for replica in self.replicas for device in replica.devices],
+            placement=self.placement or [list(replica.devices) for replica in self.replicas],
+        ) | {
             "restarts": sum(replica.restarts for replica in self.replicas),
             "oom_halvings": sum(replica.oom_halvings for replica in self.replicas),
             "oom_restarts": sum(replica.oom_restarts for replica in self.replicas),
@@ -329,3 +318,23 @@ class WorkerGroupRunner(BatchRunner):
             if replica.group is not None:
                 replica.group.stop(grace)
                 replica.group = None
+
+
+def describe_layout(spec: GroupSpec, dp: int, ranks: Sequence[dict[str, Any]], load_seconds: float, *,
+                    devices: list[Any], placement: list[Any]) -> dict[str, Any]:
+    """The layout part of results.json that every runner of worker groups writes, local or on Ray."""
+    return {
+        "strategy": ParallelLayout(spec.tp, spec.pp, dp).strategy.value,
+        "tp": spec.tp,
+        "pp": spec.pp,
+        "dp": dp,
+        "devices": devices,
+        "placement": placement,
+        "backend": "hf",
+        "dtype": spec.dtype,
+        "parallel_path": spec.path,
+        "threads_per_rank": spec.threads,
+        "load_seconds": round(load_seconds, 3),
+        "parameters_per_rank": [rank["parameters"] for rank in ranks],
+        "parameter_bytes_per_rank": [rank["parameter_bytes"] for rank in ranks],
+    }

@@ -52,6 +52,10 @@ def scheduler_arguments(options: ServeOptions, db_path: Path) -> list[str] | Non
         return None
     if options.ray is not None and importlib.util.find_spec("evalfleet.orchestrator.executors.ray") is None:
         raise UsageError("--ray needs the Ray executor, which this evalfleet does not have")
+    if options.ray is not None:
+        from evalfleet.runtime.ray_ranks import check_reachable
+
+        check_reachable(options.ray)  # before anything starts, as a bad --gpus spec is
     if options.ray is None:
         pool_from_options(options.gpus, options.slots)  # a bad spec is refused here, before anything starts
     pool = {"slots": "--slots", "gpus": "--gpus", "ray": "--ray"}[chosen[0]]

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from evalfleet.orchestrator.store import Device, JobRecord
+from evalfleet.planning import Inventory
 
 
 @dataclass(frozen=True)
@@ -68,3 +69,7 @@ class Executor(abc.ABC):
     @abc.abstractmethod
     def reattach(self, job: JobRecord) -> Handle | None:
         """A handle for a job launched by an earlier scheduler, or None if its process is gone."""
+
+    def current_pool(self) -> Inventory | None:
+        """The pool as it is now, for mechanisms whose pool changes (a Ray cluster); None if fixed."""
+        return None

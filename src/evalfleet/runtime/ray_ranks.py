@@ -1,0 +1,280 @@
+"""Worker groups as Ray actors: one actor per rank, on whichever nodes of a Ray cluster hold them.
+
+Each job gets one placement group with one bundle (`{"GPU": 1}`) per rank; a bundle may be
+pinned to a node (`ray.io/node-id` label), which is how the scheduler's placement (a tp group
+inside one node, stages and replicas anywhere) reaches Ray. The ranks of a replica join
+torch.distributed through a TCP store hosted by rank 0 at its node's address, then load their
+part with the same rank-side code as local workers (`parallel.load_part`) and compute each batch
+with `runner.compute`. Every rank of a replica gets the same batch, so no control
+group is needed; rank 0's answer is the replica's.
+
+A node that declares GPUs but has no CUDA runs its ranks on the CPU, one thread per declared
+GPU, so the whole path runs on a CPU-only test cluster.
+
+Results come back to the driver through Ray, never through a shared filesystem. A rank that
+dies (its node lost, its process killed) fails the run with `NodeLost`; the scheduler then
+requeues the job and it resumes from the request cache on the nodes that remain.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import os
+import socket
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from evalfleet.runtime.backends.base import Item
+from evalfleet.runtime.group import GroupSpec, check_layout
+from evalfleet.runtime.runner import BatchCallback, BatchRunner
+from evalfleet.runtime.workers import describe_layout
+from evalfleet.types import EvalfleetError, NodeLost
+
+NODE_LABEL = "ray.io/node-id"
+CONNECT_TIMEOUT_S = 10.0
+# Actors on other machines do not inherit the driver's environment as local ranks do: these
+# variables (and every EVALFLEET_* one) travel with each actor's runtime_env.
+FORWARDED = ("PYTHONPATH",)
+
+
+def rank_env(rank: int) -> dict[str, str]:
+    """The environment of one rank's actor process: the driver's evalfleet settings, and the rank."""
+    forwarded = {k: v for k, v in os.environ.items() if k.startswith("EVALFLEET_") or k in FORWARDED}
+    return forwarded | {"EVALFLEET_WORKER_RANK": str(rank)}
+
+
+class RankActor:
+    """One rank of one replica. Wrapped by `ray.remote` when a runner starts (Ray stays optional)."""
+
+    def __init__(self, spec_json: str, rank: int) -> None:
+        import torch
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.spec = dataclasses.replace(GroupSpec.from_json(spec_json), device=device)
+        self.rank = rank
+        self.part: Any = None
+        self.store: Any = None
+        torch.set_num_threads(self.spec.threads)
+
+    def where(self) -> dict[str, Any]:
+        import ray
+
+        context = ray.get_runtime_context()
+        return {"rank": self.rank, "node_id": context.get_node_id(), "address": ray.util.get_node_ip_address(),
+                "pid": os.getpid(), "device": self.spec.device}
+
+    def host_store(self) -> int:
+        """Rank 0 hosts the replica's rendezvous; the port is the kernel's choice, never a guess."""
+        import torch.distributed as dist
+
+        from evalfleet.runtime.rank import COLLECTIVE_TIMEOUT
+
+        self.store = dist.TCPStore(self.where()["address"], 0, is_master=True, wait_for_workers=False,
+                                   timeout=COLLECTIVE_TIMEOUT)
+        return int(self.store.port)
+
+    def load(self, address: str, port: int) -> dict[str, Any]:
+        import torch
+        import torch.distributed as dist
+
+        from evalfleet.runtime import parallel
+        from evalfleet.runtime.rank import COLLECTIVE_TIMEOUT
+
+        started = time.perf_counter()
+        if self.spec.world_size > 1:
+            on_gpu = self.spec.device == "cuda"
+            if on_gpu:
+                torch.cuda.set_device(0)
+            store = self.store or dist.TCPStore(address, port, is_master=False, timeout=COLLECTIVE_TIMEOUT)
+            dist.init_process_group("nccl" if on_gpu else "gloo", store=store, rank=self.rank,
+                                    world_size=self.spec.world_size, timeout=COLLECTIVE_TIMEOUT)
+        self.part = parallel.load_part(self.spec)
+        report = parallel.rank_report(self.part, self.rank)
+        return report | {"load_seconds": time.perf_counter() - started, "max_length": self.part.backend.max_length,
+                         **self.where()}
+
+    def compute(self, items: list[Item]) -> list[Any]:
+        from evalfleet.runtime import runner
+
+        return runner.compute(self.part.backend, items)
+
+
+@dataclasses.dataclass
+class _Replica:
+    index: int
+    actors: list[Any]
+    ranks: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+
+
+def check_reachable(address: str) -> None:
+    """Refuse a HOST:PORT nobody listens on at once: Ray itself retries it for minutes."""
+    host, _, port = address.rpartition(":")
+    if not (host and port.isdigit()):
+        return  # `auto`, or a form Ray checks itself
+    try:
+        socket.create_connection((host, int(port)), timeout=CONNECT_TIMEOUT_S).close()
+    except OSError as error:
+        raise EvalfleetError(f"cannot reach the Ray cluster at '{address}': "
+                             f"{error.strerror or type(error).__name__}") from None
+
+
+def connect(address: str) -> None:
+    """Join the Ray cluster at `address` (`auto` finds a local head) as a driver, once per process."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    check_reachable(address)
+    try:
+        ray.init(address=address, logging_level="ERROR", log_to_driver=False)
+    except (ConnectionError, ValueError, RuntimeError) as error:
+        raise EvalfleetError(f"cannot reach the Ray cluster at '{address}': {str(error).splitlines()[0]}") from None
+
+
+class RayGroupRunner(BatchRunner):
+    """Batches computed by `dp` replicas of `tp * pp` Ray actors each.
+
+    `nodes` gives the Ray node id for each rank (dp-major, then stage, then tp rank), or None
+    to let Ray choose. Replicas take batches from one queue as they finish the last one.
+    """
+
+    def __init__(self, spec: GroupSpec, dp: int, nodes: Sequence[str | None] | None = None, *,
+                 load_timeout: float = 1800.0) -> None:
+        self.spec = spec
+        self.dp = dp
+        self.nodes = list(nodes) if nodes is not None else [None] * (dp * spec.world_size)
+        if len(self.nodes) != dp * spec.world_size:
+            raise EvalfleetError(f"{len(self.nodes)} nodes given for {dp * spec.world_size} ranks")
+        self.load_timeout = load_timeout
+        self.replicas: list[_Replica] = []
+        self.group: Any = None
+        self.load_seconds = 0.0
+
+    def start(self) -> RayGroupRunner:
+        import ray
+        from ray.util.placement_group import placement_group
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        check_layout(self.spec)
+        began = time.perf_counter()
+        bundles = [{"GPU": 1.0} for _ in self.nodes]
+        selectors = [{NODE_LABEL: node} if node else {} for node in self.nodes]
+        self.group = placement_group(bundles, strategy="PACK", bundle_label_selector=selectors)
+        ready, _ = ray.wait([self.group.ready()], timeout=self.load_timeout)
+        if not ready:
+            self.close()
+            raise NodeLost(f"the Ray cluster could not reserve {len(bundles)} GPU(s) for this job in "
+                           f"{self.load_timeout:.0f}s (a node it was placed on may be gone)")
+        remote = ray.remote(RankActor)
+        world = self.spec.world_size
+        for r in range(self.dp):
+            actors = [
+                remote.options(num_cpus=0, num_gpus=1, max_restarts=0, runtime_env={"env_vars": rank_env(k)},
+                               scheduling_strategy=
+                               PlacementGroupSchedulingStrategy(self.group, placement_group_bundle_index=r * world + k))
+                .remote(self.spec.to_json(), k)
+                for k in range(world)
+            ]
+            self.replicas.append(_Replica(r, actors))
+        try:
+            loads = []
+            for replica in self.replicas:
+                head = replica.actors[0]
+                address = ray.get(head.where.remote())["address"]
+                port = ray.get(head.host_store.remote()) if world > 1 else 0
+                loads.append([actor.load.remote(address, port) for actor in replica.actors])
+            for replica, refs in zip(self.replicas, loads):
+                replica.ranks = ray.get(refs, timeout=self.load_timeout)
+        except ray.exceptions.RayActorError as error:
+            self.close()
+            raise NodeLost(f"a rank died while loading the model: {_first_line(error)}") from None
+        except ray.exceptions.RayTaskError as error:
+            self.close()
+            raise EvalfleetError(f"a rank failed to load the model: {_first_line(error)}") from None
+        self.load_seconds = time.perf_counter() - began
+        return self
+
+    @property
+    def max_length(self) -> int:
+        return int(self.replicas[0].ranks[0]["max_length"])
+
+    @property
+    def shares_prefixes(self) -> bool:
+        return self.spec.share_prefixes
+
+    def rank_nodes(self) -> list[list[dict[str, Any]]]:
+        """Per replica, where each rank runs: node id, address, pid, device."""
+        keys = ("rank", "node_id", "address", "pid", "device")
+        return [[{key: rank[key] for key in keys} for rank in replica.ranks] for replica in self.replicas]
+
+    def run(self, batches: Sequence[Sequence[Item]], on_batch_done: BatchCallback) -> None:
+        import ray
+
+        todo = collections.deque(range(len(batches)))
+        idle = collections.deque(self.replicas)
+        owner: dict[Any, tuple[_Replica, int, list[Any]]] = {}  # every unfinished ref -> its batch
+        while todo or owner:
+            while todo and idle:
+                replica, index = idle.popleft(), todo.popleft()
+                refs = [actor.compute.remote(list(batches[index])) for actor in replica.actors]
+                owner.update({ref: (replica, index, refs) for ref in refs})
+            finished, _ = ray.wait(list(owner), num_returns=1)
+            replica, index, refs = owner.pop(finished[0])
+            self._get(finished[0], replica)  # a dead rank fails here, before its peers time out
+            if any(ref in owner for ref in refs):
+                continue
+            results = self._get(refs[0], replica)
+            on_batch_done(index, results)
+            idle.append(replica)
+
+    def _get(self, ref: Any, replica: _Replica) -> Any:
+        import ray
+
+        try:
+            return ray.get(ref)
+        except (ray.exceptions.RayActorError, ray.exceptions.NodeDiedError, ray.exceptions.WorkerCrashedError,
+                ray.exceptions.ObjectLostError) as error:
+            nodes = sorted({rank["node_id"] for rank in replica.ranks})
+            raise NodeLost(f"replica {replica.index} lost a rank on node {' or '.join(n[:12] for n in nodes)}: "
+                           f"{type(error).__name__}") from None
+        except ray.exceptions.RayTaskError as error:
+            if self._peer_lost(replica):  # a collective failed because a peer's process died with its node
+                raise NodeLost(f"replica {replica.index} lost a rank: {_first_line(error)}") from None
+            raise EvalfleetError(f"replica {replica.index} failed: {_first_line(error)}") from None
+
+    def _peer_lost(self, replica: _Replica, timeout_s: float = 30.0) -> bool:
+        """Whether a rank of `replica` is dead; Ray may take its health-check period to say so."""
+        import ray
+
+        try:
+            ray.get([actor.where.remote() for actor in replica.actors], timeout=timeout_s)
+        except (ray.exceptions.RayActorError, ray.exceptions.NodeDiedError, ray.exceptions.GetTimeoutError):
+            return True
+        return False
+
+    def describe(self) -> dict[str, Any]:
+        return describe_layout(
+            self.spec, self.dp, self.replicas[0].ranks if self.replicas else [], self.load_seconds,
+            devices=[rank["device"] for replica in self.replicas for rank in replica.ranks],
+            placement=[[rank["node_id"] for rank in replica.ranks] for replica in self.replicas],
+        ) | {"ray": {"ranks": self.rank_nodes()}}
+
+    def close(self, grace: float = 0.0) -> None:
+        """Kill every rank and free the placement group. Safe to call twice."""
+        import ray
+        from ray.util.placement_group import remove_placement_group
+
+        for replica in self.replicas:
+            for actor in replica.actors:
+                ray.kill(actor)
+        self.replicas = []
+        if self.group is not None:
+            remove_placement_group(self.group)
+            self.group = None
+
+
+def _first_line(error: BaseException) -> str:
+    lines = [line for line in str(error).splitlines() if line.strip()]
+    return lines[-1].strip() if lines else type(error).__name__

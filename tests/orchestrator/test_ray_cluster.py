@@ -1,0 +1,232 @@
+"""Real Ray: a head and three nodes of two declared GPUs each (`ray.cluster_utils.Cluster`), on the CPU.
+
+`evalfleet run --ray` with pipeline stages and replicas spread over the nodes, `evalfleet scheduler
+--ray` with three jobs side by side, a node SIGKILLed mid-job (`remove_node(allow_graceful=False)`),
+and a scheduler SIGKILLed while its job runs. Every result equals a single-process run; no Ray
+process or actor outlives the module.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import psutil
+import pytest
+from faultenv import fault_env
+from fleet import fleet_in, wait_for
+from samples import compare_samples, load_samples
+from tinymodels import build_tiny_model
+
+from evalfleet.orchestrator import JobState
+
+pytestmark = pytest.mark.slow
+
+# Fast health checks, so a lost node is declared dead in about three seconds (defaults: ~14 s
+# here); not faster, or a node busy on a loaded 2-core machine could be declared dead too.
+FAST_HEALTH_CHECKS = {
+    "health_check_initial_delay_ms": 0,
+    "health_check_period_ms": 1000,
+    "health_check_timeout_ms": 1000,
+    "health_check_failure_threshold": 3,
+}
+TASKS = ("demo_mc", "demo_arith", "demo_ppl")
+LIMIT = "3"
+
+
+def _ray_processes(tmpdir: str) -> list[psutil.Process]:
+    """Every process of this cluster (they name its temp folder), and every rank actor."""
+    found = []
+    for process in psutil.process_iter(["cmdline"]):
+        line = " ".join(process.info["cmdline"] or [])
+        if tmpdir in line or line.startswith("ray::RankActor"):
+            found.append(process)
+    return found
+
+
+def rank_actors() -> list[psutil.Process]:
+    found = []
+    for process in psutil.process_iter(["cmdline"]):
+        line = " ".join(process.info["cmdline"] or [])
+        if line.startswith("ray::RankActor"):
+            found.append(process)
+    return found
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    from ray.cluster_utils import Cluster
+
+    tmpdir = tempfile.mkdtemp(prefix="ray", dir="/tmp")  # Ray's socket paths must stay short
+    saved = {key: os.environ.get(key) for key in ("RAY_AUTH_MODE", "RAY_TMPDIR")}
+    os.environ.update(RAY_AUTH_MODE="disabled", RAY_TMPDIR=tmpdir)
+    cluster = Cluster(initialize_head=True, head_node_args={
+        "num_cpus": 1, "num_gpus": 0, "_system_config": FAST_HEALTH_CHECKS,
+        "include_dashboard": False,
+    })
+    try:
+        nodes = [cluster.add_node(num_cpus=1, num_gpus=2) for _ in range(3)]
+        cluster.wait_for_nodes()
+        cluster.gpu_nodes = nodes
+        yield cluster
+    finally:
+        cluster.shutdown()
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+    wait_for(lambda: not _ray_processes(tmpdir), 30, "every Ray process to exit")
+    shutil.rmtree(tmpdir, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def llama(tmp_path_factory) -> Path:
+    return build_tiny_model(tmp_path_factory.mktemp("ray-models") / "tiny-llama", family="llama")
+
+
+@pytest.fixture(scope="module")
+def reference(llama, tmp_path_factory) -> Path:
+    """Samples of a single-process run of every task the tests use."""
+    from evalfleet.engines.run import evaluate_request
+    from evalfleet.types import EvaluationRequest
+
+    folder = tmp_path_factory.mktemp("ray-reference")
+    evaluate_request(EvaluationRequest.model_validate({
+        "model": {"path": str(llama)}, "tasks": {"names": list(TASKS), "limit": int(LIMIT)}, "log_samples": True,
+        "use_cache": False, "output_dir": str(folder), "engine": "lightweight",
+    }))
+    return folder
+
+
+def agrees(reference: Path, folder: Path) -> list[str]:
+    actual = load_samples(folder)
+    expected = {task: rows for task, rows in load_samples(reference).items() if task in actual}
+    assert actual, f"no samples in {folder}"
+    return compare_samples(expected, actual)
+
+
+@pytest.fixture
+def fleet(tmp_path):
+    with fleet_in(tmp_path) as fleet:
+        yield fleet
+    wait_for(lambda: not rank_actors(), 30, "the rank actors to exit")
+
+
+def node_ids(cluster) -> list[str]:
+    return [node.node_id for node in cluster.gpu_nodes]
+
+
+def test_run_spreads_pipeline_stages_and_replicas_over_nodes(cluster, llama, reference, tmp_path):
+    from clitools import run_subprocess
+
+    out = tmp_path / "run"
+    done = run_subprocess(["run", "--ray", cluster.address, "--model", str(llama), "--tasks", ",".join(TASKS),
+                           "--limit", LIMIT, "--strategy", "pp", "--pp", "2", "--dp", "2", "--log-samples",
+                           "--no-cache", "--output", str(out)], timeout=600)
+    assert done.returncode == 0, done.stderr
+    layout = json.loads((out / "results.json").read_text())["evalfleet"]["layout"]
+    assert (layout["tp"], layout["pp"], layout["dp"]) == (1, 2, 2)
+    replicas = layout["placement"]
+    assert all(len(set(stages)) == 2 for stages in replicas), replicas  # each replica's stages on two nodes
+    assert len({node for stages in replicas for node in stages}) == 3
+    assert set(node for stages in replicas for node in stages) <= set(node_ids(cluster))
+    assert agrees(reference, out) == []
+
+
+def test_scheduler_runs_three_jobs_side_by_side(cluster, llama, reference, fleet):
+    fleet.start("--ray", cluster.address, "--interval", "0.2", "--backoff", "0")
+    pool = json.loads(fleet.cli("pool", "--json").stdout)
+    assert [len(node["gpus"]) for node in pool["nodes"]] == [2, 2, 2]
+    assert {node["name"] for node in pool["nodes"]} == set(node_ids(cluster))
+    jobs = {task: fleet.submit("--model", str(llama), "--tasks", task, "--limit", LIMIT, "--gpus", "1",
+                               "--log-samples") for task in TASKS}
+    for job in jobs.values():
+        fleet.wait_state(job, JobState.SUCCEEDED, timeout=300)
+    # Side by side: each started before any of them finished.
+    events = fleet.events()
+    first_end = min(e.at for e in events if e.to_state is JobState.SUCCEEDED)
+    assert all(e.at < first_end for e in events if e.to_state is JobState.RUNNING)
+    for job in jobs.values():
+        status = fleet.status(job)
+        assert status["attempts"] == 1, status["events"]
+        (replica,) = status["ranks"]
+        assert replica[0]["node_id"] in node_ids(cluster)
+        assert agrees(reference, Path(status["result_path"]).parent) == []
+
+
+def test_a_node_lost_mid_job_is_left_and_the_job_finishes_elsewhere(cluster, llama, reference, fleet, monkeypatch):
+    for key, value in fault_env("slow_batch:0.4").items():  # reaches the rank actors through runtime_env
+        monkeypatch.setenv(key, value)
+    fleet.start("--ray", cluster.address, "--interval", "0.2")
+    job = fleet.submit("--model", str(llama), "--tasks", "demo_mc,demo_arith", "--limit", LIMIT, "--gpus", "2",
+                       "--strategy", "pp", "--pp", "2", "--batch-size", "1", "--log-samples")
+    wait_for(lambda: (r := fleet.record(job)).state is JobState.RUNNING and r.done >= 2 and r, 300,
+                      "the job to compute")
+    ranks = wait_for(lambda: fleet.status(job)["ranks"], 30, "the ranks to be recorded")
+    doomed = ranks[0][1]["node_id"]
+    node = next(n for n in cluster.gpu_nodes if n.node_id == doomed)
+    done_before = fleet.record(job).done
+    cluster.remove_node(node, allow_graceful=False)
+    cluster.gpu_nodes.remove(node)
+
+    finished = fleet.wait_state(job, JobState.SUCCEEDED, timeout=300)
+    status = fleet.status(job)
+    lost = [e for e in status["events"] if "lost" in (e["reason"] or "")]
+    assert lost, status["events"]
+    assert status["failures"] == 1 and status["attempts"] == 2
+    assert all(rank["node_id"] != doomed for replica in status["ranks"] for rank in replica)
+    document = json.loads(Path(finished.result_path).read_text())
+    cache = document["evalfleet"]["cache"]
+    # What the first attempt finished came from the cache; only the rest was computed again.
+    assert cache["hits"] >= done_before > 0 and cache["computed"] == cache["misses"]
+    assert agrees(reference, Path(finished.result_path).parent) == []
+
+    # The dead node's GPUs left the pool; a node that joins is used.
+    pool = json.loads(fleet.cli("pool", "--json").stdout)
+    assert [(node["alive"], node["gpus"]) for node in pool["nodes"] if node["name"] == doomed] == [(False, [])]
+    cluster.gpu_nodes.append(cluster.add_node(num_cpus=1, num_gpus=2))
+    cluster.wait_for_nodes()
+    joined = cluster.gpu_nodes[-1].node_id
+    wait_for(lambda: any(node["name"] == joined and len(node["gpus"]) == 2
+                         for node in json.loads(fleet.cli("pool", "--json").stdout)["nodes"]), 30, "the new node")
+
+
+def test_a_restarted_scheduler_adopts_running_ray_jobs(cluster, llama, reference, fleet, monkeypatch, tmp_path):
+    for key, value in fault_env("slow_batch:1.5").items():  # reaches the rank actors through runtime_env
+        monkeypatch.setenv(key, value)
+    fleet.start("--ray", cluster.address, "--interval", "0.2")
+    job = fleet.submit("--model", str(llama), "--tasks", "demo_mc,demo_arith", "--limit", LIMIT, "--gpus", "1",
+                       "--batch-size", "1", "--log-samples")
+    running = wait_for(lambda: (r := fleet.record(job)).state is JobState.RUNNING and r.done >= 1 and r, 300,
+                       "the job to compute")
+    found = rank_actors()
+    actors = {p.pid for p in found}
+    assert len(actors) == 1
+    # The fault (and the folder of its sitecustomize) reached the rank through its runtime_env.
+    environ = found[0].environ()
+    assert environ["EVALFLEET_TEST_FAULT"] == "slow_batch:1.5" and environ["EVALFLEET_WORKER_RANK"] == "0"
+    assert environ["PYTHONPATH"].startswith(str(Path(__file__).parents[1] / "faults")), environ["PYTHONPATH"]
+    fleet.process.kill()
+    fleet.process.wait(30)
+    fleet.process = None
+    assert psutil.pid_exists(running.pid)  # the job's driver outlives its scheduler
+
+    fleet.log = tmp_path / "second-scheduler.log"
+    fleet.start("--ray", cluster.address, "--interval", "0.2")
+    assert fleet.record(job).state is JobState.RUNNING  # adopted while it still runs
+    seen = set()
+
+    def finished():
+        seen.update(p.pid for p in rank_actors())
+        return fleet.wait_state(job, JobState.SUCCEEDED, JobState.RUNNING).state is JobState.SUCCEEDED
+
+    wait_for(finished, 300, "the adopted job to finish", interval=0.2)
+    assert seen <= actors, "a second set of ranks was started"
+    status = fleet.status(job)
+    assert status["attempts"] == 1 and status["failures"] == 0, status["events"]
+    assert "requeued" not in fleet.log.read_text()
+    assert agrees(reference, Path(fleet.record(job).result_path).parent) == []
