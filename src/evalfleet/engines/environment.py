@@ -19,9 +19,11 @@ _report: Future | None = None
 
 
 def _gather() -> dict[str, Any]:
-    from lm_eval.loggers.utils import add_env_info, get_git_commit_hash
+    from lm_eval.loggers.utils import add_env_info
 
-    report: dict[str, Any] = {"git_hash": get_git_commit_hash()}
+    from evalfleet.tasks.noise import quiet_git_commit_hash
+
+    report: dict[str, Any] = {"git_hash": quiet_git_commit_hash()}
     add_env_info(report)
     return report
 

@@ -35,7 +35,7 @@ class _DropMessage(logging.Filter):
         return self.text not in record.getMessage()
 
 
-def _quiet_git_commit_hash() -> str | None:
+def quiet_git_commit_hash() -> str | None:
     """lm-eval's `get_git_commit_hash`, without git's complaint outside a checkout."""
     from lm_eval.loggers.utils import get_commit_from_path
 
@@ -54,5 +54,5 @@ def silence_third_party_noise() -> None:
         logging.getLogger(name).addFilter(_DropMessage(text))
     import lm_eval.evaluator
 
-    lm_eval.evaluator.get_git_commit_hash = _quiet_git_commit_hash
+    lm_eval.evaluator.get_git_commit_hash = quiet_git_commit_hash
     _installed = True
