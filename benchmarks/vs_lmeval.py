@@ -10,7 +10,11 @@ budget irrelevant) with the demo model's tokenizer. Both sides run in float32 on
 with the request cache off for evalfleet. lm-eval uses batch size 16 (its default `auto`
 only probes a GPU). Writes benchmarks/results/vs_lmeval.json.
 
-    python benchmarks/vs_lmeval.py [--rounds 2] [--docs 500]
+    python benchmarks/vs_lmeval.py [--rounds 2] [--docs 500] [--backend vllm]
+
+With `--backend vllm` a third side runs: evalfleet's vLLM backend, as `.venv-vllm/bin/evalfleet`
+(`make vllm`) in its own process; its wall time is given with and without the engine's
+start-up. Writes benchmarks/results/vs_lmeval_vllm.json then.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import subprocess
 import tempfile
 import time
 from pathlib import Path
@@ -89,13 +94,28 @@ def run_evalfleet(model: Path, task: str, include: Path) -> tuple[float, dict, d
     return time.perf_counter() - started, result.results["results"][task], result.evalfleet["timing"]
 
 
+def run_evalfleet_vllm(model: Path, task: str, include: Path) -> tuple[float, dict, dict]:
+    """The vLLM backend in .venv-vllm; (wall seconds with start-up, task metrics, evalfleet timing)."""
+    out = Path(tempfile.mkdtemp(prefix="evalfleet-bench-vllm-"))
+    command = [str(ROOT.parent / ".venv-vllm" / "bin" / "evalfleet"), "run", "--backend", "vllm", "--device", "cpu",
+               "--dtype", "float32", "--model", str(model), "--tasks", task, "--include-path", str(include),
+               "--no-cache", "--output", str(out)]
+    started = time.perf_counter()
+    subprocess.run(command, check=True, capture_output=True)
+    wall = time.perf_counter() - started
+    document = json.loads((out / "results.json").read_text())
+    return wall, document["results"][task], document["evalfleet"]["timing"]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--docs", type=int, default=500)
     parser.add_argument("--lm-eval-batch-size", type=int, default=16)
-    parser.add_argument("--output", default=str(ROOT / "results" / "vs_lmeval.json"))
+    parser.add_argument("--output", default=None)
+    parser.add_argument("--backend", choices=["hf", "vllm"], default="hf", help="vllm: add evalfleet's vLLM backend")
     args = parser.parse_args()
+    args.output = args.output or str(ROOT / "results" / ("vs_lmeval_vllm.json" if args.backend == "vllm" else "vs_lmeval.json"))
 
     from evalfleet.tasks import build_task_manager
 
@@ -108,11 +128,15 @@ def main() -> None:
     for task in ("bench_mc", "demo_arith"):
         manager = build_task_manager([task], str(work / "tasks"))
         lm_times, ef_times, timing, metrics = [], [], {}, {}
+        vllm_times: list[tuple[float, float]] = []
         for _ in range(args.rounds):
             seconds, metrics["lm_eval"] = run_lm_eval(model, task, manager, args.lm_eval_batch_size)
             lm_times.append(seconds)
             seconds, metrics["evalfleet"], timing = run_evalfleet(model, task, work / "tasks")
             ef_times.append(seconds)
+            if args.backend == "vllm":
+                seconds, metrics["vllm"], vllm_timing = run_evalfleet_vllm(model, task, work / "tasks")
+                vllm_times.append((seconds, vllm_timing["wall_seconds"]))
         requests, tokens = timing["requests"], timing["tokens"]
         lm_wall, ef_wall = min(lm_times), min(ef_times)
         report["tasks"][task] = {
@@ -127,10 +151,30 @@ def main() -> None:
             == {k: v for k, v in metrics["evalfleet"].items() if "," in k and "stderr" not in k},
             "all_walls": {"lm_eval": [round(t, 3) for t in lm_times], "evalfleet": [round(t, 3) for t in ef_times]},
         }
+        if vllm_times:
+            report["tasks"][task]["evalfleet_vllm"] = vllm_side(vllm_times, requests, tokens, lm_wall, ef_wall, metrics)
         print(task, json.dumps(report["tasks"][task]), flush=True)
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)
     Path(args.output).write_text(json.dumps(report, indent=2) + "\n")
     print(f"wrote {args.output}")
+
+
+def vllm_side(times: list[tuple[float, float]], requests: int, tokens: int, lm_wall: float, ef_wall: float,
+              metrics: dict) -> dict:
+    """The vLLM backend's figures: best wall with and without engine start-up, ratios to both peers."""
+    total, evaluation = min(t for t, _ in times), min(e for _, e in times)
+    agreeing = {k: v for k, v in metrics["vllm"].items() if "," in k and "stderr" not in k}
+    return {
+        "wall_seconds_with_startup": round(total, 3),
+        "wall_seconds_evaluation": round(evaluation, 3),
+        "requests_per_s": round(requests / evaluation, 2),
+        "tokens_per_s": round(tokens / evaluation, 1),
+        "speedup_vs_lm_eval_hf": round(lm_wall / evaluation, 3),
+        "speedup_vs_evalfleet_hf": round(ef_wall / evaluation, 3),
+        "speedup_vs_lm_eval_hf_with_startup": round(lm_wall / total, 3),
+        "metrics": agreeing,
+        "all_walls": [[round(t, 3), round(e, 3)] for t, e in times],
+    }
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ from typing import Any
 from lm_eval import simple_evaluate
 from lm_eval.utils import handle_non_serializable
 
+from evalfleet.planning import backends
 from evalfleet.runtime.backends.hf import resolve_dtype, resolve_device
 from evalfleet.runtime.batching import default_token_budget
 from evalfleet.runtime.cache import RequestCache, model_identity
@@ -57,6 +58,7 @@ def run_evaluation(
     model_gb: float | None = None,
     progress: ProgressCallback | None = None,
     extra: dict[str, Any] | None = None,
+    backend: str = "hf",
 ) -> EvaluationResult:
     output_dir = check_output_dir(request.output_dir)
     manager = build_task_manager(request.tasks.names, request.tasks.include_path)
@@ -65,11 +67,12 @@ def run_evaluation(
     lm = EvalfleetLM(
         runner,
         tokenizer,
-        model_identity(model_path, request.model.revision, dtype),
+        model_identity(model_path, request.model.revision, dtype, backend),
         cache=cache,
         token_budget=request.max_batch_tokens or default_token_budget(device),
         batch_size=request.batch_size if isinstance(request.batch_size, int) else None,
         progress=progress,
+        seed=request.seed,
     )
     started = time.perf_counter()
     try:
@@ -93,10 +96,12 @@ def run_evaluation(
     output = dict(output or {})
     samples = output.pop("samples", None)
     stats = lm.stats
+    layout = runner.describe()
     section = {
         "engine": engine,
+        "backend": {"name": backend, "version": layout.get("backend_version") or backends.version(backend)},
         "model": {"path": model_path, "dtype": dtype, "size_gb": model_gb},
-        "layout": runner.describe(),
+        "layout": layout,
         "timing": {
             "wall_seconds": round(wall, 4),
             "compute_seconds": round(stats.compute_seconds, 4),

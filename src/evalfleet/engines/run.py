@@ -18,20 +18,28 @@ from evalfleet.types import EvalfleetError, EvaluationRequest, EvaluationResult,
 MONITOR_INTERVAL = 0.5
 
 
-def check_request(request: EvaluationRequest) -> None:
-    """Every check that needs no model loaded, so a bad input costs seconds, not a model load."""
+def check_request(request: EvaluationRequest) -> EvaluationRequest:
+    """Every check that needs no model loaded, so a bad input costs seconds, not a model load.
+
+    Returns the request with its backend resolved (`auto` becomes hf or vllm).
+    """
+    from evalfleet.planning.backends import resolve_backend
     from evalfleet.tasks import build_task_manager
 
     check_model_folder(resolve_model_path(request.model.path))
-    load_dtype_and_device(request)
+    _, device = load_dtype_and_device(request)
+    backend = resolve_backend(request.backend, on_gpu=device.startswith("cuda"))
+    if backend == "vllm" and request.engine == "lightweight":
+        raise EvalfleetError("the lightweight engine runs transformers only; use --engine auto with --backend vllm")
     check_output_dir(request.output_dir)
     build_task_manager(request.tasks.names, request.tasks.include_path)
+    return request.model_copy(update={"backend": backend})
 
 
 def evaluate_request(
     request: EvaluationRequest, progress: ProgressCallback | None = None, report: bool = False
 ) -> EvaluationResult:
-    check_request(request)
+    request = check_request(request)
     engine = select_engine(request)
     if not engine.can_handle_request(request):
         size = estimate_model_size(request.model)

@@ -25,7 +25,7 @@ import os
 import sys
 import threading
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from datetime import timedelta
 from multiprocessing.connection import Connection
 from typing import Any
@@ -74,15 +74,25 @@ class GroupSpec:
     trust_remote_code: bool = False
     time_communication: bool = True
     share_prefixes: bool = False
+    # The vLLM backend: one process per replica, vLLM's own tp x pp beneath it (`vllm_worker`).
+    backend: str = "hf"
+    seed: int = 0
+    gpu_memory_utilization: float | None = None
+    engine_args: dict[str, Any] = field(default_factory=dict)
 
     @property
     def world_size(self) -> int:
         return self.tp * self.pp
 
     @property
+    def processes(self) -> int:
+        """Processes the driver starts per replica: every rank, or one vLLM engine."""
+        return 1 if self.backend == "vllm" else self.world_size
+
+    @property
     def path(self) -> str:
         """Which loading path (module docstring) this layout takes."""
-        return PATHS[(self.tp > 1, self.pp > 1)]
+        return "vllm" if self.backend == "vllm" else PATHS[(self.tp > 1, self.pp > 1)]
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))
@@ -94,6 +104,8 @@ class GroupSpec:
 
 def check_layout(spec: GroupSpec) -> None:
     """Refuse, in one sentence and before any process starts, a layout the model cannot take."""
+    if spec.backend == "vllm":
+        return  # vLLM splits every architecture it registers; the engine checked the declaration
     config = AutoConfig.from_pretrained(
         spec.model_path, revision=spec.revision, trust_remote_code=spec.trust_remote_code
     )

@@ -57,6 +57,11 @@ class BatchRunner(ABC):
         """Whether the backend packs items with a common context into one row (see batching)."""
         return False
 
+    @property
+    def samples(self) -> bool:
+        """Whether the backend honours a generation request's sampling settings."""
+        return False
+
     def describe(self) -> dict[str, Any]:
         """The layout and devices used, for results.json."""
         return {}
@@ -80,6 +85,10 @@ class InProcessRunner(BatchRunner):
     @property
     def shares_prefixes(self) -> bool:
         return bool(getattr(self.backend, "share_prefixes", False))
+
+    @property
+    def samples(self) -> bool:
+        return self.backend.samples
 
     def run(self, batches: Sequence[Sequence[Item]], on_batch_done: BatchCallback) -> None:
         for index, batch in enumerate(batches):

@@ -42,6 +42,8 @@ __all__ = ["LoadOutOfMemory", "ReplicaFailed", "WorkerGroup", "WorkerGroupRunner
 
 # (batch wall seconds, pipeline stage of the rank, seconds the rank was busy): the monitor's record_step.
 StepCallback = Callable[[float, int, float], None]
+# (replica name, vLLM's engine stats after a batch): the monitor's record_engine_stats.
+EngineStatsCallback = Callable[[str, dict[str, float]], None]
 
 
 def _padded_tokens(items: Sequence[Item]) -> int:
@@ -92,8 +94,10 @@ class WorkerGroupRunner(BatchRunner):
         on_step: StepCallback | None = None,
         placement: list[list[Any]] | None = None,
         env: dict[str, str] | None = None,
+        on_engine_stats: EngineStatsCallback | None = None,
     ) -> None:
         self.spec = spec
+        self.on_engine_stats = on_engine_stats
         self.replicas = [_Replica(i, list(devices)) for i, devices in enumerate(replicas)]
         self.max_restarts = max_restarts
         self.batch_timeout = batch_timeout
@@ -157,6 +161,10 @@ class WorkerGroupRunner(BatchRunner):
     @property
     def shares_prefixes(self) -> bool:
         return self.spec.share_prefixes
+
+    @property
+    def samples(self) -> bool:
+        return self.spec.backend == "vllm"
 
     def worker_pids(self) -> list[list[int]]:
         return [replica.group.pids if replica.group else [] for replica in self.replicas]
@@ -260,6 +268,8 @@ class WorkerGroupRunner(BatchRunner):
         with self._lock:
             self.communication.add_batch(reports)
             for rank, report in enumerate(reports):
+                if self.on_engine_stats is not None and "engine" in report:
+                    self.on_engine_stats(replica.name, report["engine"])
                 if self.on_step is not None:
                     self.on_step(seconds, rank // self.spec.tp, report["busy_seconds"])
                 if self.on_communication is not None:
@@ -295,7 +305,7 @@ class WorkerGroupRunner(BatchRunner):
             "dp": dp,
             "devices": [device for replica in self.replicas for device in replica.devices],
             "placement": self.placement or [list(replica.devices) for replica in self.replicas],
-            "backend": "hf",
+            "backend": self.spec.backend,
             "dtype": self.spec.dtype,
             "parallel_path": self.spec.path,
             "threads_per_rank": self.spec.threads,
@@ -305,6 +315,7 @@ class WorkerGroupRunner(BatchRunner):
             "restarts": sum(replica.restarts for replica in self.replicas),
             "oom_halvings": sum(replica.oom_halvings for replica in self.replicas),
             "communication": self.communication.as_dict(),
+            **{key: self._info[key] for key in ("backend_version", "vllm") if key in self._info},
         }
 
     def close(self, grace: float = 5.0) -> None:
@@ -328,6 +339,11 @@ def _worker_main() -> None:
     spec = GroupSpec.from_json(os.environ["EVALFLEET_WORKER_SPEC"])
     rank = int(os.environ["EVALFLEET_WORKER_RANK"])
     fd = os.environ.get("EVALFLEET_DRIVER_FD")
+    if spec.backend == "vllm":
+        from evalfleet.runtime.vllm_worker import serve as serve_vllm
+
+        serve_vllm(spec, Connection(int(fd)))
+        return
     serve(spec, rank, int(os.environ["EVALFLEET_STORE_PORT"]), Connection(int(fd)) if fd else None)
 
 

@@ -10,6 +10,7 @@ replica per core for `auto`), every rank on "cpu" with an equal share of the cor
 from __future__ import annotations
 
 import gc
+import json
 import os
 import time
 from dataclasses import dataclass, field
@@ -19,11 +20,15 @@ from evalfleet.planning.strategy import ParallelLayout
 from evalfleet.runtime.backends.hf import resolve_device, resolve_dtype
 from evalfleet.runtime.parallel import GroupSpec
 from evalfleet.runtime.transport import CommunicationCallback
-from evalfleet.runtime.workers import LoadOutOfMemory, StepCallback, WorkerGroupRunner
+from evalfleet.runtime.workers import EngineStatsCallback, LoadOutOfMemory, StepCallback, WorkerGroupRunner
 from evalfleet.types import DistributionStrategy, EvalfleetError, ModelConfig, resolve_model_path
 
 # Degrees a forced strategy gets on the CPU when the request names none.
 CPU_DEFAULT_DEGREE = 2
+# Extra vLLM engine arguments as a JSON object, e.g. {"max_num_seqs": 64} after KV-cache preemptions.
+VLLM_ENGINE_ARGS_ENV = "EVALFLEET_VLLM_ENGINE_ARGS"
+# The most of a GPU vLLM is given, whatever the memory model allows.
+MAX_GPU_MEMORY_UTILIZATION = 0.95
 
 
 @dataclass(frozen=True)
@@ -37,6 +42,9 @@ class WorkerLayout:
     placement: tuple[tuple[int, int], ...] = ()
     threads: int = 1
     reason: str = ""
+    # For vLLM, from the planner's memory model: its share of each GPU, and the longest sequence.
+    gpu_memory_utilization: float | None = None
+    max_model_len: int | None = None
 
     @property
     def strategy(self) -> DistributionStrategy:
@@ -132,7 +140,7 @@ def cpu_layout(strategy: DistributionStrategy, tp: int | None, pp: int | None, d
     return WorkerLayout(tp, pp, dp, devices, threads=max(1, cores // ranks), reason=reason)
 
 
-def gpu_layout(plan: Any) -> WorkerLayout:
+def gpu_layout(plan: Any, inventory: Any = None) -> WorkerLayout:
     """A planner `Plan` as worker devices; worker groups run on this node only."""
     if not plan.fits:
         raise EvalfleetError(f"no layout fits: {plan.reason}")
@@ -146,7 +154,52 @@ def gpu_layout(plan: Any) -> WorkerLayout:
     devices = [f"cuda:{gpu}" for _, gpu in plan.placement]
     size = layout.tp * layout.pp
     replicas = tuple(tuple(devices[r * size : (r + 1) * size]) for r in range(layout.dp))
-    return WorkerLayout(layout.tp, layout.pp, layout.dp, replicas, tuple(plan.placement), 1, plan.reason)
+    return WorkerLayout(
+        layout.tp,
+        layout.pp,
+        layout.dp,
+        replicas,
+        tuple(plan.placement),
+        1,
+        plan.reason,
+        gpu_memory_utilization(plan, inventory) if inventory is not None else None,
+        plan.max_length or None,
+    )
+
+
+def gpu_memory_utilization(plan: Any, inventory: Any) -> float:
+    """vLLM's share of each GPU: what is free less the memory model's safety margin, never less
+    than the plan needs (vLLM fills what is left after the weights with KV cache)."""
+    gpus = [inventory.nodes[node].gpus[gpu] for node, gpu in plan.placement]
+    share = min((gpu.free_gb - plan.per_gpu.margin) / gpu.total_gb for gpu in gpus)
+    need = max(plan.per_gpu.total / gpu.total_gb for gpu in gpus)
+    return round(min(MAX_GPU_MEMORY_UTILIZATION, max(share, need)), 3)
+
+
+def cpu_memory_share(model_config: ModelConfig, world_size: int) -> float:
+    """On the CPU vLLM reserves `gpu_memory_utilization` of the machine's RAM: the memory model's
+    need for one replica (weights, KV cache, activations) and a GiB of headroom, not vLLM's 92%."""
+    import psutil
+
+    from evalfleet.planning import estimate_memory, profile_model
+
+    profile = profile_model(model_config.path)
+    length = model_config.max_length or profile.max_positions or 2048
+    need = estimate_memory(profile, dtype="float32", max_length=length, on_cpu=True).total * world_size + 1.0
+    return round(min(0.5, need * 2**30 / psutil.virtual_memory().total), 4)
+
+
+def vllm_engine_args() -> dict[str, Any]:
+    text = os.environ.get(VLLM_ENGINE_ARGS_ENV)
+    if not text:
+        return {}
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise EvalfleetError(f"{VLLM_ENGINE_ARGS_ENV} is not valid JSON: {error.msg}") from None
+    if not isinstance(value, dict):
+        raise EvalfleetError(f"{VLLM_ENGINE_ARGS_ENV} must be a JSON object of vLLM engine arguments")
+    return value
 
 
 def visible_inventory() -> Any:
@@ -187,8 +240,10 @@ class MultiGPUModelLoader:
         batch_timeout: float = 900.0,
         on_communication: CommunicationCallback | None = None,
         on_step: StepCallback | None = None,
+        on_engine_stats: EngineStatsCallback | None = None,
     ) -> None:
         self._inventory = inventory
+        self.on_engine_stats = on_engine_stats
         self.max_restarts = max_restarts
         self.batch_timeout = batch_timeout
         self.on_communication = on_communication
@@ -224,12 +279,15 @@ class MultiGPUModelLoader:
         dp: int | None = None,
         max_gpus: int | None = None,
         busy: Any = (),
+        backend: str = "hf",
     ) -> Any:
-        """The planner's answer for this model on this machine's GPUs."""
+        """The planner's answer for this model on this machine's GPUs, for layouts `backend` runs."""
         from evalfleet.planning import plan, profile_model
 
         profile = profile_model(model_config.path)
         dtype = resolve_dtype(model_config.dtype, "cuda")
+        # vLLM sizes its engine for the model's whole context unless told otherwise, as lm-eval does.
+        length = model_config.max_length or (profile.max_positions if backend == "vllm" else None) or 2048
         return plan(
             profile,
             self.inventory,
@@ -240,7 +298,8 @@ class MultiGPUModelLoader:
             dp=dp,
             max_gpus=max_gpus,
             busy=busy,
-            max_length=model_config.max_length or 2048,
+            max_length=length,
+            backend=backend,
         )
 
     def determine_optimal_distribution_strategy(
@@ -252,13 +311,16 @@ class MultiGPUModelLoader:
         pp: int | None = None,
         dp: int | None = None,
         max_gpus: int | None = None,
+        backend: str = "hf",
     ) -> WorkerLayout:
         """The layout to run: the planner's on GPUs, the hints made concrete on the CPU."""
         strategy = DistributionStrategy(strategy)
         if resolve_device(model_config.device).startswith("cuda"):
-            return gpu_layout(self.plan(model_config, strategy=strategy, tp=tp, pp=pp, dp=dp, max_gpus=max_gpus))
+            found = self.plan(model_config, strategy=strategy, tp=tp, pp=pp, dp=dp, max_gpus=max_gpus, backend=backend)
+            return gpu_layout(found, self.inventory)
         if strategy is DistributionStrategy.AUTO and tp is None and pp is None and dp is None:
-            dp = min(_cpu_cores(), self._replicas_in_ram(model_config))
+            # One vLLM engine already uses every core; transformers runs fastest as a replica per core.
+            dp = 1 if backend == "vllm" else min(_cpu_cores(), self._replicas_in_ram(model_config))
         return cpu_layout(strategy, tp, pp, dp)
 
     def _replicas_in_ram(self, model_config: ModelConfig) -> int:
@@ -269,6 +331,20 @@ class MultiGPUModelLoader:
 
         weights_gb = estimate_weights_gb(profile_model(model_config.path), "float32")
         return max(1, int(psutil.virtual_memory().available / 2**30 // max(weights_gb * 1.2, 1e-9)))
+
+    @staticmethod
+    def _vllm_spec(model_config: ModelConfig, layout: WorkerLayout, seed: int) -> dict[str, Any]:
+        """The GroupSpec fields of a vLLM replica: memory share and length from the plan, extra engine args."""
+        share = layout.gpu_memory_utilization
+        if share is None:
+            share = cpu_memory_share(model_config, layout.tp * layout.pp)
+        return {
+            "backend": "vllm",
+            "seed": seed,
+            "gpu_memory_utilization": share,
+            "max_length": model_config.max_length or layout.max_model_len,
+            "engine_args": vllm_engine_args(),
+        }
 
     def allocate_gpu_resources(self, tp: int, pp: int, dp: int, busy: Any = ()) -> list[tuple[int, int]]:
         """(node, gpu) for each rank of a tp x pp x dp layout on this machine (the planner's `place`)."""
@@ -283,6 +359,8 @@ class MultiGPUModelLoader:
         *,
         share_prefixes: bool = False,
         env: dict[str, str] | None = None,
+        backend: str = "hf",
+        seed: int = 0,
     ) -> DistributedModelInfo:
         """Start the worker groups of `layout` and load the model in them.
 
@@ -302,7 +380,8 @@ class MultiGPUModelLoader:
                 max_length=model_config.max_length,
                 revision=model_config.revision,
                 trust_remote_code=model_config.trust_remote_code,
-                share_prefixes=share_prefixes,
+                share_prefixes=share_prefixes and backend == "hf",
+                **(self._vllm_spec(model_config, layout, seed) if backend == "vllm" else {}),
             )
             runner = WorkerGroupRunner(
                 spec,
@@ -313,19 +392,20 @@ class MultiGPUModelLoader:
                 on_step=self.on_step,
                 placement=layout.placement_lists(),
                 env=env,
+                on_engine_stats=self.on_engine_stats,
             )
             began = time.perf_counter()
             try:
                 runner.start()
                 break
             except LoadOutOfMemory as error:
-                larger = next_larger_plan(self.plan(model_config), layout.world_size) if device != "cpu" else None
+                larger = next_larger_plan(self.plan(model_config, backend=backend), layout.world_size) if device != "cpu" else None
                 if larger is None:
                     raise EvalfleetError(
                         f"the model does not fit in memory with tp={layout.tp}, pp={layout.pp} "
                         f"({error}) and no larger layout is available"
                     ) from error
-                layout = gpu_layout(larger)
+                layout = gpu_layout(larger, self.inventory)
         ranks = runner.info["ranks"]
         return DistributedModelInfo(
             model_path=spec.model_path,
