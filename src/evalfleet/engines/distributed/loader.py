@@ -370,19 +370,21 @@ class MultiGPUModelLoader:
         dtype = self.optimize_memory_usage(model_config)
         device = resolve_device(model_config.device)
         while True:
-            spec = GroupSpec(
-                model_path=resolve_model_path(model_config.path),
-                dtype=dtype,
-                device="cuda" if device.startswith("cuda") else "cpu",
-                tp=layout.tp,
-                pp=layout.pp,
-                threads=layout.threads,
-                max_length=model_config.max_length,
-                revision=model_config.revision,
-                trust_remote_code=model_config.trust_remote_code,
-                share_prefixes=share_prefixes and backend == "hf",
-                **(self._vllm_spec(model_config, layout, seed) if backend == "vllm" else {}),
-            )
+            fields: dict[str, Any] = {
+                "model_path": resolve_model_path(model_config.path),
+                "dtype": dtype,
+                "device": "cuda" if device.startswith("cuda") else "cpu",
+                "tp": layout.tp,
+                "pp": layout.pp,
+                "threads": layout.threads,
+                "max_length": model_config.max_length,
+                "revision": model_config.revision,
+                "trust_remote_code": model_config.trust_remote_code,
+                "share_prefixes": share_prefixes and backend == "hf",
+            }
+            if backend == "vllm":
+                fields.update(self._vllm_spec(model_config, layout, seed))
+            spec = GroupSpec(**fields)
             runner = WorkerGroupRunner(
                 spec,
                 [list(replica) for replica in layout.devices],
