@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import gc
 import json
+import math
 import os
 import time
 from dataclasses import dataclass, field
@@ -27,7 +28,7 @@ from evalfleet.types import DistributionStrategy, EvalfleetError, ModelConfig, r
 CPU_DEFAULT_DEGREE = 2
 # Extra vLLM engine arguments as a JSON object, e.g. {"max_num_seqs": 64} after KV-cache preemptions.
 VLLM_ENGINE_ARGS_ENV = "EVALFLEET_VLLM_ENGINE_ARGS"
-# The most of a GPU vLLM is given, whatever the memory model allows.
+# The most of a GPU vLLM is given beyond what the plan needs, whatever the memory model allows.
 MAX_GPU_MEMORY_UTILIZATION = 0.95
 
 
@@ -163,7 +164,7 @@ def gpu_layout(plan: Any, inventory: Any = None) -> WorkerLayout:
         1,
         plan.reason,
         gpu_memory_utilization(plan, inventory) if inventory is not None else None,
-        plan.max_length or None,
+        getattr(plan, "max_length", 0) or None,
     )
 
 
@@ -173,7 +174,7 @@ def gpu_memory_utilization(plan: Any, inventory: Any) -> float:
     gpus = [inventory.nodes[node].gpus[gpu] for node, gpu in plan.placement]
     share = min((gpu.free_gb - plan.per_gpu.margin) / gpu.total_gb for gpu in gpus)
     need = max(plan.per_gpu.total / gpu.total_gb for gpu in gpus)
-    return round(min(MAX_GPU_MEMORY_UTILIZATION, max(share, need)), 3)
+    return math.ceil(1000 * max(need, min(MAX_GPU_MEMORY_UTILIZATION, share))) / 1000  # never below the need
 
 
 def cpu_memory_share(model_config: ModelConfig, world_size: int) -> float:
