@@ -130,6 +130,8 @@ class DistributedEvaluationEngine(EvaluationEngine):
     def get_capabilities(self) -> DistributedEvaluationCapabilities:
         import torch
 
+        from evalfleet.planning import backends
+
         from evalfleet.engines.router import device_memory_gb
 
         inventory = self.loader.inventory
@@ -145,7 +147,7 @@ class DistributedEvaluationEngine(EvaluationEngine):
             name=self.name,
             strategies=[s.value for s in _SPLIT] + [DistributionStrategy.AUTO.value],
             devices=devices,
-            backends=["hf"],
+            backends=[name for name in backends.BACKENDS if backends.installed(name)],
             max_model_gb=round(memory, 2),
             gpus=gpus,
             nodes=len(inventory.nodes),
