@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from evalfleet.engines.distributed.loader import cpu_memory_share, gpu_layout, vllm_engine_args
+from evalfleet.engines.distributed.loader import gpu_layout
+from evalfleet.engines.distributed.vllm_layout import cpu_memory_share, vllm_engine_args
 from evalfleet.planning import Inventory, plan, profile_model
 from evalfleet.runtime.vllm_worker import cpu_binding
 from evalfleet.types import EvalfleetError, ModelConfig

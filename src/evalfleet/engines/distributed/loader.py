@@ -10,13 +10,12 @@ replica per core for `auto`), every rank on "cpu" with an equal share of the cor
 from __future__ import annotations
 
 import gc
-import json
-import math
 import os
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from evalfleet.engines.distributed.vllm_layout import gpu_memory_utilization, vllm_spec_fields
 from evalfleet.planning.strategy import ParallelLayout
 from evalfleet.runtime.backends.hf import resolve_device, resolve_dtype
 from evalfleet.runtime.parallel import GroupSpec
@@ -26,10 +25,6 @@ from evalfleet.types import DistributionStrategy, EvalfleetError, ModelConfig, r
 
 # Degrees a forced strategy gets on the CPU when the request names none.
 CPU_DEFAULT_DEGREE = 2
-# Extra vLLM engine arguments as a JSON object, e.g. {"max_num_seqs": 64} after KV-cache preemptions.
-VLLM_ENGINE_ARGS_ENV = "EVALFLEET_VLLM_ENGINE_ARGS"
-# The most of a GPU vLLM is given beyond what the plan needs, whatever the memory model allows.
-MAX_GPU_MEMORY_UTILIZATION = 0.95
 
 
 @dataclass(frozen=True)
@@ -168,41 +163,6 @@ def gpu_layout(plan: Any, inventory: Any = None) -> WorkerLayout:
     )
 
 
-def gpu_memory_utilization(plan: Any, inventory: Any) -> float:
-    """vLLM's share of each GPU: what is free less the memory model's safety margin, never less
-    than the plan needs (vLLM fills what is left after the weights with KV cache)."""
-    gpus = [inventory.nodes[node].gpus[gpu] for node, gpu in plan.placement]
-    share = min((gpu.free_gb - plan.per_gpu.margin) / gpu.total_gb for gpu in gpus)
-    need = max(plan.per_gpu.total / gpu.total_gb for gpu in gpus)
-    return math.ceil(1000 * max(need, min(MAX_GPU_MEMORY_UTILIZATION, share))) / 1000  # never below the need
-
-
-def cpu_memory_share(model_config: ModelConfig, world_size: int) -> float:
-    """On the CPU vLLM reserves `gpu_memory_utilization` of the machine's RAM: the memory model's
-    need for one replica (weights, KV cache, activations) and a GiB of headroom, not vLLM's 92%."""
-    import psutil
-
-    from evalfleet.planning import estimate_memory, profile_model
-
-    profile = profile_model(model_config.path)
-    length = model_config.max_length or profile.max_positions or 2048
-    need = estimate_memory(profile, dtype="float32", max_length=length, on_cpu=True).total * world_size + 1.0
-    return round(min(0.5, need * 2**30 / psutil.virtual_memory().total), 4)
-
-
-def vllm_engine_args() -> dict[str, Any]:
-    text = os.environ.get(VLLM_ENGINE_ARGS_ENV)
-    if not text:
-        return {}
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError as error:
-        raise EvalfleetError(f"{VLLM_ENGINE_ARGS_ENV} is not valid JSON: {error.msg}") from None
-    if not isinstance(value, dict):
-        raise EvalfleetError(f"{VLLM_ENGINE_ARGS_ENV} must be a JSON object of vLLM engine arguments")
-    return value
-
-
 def visible_inventory() -> Any:
     """This machine's GPUs as the planner sees them, cut to CUDA_VISIBLE_DEVICES when it is set.
 
@@ -333,20 +293,6 @@ class MultiGPUModelLoader:
         weights_gb = estimate_weights_gb(profile_model(model_config.path), "float32")
         return max(1, int(psutil.virtual_memory().available / 2**30 // max(weights_gb * 1.2, 1e-9)))
 
-    @staticmethod
-    def _vllm_spec(model_config: ModelConfig, layout: WorkerLayout, seed: int) -> dict[str, Any]:
-        """The GroupSpec fields of a vLLM replica: memory share and length from the plan, extra engine args."""
-        share = layout.gpu_memory_utilization
-        if share is None:
-            share = cpu_memory_share(model_config, layout.tp * layout.pp)
-        return {
-            "backend": "vllm",
-            "seed": seed,
-            "gpu_memory_utilization": share,
-            "max_length": model_config.max_length or layout.max_model_len,
-            "engine_args": vllm_engine_args(),
-        }
-
     def allocate_gpu_resources(self, tp: int, pp: int, dp: int, busy: Any = ()) -> list[tuple[int, int]]:
         """(node, gpu) for each rank of a tp x pp x dp layout on this machine (the planner's `place`)."""
         from evalfleet.planning import ParallelLayout, place
@@ -384,7 +330,7 @@ class MultiGPUModelLoader:
                 "share_prefixes": share_prefixes and backend == "hf",
             }
             if backend == "vllm":
-                fields.update(self._vllm_spec(model_config, layout, seed))
+                fields.update(vllm_spec_fields(model_config, layout, seed))
             spec = GroupSpec(**fields)
             runner = WorkerGroupRunner(
                 spec,
