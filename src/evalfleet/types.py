@@ -157,12 +157,30 @@ def default_output_dir(model_path: str) -> Path:
 
 
 class EvalfleetError(Exception):
-    """A problem the user can fix. The CLI prints its message as one line and exits with `exit_code`."""
+    """A problem the user can fix. The CLI prints its message as one line and exits with `exit_code`.
+
+    `failure` is how the scheduler treats it (see `orchestrator/failures.py`): by default the
+    same request fails the same way anywhere, so a retry or blaming the devices would not help.
+    """
 
     exit_code = 1
+    failure = "deterministic"
 
 
 class UsageError(EvalfleetError):
     """Bad arguments or bad input files: exit code 2."""
 
     exit_code = 2
+    failure = "request"
+
+
+class ResourceError(EvalfleetError):
+    """The work did not fit the devices' memory; a smaller budget or a larger layout may fit."""
+
+    failure = "resource"
+
+
+class InfrastructureError(EvalfleetError):
+    """A process, a collective or a node was lost; a retry may succeed, the devices may be at fault."""
+
+    failure = "infrastructure"

@@ -76,4 +76,4 @@ def worker_pids_of(parent: int) -> list[int]:
         children = psutil.Process(parent).children(recursive=True)
     except psutil.NoSuchProcess:
         return []
-    return [c.pid for c in children if "evalfleet.runtime.workers" in " ".join(c.cmdline())]
+    return [c.pid for c in children if "evalfleet.runtime.rank" in " ".join(c.cmdline())]

@@ -22,7 +22,7 @@ def tagged_workers(tag: str) -> list[int]:
     found = []
     for process in psutil.process_iter(["cmdline"]):
         try:
-            if "evalfleet.runtime.workers" in " ".join(process.info["cmdline"] or []):
+            if "evalfleet.runtime.rank" in " ".join(process.info["cmdline"] or []):
                 if process.environ().get("EVALFLEET_RUN_TAG") == tag and process.status() != psutil.STATUS_ZOMBIE:
                     found.append(process.pid)
         except (psutil.NoSuchProcess, psutil.AccessDenied):

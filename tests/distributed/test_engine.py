@@ -8,6 +8,7 @@ import json
 
 import pytest
 from distributed_support import alive
+from faultenv import fault_env
 from samples import compare_samples, load_samples
 
 from evalfleet.engines.distributed import DistributedEvaluationEngine, cpu_layout, gpu_layout, next_larger_plan
@@ -93,7 +94,7 @@ def test_the_memory_budget_evicts_the_least_recently_used_group(llama):
 
 
 def test_out_of_memory_at_load_on_the_cpu_is_a_clear_error(llama, tmp_path):
-    engine = DistributedEvaluationEngine(env={"EVALFLEET_TEST_FAULT": "oom_at_load"})
+    engine = DistributedEvaluationEngine(env=fault_env("oom_at_load"))
     with pytest.raises(EvalfleetError, match="does not fit in memory with tp=1, pp=1"):
         asyncio.run(engine.evaluate(_request(llama, tmp_path, dp=1)))
     assert engine.loaded_models() == []

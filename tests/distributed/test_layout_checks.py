@@ -5,9 +5,11 @@ from __future__ import annotations
 import pytest
 
 from evalfleet.runtime.backends.base import LoglikelihoodItem
-from evalfleet.runtime.parallel import GroupSpec, StageCache, check_layout
-from evalfleet.runtime.transport import CommunicationSummary, CommunicationTimer
-from evalfleet.runtime.workers import _first_chunk
+from evalfleet.runtime.group import GroupSpec, check_layout
+from evalfleet.runtime.parallel import StageCache
+from evalfleet.runtime.timing import CommunicationTimer
+from evalfleet.runtime.transport import CommunicationSummary
+from evalfleet.runtime.runner import first_chunk
 from evalfleet.types import EvalfleetError
 
 
@@ -44,17 +46,17 @@ def test_group_specs_travel_as_json_and_name_their_loading_path():
 
 def test_a_replica_token_budget_cuts_batches_into_padded_chunks():
     items = [LoglikelihoodItem((1,) * n, (2,)) for n in (9, 7, 3, 2)]  # lengths 10, 8, 4, 3
-    assert _first_chunk(items, None) == items
-    assert _first_chunk(items, 20) == items[:2]  # 2 rows x 10 tokens
-    assert _first_chunk(items, 5) == items[:1]  # never empty, even over budget
-    assert _first_chunk(items[2:], 8) == items[2:]
+    assert first_chunk(items, None) == items
+    assert first_chunk(items, 20) == items[:2]  # 2 rows x 10 tokens
+    assert first_chunk(items, 5) == items[:1]  # never empty, even over budget
+    assert first_chunk(items[2:], 8) == items[2:]
 
 
 def test_communication_totals_add_up_across_ranks_and_batches():
     summary = CommunicationSummary()
     event = {"kind": "all_reduce", "calls": 2, "bytes": 100, "seconds": 0.5}
-    summary.add_batch([{"busy_seconds": 2.0, "events": [event]}, {"busy_seconds": 2.0, "events": []}])
-    summary.add_batch([{"busy_seconds": 1.0, "events": [{**event, "kind": "p2p"}]}])
+    summary.add_batch([{"busy_seconds": 2.0, "events": [event], "timed": True}, {"busy_seconds": 2.0, "events": [], "timed": True}])
+    summary.add_batch([{"busy_seconds": 1.0, "events": [{**event, "kind": "p2p"}], "timed": True}])
     figures = summary.as_dict()
     assert (figures["bytes"], figures["calls"], figures["seconds"]) == (200, 4, 1.0)
     assert figures["share"] == pytest.approx(1.0 / 5.0)

@@ -10,9 +10,10 @@ import signal
 
 import pytest
 from distributed_support import alive, differences, run_all, worker_pids_of
+from faultenv import fault_env
 
 from evalfleet.runtime.backends.base import LoglikelihoodItem
-from evalfleet.runtime.parallel import GroupSpec
+from evalfleet.runtime.group import GroupSpec
 from evalfleet.runtime.workers import WorkerGroupRunner
 from evalfleet.types import EvalfleetError
 
@@ -96,7 +97,11 @@ def test_hybrid_ranks_shard_their_own_stage_only(runners):
 
 def test_communication_is_timed_and_reported(runners, requests_and_reference):
     runner = runners("tp")
-    run_all(runner, requests_and_reference[0][:2])
+    runner.time_every = 1
+    try:
+        run_all(runner, requests_and_reference[0][:2])
+    finally:
+        runner.time_every = 20
     kinds = {event[0] for event in runners.events}
     assert "all_reduce" in kinds
     assert all(nbytes >= 0 and seconds >= 0 and devices == ["cpu"] for _, nbytes, seconds, devices in runners.events)
@@ -104,6 +109,21 @@ def test_communication_is_timed_and_reported(runners, requests_and_reference):
     assert summary["bytes"] > 0 and summary["calls"] > 0
     assert 0 < summary["share"] <= 1
     assert summary["by_kind"]["all_reduce"]["calls"] > 0
+
+
+def test_communication_is_timed_on_one_batch_in_n(llama, requests_and_reference):
+    batches, _ = requests_and_reference
+    batches = (batches * 2)[:7]
+    events: list[tuple] = []
+    runner = start_runner(llama, tp=2, time_every=3, on_communication=lambda *event: events.append(event))
+    try:
+        run_all(runner, batches)
+        summary = runner.describe()["communication"]
+    finally:
+        runner.close()
+    assert (summary["batches"], summary["timed_batches"], summary["sample_every"]) == (7, 3, 3)  # batches 0, 3, 6
+    assert summary["calls"] > 0 and 0 < summary["share"] <= 1
+    assert events
 
 
 def test_a_killed_rank_is_restarted_and_the_results_do_not_change(runners, requests_and_reference):
@@ -147,7 +167,7 @@ def test_the_fault_injectors_make_the_equality_check_fail(llama, requests_and_re
     padded = [i for i, batch in enumerate(batches) if len({item.length for item in batch}) > 1][:3]
     for layout, fault in (("tp", "swap_tp_shards"), ("pp", "drop_pp_mask")):
         tp, pp, _ = LAYOUTS[layout]
-        runner = start_runner(llama, tp, pp, env={"EVALFLEET_TEST_FAULT": fault})
+        runner = start_runner(llama, tp, pp, env=fault_env(fault))
         try:
             results = run_all(runner, [batches[i] for i in padded])
             problems = differences([reference[i] for i in padded], results, *TOLERANCE[layout])
@@ -158,7 +178,7 @@ def test_the_fault_injectors_make_the_equality_check_fail(llama, requests_and_re
 
 def test_out_of_memory_halves_the_token_budget_and_gives_the_same_results(llama, requests_and_reference):
     batches, reference = requests_and_reference
-    runner = start_runner(llama, env={"EVALFLEET_TEST_FAULT": "oom_above:300"})
+    runner = start_runner(llama, env=fault_env("oom_above:300"))
     try:
         # Smaller batches pad differently: equal within the project's tolerance, not bit for bit.
         assert not differences(reference, run_all(runner, batches))
@@ -212,7 +232,7 @@ def test_workers_die_with_a_driver_killed_by_sigkill(llama):
 
     script = (
         "import sys\n"
-        "from evalfleet.runtime.parallel import GroupSpec\n"
+        "from evalfleet.runtime.group import GroupSpec\n"
         "from evalfleet.runtime.workers import WorkerGroupRunner\n"
         "runner = WorkerGroupRunner(GroupSpec(sys.argv[1]), [['cpu']]).start()\n"
         "print(*runner.worker_pids()[0], flush=True)\n"

@@ -101,7 +101,7 @@ def test_pipeline_stage_idle_time_becomes_a_finding_and_suggestion(make_monitor,
     assert [f.kind for f in findings] == ["pipeline_bubble"]
     assert findings[0].evidence["idle_fraction"] == {"stage0": 0.05, "stage1": 0.55}
     (suggestion,) = monitor.generate_optimization_suggestions()
-    assert suggestion.change == {"micro_batches": 9}
+    assert suggestion.change == {"tp": 2, "pp": 1}
 
 
 def test_nvlink_presence_comes_from_nvml_when_the_layout_does_not_say(make_monitor):

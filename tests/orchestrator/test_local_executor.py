@@ -139,7 +139,7 @@ def test_a_wrong_request_fails_at_once_and_blames_no_device(tmp_path):
     record = orchestrator.status(job)
     assert record.state is JobState.FAILED and record.attempts == 1
     assert "unknown task 'x'" in record.error
-    assert orchestrator.store.events(job)[-1].reason.endswith("a retry would fail the same way")
+    assert orchestrator.store.events(job)[-1].reason.endswith("the request itself is wrong")
     with JobStore(tmp_path / "jobs.db") as store:
         failures = store._conn.execute("SELECT COUNT(*) FROM device_failures").fetchone()[0]
     assert failures == 0

@@ -43,8 +43,8 @@ class Clock:
         return self.now
 
 
-def _request(behaviour: str, priority: str = "normal") -> dict:
-    return {"model": {"path": "gpt2"}, "tasks": {"names": [behaviour], "limit": 5}, "priority": priority}
+def _request(behaviour: str, priority: str = "normal", model: str = "gpt2") -> dict:
+    return {"model": {"path": model}, "tasks": {"names": [behaviour], "limit": 5}, "priority": priority}
 
 
 def _orchestrator(tmp_path, slots=2, clock=None, **kwargs):
@@ -125,15 +125,18 @@ def test_failures_back_off_then_fail_for_good(tmp_path):
     assert "no attempts left" in reasons[-1]
 
 
-def test_a_gpu_that_fails_several_jobs_is_quarantined(tmp_path):
+def test_a_gpu_on_which_jobs_of_several_models_crash_is_quarantined(tmp_path):
     recovery = RecoveryOptions(max_attempts=1, quarantine_after=2)
     orchestrator = _orchestrator(tmp_path, slots=1, recovery=recovery)
     first = orchestrator.submit_evaluation_request(_request("fail"))
-    second = orchestrator.submit_evaluation_request(_request("fail"))
+    again = orchestrator.submit_evaluation_request(_request("fail"))
+    _run_until(orchestrator, lambda: _state(orchestrator, again) is JobState.FAILED)
+    assert orchestrator.store.quarantined() == {}  # one model failing twice says nothing about the GPU
+    second = orchestrator.submit_evaluation_request(_request("fail", model="demo"))
     _run_until(orchestrator, lambda: _state(orchestrator, second) is JobState.FAILED)
     assert _state(orchestrator, first) is JobState.FAILED
     reason = orchestrator.store.quarantined()[(0, 0)]
-    assert reason.startswith("2 different jobs failed on GPU 0 of node 0")
+    assert reason.startswith("jobs of 2 different models failed on GPU 0 of node 0")
     waiting = orchestrator.submit_evaluation_request(_request("ok"))
     plan = asyncio.run(orchestrator.run_once())
     assert plan.starts == () and "quarantined" in plan.waiting[waiting]

@@ -55,3 +55,20 @@ def test_packed_batches_cover_every_item_once(spec, budget, max_size):
     assert sorted(i for b in batches for i in b) == list(range(len(items)))
     if max_size is not None:
         assert all(len(b) <= max_size for b in batches)
+
+
+def test_questions_sharing_a_prefix_are_batched_together_and_pay_for_it_once():
+    few_shot_a, few_shot_b = tuple(range(100, 140)), tuple(range(200, 240))
+    items = []
+    for question in range(6):
+        prefix = few_shot_a if question % 2 else few_shot_b
+        items += [LoglikelihoodItem(prefix + (question, question), (choice,)) for choice in (1, 2)]
+    items.append(LoglikelihoodItem((7,) * 30, (1,)))
+    # Each row is 40 + 2 + 2 = 44 tokens, 4 past the shared prefix: 3 rows cost 40 + 3 * 4 = 52.
+    batches = make_batches(items, token_budget=60, share_prefixes=True, reuse_prefixes=True)
+    assert sorted(i for b in batches for i in b) == list(range(len(items)))
+    for batch in batches[:-1]:
+        assert len({items[i].context[:40] for i in batch}) == 1 and len(batch) == 6
+    assert batches[-1] == [12]
+    # Without reuse the same budget holds one question per batch.
+    assert all(len(b) <= 2 for b in make_batches(items, token_budget=60, share_prefixes=True))

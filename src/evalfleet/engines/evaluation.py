@@ -16,18 +16,32 @@ from typing import Any
 from lm_eval import simple_evaluate
 from lm_eval.utils import handle_non_serializable
 
+from evalfleet.engines.environment import gathered_environment
+from evalfleet.engines.task_cache import requests_cache
 from evalfleet.planning import backends
 from evalfleet.runtime.backends.hf import resolve_dtype, resolve_device
 from evalfleet.runtime.batching import default_token_budget
-from evalfleet.runtime.cache import RequestCache, model_identity
+from evalfleet.runtime.cache import RequestCache, default_cache_path, model_identity
 from evalfleet.runtime.lm import EvalfleetLM, ProgressCallback
 from evalfleet.runtime.runner import BatchRunner
 from evalfleet.tasks import build_task_manager
+from evalfleet.tasks.noise import silence_third_party_noise
+from evalfleet.tasks.reachability import unreachable_dataset
 from evalfleet.types import EvalfleetError, EvaluationRequest, EvaluationResult, resolve_model_path
 
 # lm-eval's default of 100,000 bootstrap resamples costs tens of seconds per perplexity metric;
 # 1,000 gives standard errors good to about 3% and leaves every metric itself unchanged.
 BOOTSTRAP_ITERS = 1000
+# When the request being served began (perf_counter), set by whoever takes it in; the time from
+# there to the start of lm-eval's work is the run's start-up (imports, checks, model loading).
+_request_started: float | None = None
+
+
+def note_request_start(at: float | None = None) -> None:
+    global _request_started
+    _request_started = time.perf_counter() if at is None else at
+
+
 def check_output_dir(output_dir: str | None) -> Path | None:
     """Refuse an unwritable output folder before any work is done, not after."""
     if output_dir is None:
@@ -58,41 +72,62 @@ def run_evaluation(
     model_gb: float | None = None,
     progress: ProgressCallback | None = None,
     extra: dict[str, Any] | None = None,
+    monitor: Any = None,
     backend: str = "hf",
 ) -> EvaluationResult:
+    global _request_started
+    began = _request_started if _request_started is not None else time.perf_counter()
+    _request_started = None
     output_dir = check_output_dir(request.output_dir)
     manager = build_task_manager(request.tasks.names, request.tasks.include_path)
     model_path = resolve_model_path(request.model.path)
+    token_budget = request.max_batch_tokens or default_token_budget(device)
+    if monitor is not None:  # its suggestions then name this run's settings, and it watches only these devices
+        layout = runner.describe()
+        monitor.set_layout(tp=layout.get("tp"), pp=layout.get("pp"), dp=layout.get("dp"),
+                           max_batch_tokens=token_budget, devices=layout.get("devices"))
     cache = RequestCache(request.cache_path) if request.use_cache else None
     lm = EvalfleetLM(
         runner,
         tokenizer,
         model_identity(model_path, request.model.revision, dtype, backend),
         cache=cache,
-        token_budget=request.max_batch_tokens or default_token_budget(device),
+        token_budget=token_budget,
         batch_size=request.batch_size if isinstance(request.batch_size, int) else None,
         progress=progress,
         seed=request.seed,
     )
+    names = list(request.tasks.names)
+    built = Path(request.cache_path or default_cache_path()).parent / "lm-eval-requests"
+    settings = {"num_fewshot": request.tasks.num_fewshot, "seed": request.seed}
+    silence_third_party_noise()
     started = time.perf_counter()
     try:
-        output = simple_evaluate(
-            model=lm,
-            tasks=list(request.tasks.names),
-            num_fewshot=request.tasks.num_fewshot,
-            limit=request.tasks.limit,
-            task_manager=manager,
-            log_samples=request.log_samples,
-            bootstrap_iters=BOOTSTRAP_ITERS,
-            random_seed=request.seed,
-            numpy_random_seed=request.seed,
-            torch_random_seed=request.seed,
-            fewshot_random_seed=request.seed,
-        )
+        with gathered_environment(), requests_cache(built, manager, names, request.tasks.limit, **settings) as reuse:
+            output = simple_evaluate(
+                model=lm,
+                tasks=names,
+                cache_requests=reuse,
+                num_fewshot=request.tasks.num_fewshot,
+                limit=request.tasks.limit,
+                task_manager=manager,
+                log_samples=request.log_samples,
+                bootstrap_iters=BOOTSTRAP_ITERS,
+                random_seed=request.seed,
+                numpy_random_seed=request.seed,
+                torch_random_seed=request.seed,
+                fewshot_random_seed=request.seed,
+            )
+    except Exception as error:
+        offline = unreachable_dataset(error, names)
+        if offline is None:
+            raise
+        raise offline from None
     finally:
         if cache is not None:
             cache.close()
-    wall = time.perf_counter() - started
+    finished = time.perf_counter()
+    wall = finished - started
     output = dict(output or {})
     samples = output.pop("samples", None)
     stats = lm.stats
@@ -111,6 +146,7 @@ def run_evaluation(
             "tokens": stats.tokens,
             "requests_per_s": round(stats.requests / wall, 3) if wall > 0 else None,
             "tokens_per_s": round(stats.tokens / wall, 3) if wall > 0 else None,
+            "split": time_split(stats, began, started, finished),
         },
         "cache": {
             "enabled": cache is not None,
@@ -127,8 +163,28 @@ def run_evaluation(
     return result
 
 
+def time_split(stats: Any, began: float, started: float, finished: float) -> dict[str, float]:
+    """Where the wall time went: start-up, building requests, compute, scoring (writing comes later).
+
+    Building requests is lm-eval's task and request construction plus our own tokenization,
+    cache look-ups and batching (lm-eval's time in our LM, less compute); scoring is lm-eval's
+    metrics and aggregation after the last result came back.
+    """
+    first = stats.first_call if stats.first_call is not None else finished
+    last = stats.last_return if stats.last_return is not None else first
+    return {
+        "startup_seconds": round(started - began, 4),
+        "requests_seconds": round(max(0.0, last - started - stats.compute_seconds), 4),
+        "compute_seconds": round(stats.compute_seconds, 4),
+        "scoring_seconds": round(finished - last, 4),
+        "writing_seconds": 0.0,
+    }
+
+
 def write_outputs(result: EvaluationResult, samples: dict[str, list] | None, output_dir: Path) -> Path:
     """results.json (lm-eval's document + `evalfleet`) and, if logged, samples_<task>.jsonl."""
+    started = time.perf_counter()
+    split = result.evalfleet.get("timing", {}).get("split")
     path = output_dir / "results.json"
     tmp = path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(result.document(), indent=2, default=handle_non_serializable, ensure_ascii=False))
@@ -137,4 +193,6 @@ def write_outputs(result: EvaluationResult, samples: dict[str, list] | None, out
         with (output_dir / f"samples_{task}.jsonl").open("w") as handle:
             for row in rows:
                 handle.write(json.dumps(row, default=handle_non_serializable, ensure_ascii=False) + "\n")
+    if split is not None:  # counted from the next write on: this one is already on disk
+        split["writing_seconds"] = round(split["writing_seconds"] + time.perf_counter() - started, 4)
     return path

@@ -10,10 +10,11 @@ from typing import Any
 
 from evalfleet.engines.base import EngineCapabilities, EvaluationEngine
 from evalfleet.engines.evaluation import load_dtype_and_device, run_evaluation
-from evalfleet.engines.router import device_memory_gb, estimate_model_size
+from evalfleet.engines.capacity import device_memory_gb, estimate_model_size
 from evalfleet.runtime.backends.hf import HFBackend
 from evalfleet.runtime.lm import ProgressCallback
 from evalfleet.runtime.runner import InProcessRunner
+from evalfleet.runtime.threads import set_torch_threads
 from evalfleet.types import DistributionStrategy, EvaluationRequest, EvaluationResult, resolve_model_path
 
 
@@ -61,6 +62,8 @@ class LightweightEvaluationEngine(EvaluationEngine):
         if self._loaded is not None and self._loaded[0] == key:
             return self._loaded[1]
         self.optimize_memory()
+        if device == "cpu":
+            set_torch_threads()
         backend = HFBackend.load(
             key[0],
             dtype=dtype,
@@ -85,6 +88,7 @@ class LightweightEvaluationEngine(EvaluationEngine):
             device=device,
             model_gb=round(backend.parameter_bytes() / 2**30, 6),
             progress=self.progress,
+            monitor=self.monitor,
         )
 
     async def evaluate(self, request: EvaluationRequest) -> EvaluationResult:

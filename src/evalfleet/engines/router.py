@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import os
 
-import psutil
-
 from evalfleet.engines.base import EvaluationEngine
-from evalfleet.types import DistributionStrategy, EvaluationRequest, ModelConfig
+from evalfleet.engines.capacity import device_memory_gb, estimate_model_size
+from evalfleet.types import DistributionStrategy, EvaluationRequest
+
+__all__ = ["estimate_model_size", "lightweight_threshold_gb", "select_engine", "wants_distribution"]
 
 GPU_LIGHTWEIGHT_MAX_GB = 15.0
 
@@ -25,32 +26,6 @@ def lightweight_threshold_gb(device: str) -> float:
     if device.startswith("cuda"):
         return min(GPU_LIGHTWEIGHT_MAX_GB, device_memory_gb(device))
     return device_memory_gb(device) / 2
-
-
-def device_memory_gb(device: str) -> float:
-    if device.startswith("cuda"):
-        import torch
-
-        return torch.cuda.get_device_properties(0).total_memory / 2**30
-    return psutil.virtual_memory().total / 2**30
-
-
-def _weights_dtype(model: ModelConfig) -> str:
-    if model.dtype != "auto":
-        return model.dtype
-    import torch
-
-    return "bfloat16" if torch.cuda.is_available() else "float32"
-
-
-def estimate_model_size(model_config: ModelConfig | str) -> float:
-    """Weights in GB (GiB, as nvidia-smi prints it), from config.json alone: parameters × bytes of the dtype."""
-    from evalfleet.planning import estimate_weights_gb, profile_model
-
-    if isinstance(model_config, str):
-        model_config = ModelConfig(path=model_config)
-    profile = profile_model(model_config.path)
-    return float(estimate_weights_gb(profile, _weights_dtype(model_config)))
 
 
 def wants_distribution(request: EvaluationRequest) -> bool:

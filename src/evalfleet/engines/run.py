@@ -6,9 +6,13 @@ Shared by `evalfleet run` and the orchestrator's workers, so both produce the sa
 from __future__ import annotations
 
 import asyncio
+import time
 from pathlib import Path
 
-from evalfleet.engines.evaluation import check_output_dir, load_dtype_and_device, write_outputs
+import psutil
+
+from evalfleet.engines.environment import start_gathering
+from evalfleet.engines.evaluation import check_output_dir, load_dtype_and_device, note_request_start, write_outputs
 from evalfleet.engines.router import estimate_model_size, select_engine
 from evalfleet.runtime.backends.hf import check_model_folder
 from evalfleet.runtime.lm import ProgressCallback
@@ -16,6 +20,14 @@ from evalfleet.monitoring import MultiGPUPerformanceMonitor
 from evalfleet.types import EvalfleetError, EvaluationRequest, EvaluationResult, resolve_model_path
 
 MONITOR_INTERVAL = 0.5
+_first_request = True
+
+
+def _start_of(first_in_process: bool) -> float:
+    """The first request of a process starts with the process (its imports are start-up too)."""
+    if not first_in_process:
+        return time.perf_counter()
+    return time.perf_counter() - max(0.0, time.time() - psutil.Process().create_time())
 
 
 def check_request(request: EvaluationRequest) -> EvaluationRequest:
@@ -39,7 +51,11 @@ def check_request(request: EvaluationRequest) -> EvaluationRequest:
 def evaluate_request(
     request: EvaluationRequest, progress: ProgressCallback | None = None, report: bool = False
 ) -> EvaluationResult:
+    global _first_request
+    note_request_start(_start_of(_first_request))
+    _first_request = False
     request = check_request(request)
+    start_gathering()  # lm-eval's environment report, while the model loads
     engine = select_engine(request)
     if not engine.can_handle_request(request):
         size = estimate_model_size(request.model)

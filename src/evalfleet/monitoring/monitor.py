@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -34,9 +35,20 @@ from evalfleet.types import UsageError, describe_validation_error
 log = logging.getLogger(__name__)
 
 
-class MultiGPUPerformanceMonitor:
-    """Watches every GPU NVML sees and evalfleet's own processes.
+def visible_devices(environ: Mapping[str, str] | None = None) -> list[str] | None:
+    """The GPUs `CUDA_VISIBLE_DEVICES` names (indices or UUIDs, in CUDA's order); None when unset."""
+    value = (os.environ if environ is None else environ).get("CUDA_VISIBLE_DEVICES")
+    if value is None:
+        return None
+    return [part.strip() for part in value.split(",") if part.strip()]
 
+
+class MultiGPUPerformanceMonitor:
+    """Watches the job's GPUs and evalfleet's own processes.
+
+    The job's GPUs are `devices` (NVML indices or UUIDs), else those `CUDA_VISIBLE_DEVICES`
+    names, else every GPU until the engine names its own through `set_layout(devices=...)`;
+    a GPU another job uses must not count as idle or imbalanced here.
     `nvml` replaces the `pynvml` module (tests pass a fake); `on_alert` hears every alert
     that fires or clears. Use `start()`/`stop()` or `with monitor:`; a job counts as
     running (so idle GPUs raise the low-utilization alert) between them unless
@@ -54,6 +66,7 @@ class MultiGPUPerformanceMonitor:
         *,
         rules: BottleneckRules | None = None,
         children_refresh_s: float = 5.0,
+        devices: Sequence[int | str] | None = None,
     ) -> None:
         if not interval > 0:
             raise UsageError("the monitoring interval must be a positive number of seconds")
@@ -69,6 +82,8 @@ class MultiGPUPerformanceMonitor:
         self.alerts = AlertBook(thresholds, self._alert_changed)
         self._store = SampleStore(db_path) if db_path is not None else None
         self._gpu = NvmlCollector(nvml)
+        self._visible = visible_devices()
+        self._gpu.restrict(devices if devices is not None else self._visible)
         self._host = HostCollector(children_refresh_s=children_refresh_s)
         self._history: deque[MetricsSnapshot] = deque(maxlen=history)
         self._totals = RunTotals()
@@ -204,8 +219,13 @@ class MultiGPUPerformanceMonitor:
     def unregister_pid(self, pid: int) -> None:
         self._host.unregister(pid)
 
-    def set_layout(self, **layout: Any) -> None:
-        """Tell the monitor the run's tp/pp/dp, micro-batches and token budget, for concrete suggestions."""
+    def set_layout(self, *, devices: Sequence[str] | None = None, **layout: Any) -> None:
+        """Tell the monitor the run's tp/pp/dp and token budget, for concrete suggestions, and the
+        devices the job computes on ("cuda:N" as the job numbers them, or "cpu"): only those are watched."""
+        if devices is not None:
+            gpus = [int(d.split(":", 1)[1]) if ":" in d else 0 for d in map(str, devices) if d.startswith("cuda")]
+            visible = self._visible
+            self._gpu.restrict([visible[i] if visible else i for i in gpus if not visible or i < len(visible)])
         try:
             self.layout = RunLayout.model_validate({**self.layout.model_dump(exclude_none=True), **layout})
         except ValidationError as error:

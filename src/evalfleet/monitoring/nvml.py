@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import importlib
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from types import ModuleType
 from typing import Any
@@ -59,12 +59,14 @@ class _Device:
 
 
 class NvmlCollector:
-    """Reads every GPU NVML can see. `status` says 'available' or 'unavailable: <reason>'."""
+    """Reads the GPUs NVML can see (all, or those `restrict` keeps). `status` says 'available' or
+    'unavailable: <reason>'."""
 
     def __init__(self, nvml: ModuleType | Any | None = None) -> None:
         self.status = "unavailable: not initialised"
         self.driver_version: str | None = None
         self._devices: list[_Device] = []
+        self._only: set[int] | None = None
         self._events: Any = None
         self._nvml: Any = None
         try:
@@ -170,11 +172,19 @@ class NvmlCollector:
                 device.xid_errors += 1
                 device.last_xid = int(event.eventData)
 
+    def restrict(self, devices: Sequence[int | str] | None) -> None:
+        """Watch only these GPUs: NVML indices or UUIDs (as `CUDA_VISIBLE_DEVICES` names them); None: all."""
+        if devices is None:
+            self._only = None
+            return
+        wanted = {str(device) for device in devices}
+        self._only = {d.index for d in self._devices if str(d.index) in wanted or (d.uuid and d.uuid in wanted)}
+
     def collect(self) -> list[GPUMetrics]:
         if not self.available:
             return []
         self._drain_xid_events()
-        return [self._collect_one(device) for device in self._devices]
+        return [self._collect_one(device) for device in self._devices if self._only is None or device.index in self._only]
 
     def _collect_one(self, device: _Device) -> GPUMetrics:
         nvml = self._nvml

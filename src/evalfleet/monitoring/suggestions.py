@@ -1,20 +1,21 @@
 """Turning findings into changes a user can make, each with the effect it should have.
 
 The estimates are first-order and say so: they assume the step time splits into compute and
-communication and that the change moves only the part the finding is about.
+communication and that the change moves only the part the finding is about. Every key of a
+suggestion's `change` is a setting of `evalfleet run` (`tp` is `--tp`, `max_batch_tokens` is
+`--max-batch-tokens`); findings about the hardware itself (throttling, another process on a
+GPU) change no setting and say what to check instead.
 """
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, computed_field
 
 from evalfleet.monitoring.alerts import Severity
 from evalfleet.monitoring.bottlenecks import Finding, FindingKind
 
-_TARGET_BUBBLE = 0.10
 
 
 class RunLayout(BaseModel):
@@ -25,7 +26,6 @@ class RunLayout(BaseModel):
     tp: int | None = Field(default=None, ge=1)
     pp: int | None = Field(default=None, ge=1)
     dp: int | None = Field(default=None, ge=1)
-    micro_batches: int | None = Field(default=None, ge=1)
     max_batch_tokens: int | None = Field(default=None, ge=1)
     nvlink: bool | None = Field(default=None, description="None: unknown (taken from NVML when it can tell)")
 
@@ -36,6 +36,12 @@ class Suggestion(BaseModel):
     action: str
     expected_effect: str
     change: dict[str, Any] = Field(default_factory=dict, description="settings to change, e.g. {'tp': 2, 'dp': 4}")
+
+    @computed_field  # type: ignore[prop-decorator]
+    @property
+    def settings(self) -> list[str]:
+        """The `evalfleet run` options this suggestion changes."""
+        return [f"--{key.replace('_', '-')}" for key in self.change]
 
 
 def _communication(finding: Finding, layout: RunLayout) -> Suggestion:
@@ -69,9 +75,10 @@ def _communication(finding: Finding, layout: RunLayout) -> Suggestion:
 
 def _near_oom(finding: Finding, layout: RunLayout) -> Suggestion:
     if finding.subjects == ["host"]:
+        fewer = layout.dp - 1 if layout.dp and layout.dp > 1 else "fewer replicas on this host"
         return Suggestion(
-            finding=finding.kind, severity=finding.severity, change={"dp": "fewer replicas on this host"},
-            action="run fewer worker processes on this host, or load weights with a lower-precision dtype",
+            finding=finding.kind, severity=finding.severity, change={"dp": fewer},
+            action="run fewer worker processes on this host (--dp), or load weights with a lower-precision dtype",
             expected_effect="host memory falls by one worker's resident set per process removed",
         )
     budget = layout.max_batch_tokens
@@ -88,24 +95,23 @@ def _near_oom(finding: Finding, layout: RunLayout) -> Suggestion:
 def _imbalance(finding: Finding, _: RunLayout) -> Suggestion:
     ev = finding.evidence
     return Suggestion(
-        finding=finding.kind, severity=finding.severity, change={"batching": "shared queue"},
-        action=f"let replicas pull length-sorted batches from one shared queue instead of fixed shards, and check "
-               f"that nothing else runs on {ev['idlest']}",
-        expected_effect=f"the idle GPUs take work from the busy ones: mean utilization up by as much as half the "
-                        f"{ev['spread_percent']:.0f}-point spread",
+        finding=finding.kind, severity=finding.severity,
+        action=f"check what else runs on {ev['idlest']} or holds it back: this job's replicas already pull "
+               f"batches from one shared queue, so a GPU of the job that idles is slowed from outside",
+        expected_effect=f"mean utilization up by as much as half the {ev['spread_percent']:.0f}-point spread",
     )
 
 
 def _bubble(finding: Finding, layout: RunLayout) -> Suggestion:
     pp = layout.pp or int(finding.evidence["stages"])
+    tp = (layout.tp or 1) * pp
     worst = max(finding.evidence["idle_fraction"].values())
-    needed = max(1, math.ceil((pp - 1) * (1 / _TARGET_BUBBLE - 1)))
-    micro = max(needed, 2 * layout.micro_batches) if layout.micro_batches else needed
-    bubble = (pp - 1) / (micro + pp - 1)
     return Suggestion(
-        finding=finding.kind, severity=finding.severity, change={"micro_batches": micro},
-        action=f"split each batch into {micro} micro-batches so the {pp} stages overlap",
-        expected_effect=f"pipeline idle time from {worst:.0%} to about {bubble:.0%} ((pp-1)/(m+pp-1))",
+        finding=finding.kind, severity=finding.severity, change={"tp": tp, "pp": 1},
+        action=f"use tensor instead of pipeline parallelism over the same GPUs: tp={tp}, pp=1 (a batch passes "
+               f"the {pp} stages one after another, so each stage waits for the others)",
+        expected_effect=f"stage idle time of up to {worst:.0%} goes, at the cost of an all-reduce per layer; "
+                        f"worth it over NVLink, less so over PCIe",
     )
 
 
@@ -127,13 +133,13 @@ def _throttling(finding: Finding, _: RunLayout) -> Suggestion:
     lost = f"up to {1 - min(fractions):.0%} of the SM clock" if fractions else "the clock the GPUs lose"
     if finding.kind == "thermal_throttling":
         return Suggestion(
-            finding=finding.kind, severity=finding.severity, change={"cooling": "check"},
+            finding=finding.kind, severity=finding.severity,
             action=f"check cooling and airflow for {', '.join(finding.subjects)}; a slightly lower power limit "
                    f"also keeps clocks steadier than thermal slowdown",
             expected_effect=f"recovers {lost}",
         )
     return Suggestion(
-        finding=finding.kind, severity=finding.severity, change={"power_limit": "raise if permitted"},
+        finding=finding.kind, severity=finding.severity,
         action="raise the power limit (nvidia-smi -pl) if the site allows it; at full load some power capping "
                "is normal",
         expected_effect=f"recovers {lost}",

@@ -1,15 +1,20 @@
 """What happens after a job fails: retry later, give up, or stop trusting a GPU.
 
-Retries back off exponentially so a job that crashes at start does not hammer the pool;
-a GPU on which several different jobs failed recently is quarantined (the policy then
-never places on it) with the reason recorded, until an operator releases it.
+The failure's class (see `failures.py`) decides: only infrastructure failures are retried,
+with exponential backoff so a job that crashes at start does not hammer the pool. A GPU is
+quarantined only on device evidence: the GPU reported Xid or uncorrected ECC errors when a
+job failed on it, or jobs of `quarantine_after` different models failed on it recently (one
+model failing again and again says more about the model than the GPU). The evidence is kept
+with the quarantine until an operator releases the device (`evalfleet release`).
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from evalfleet.orchestrator.demand import Device
+from evalfleet.orchestrator.failures import DeviceEvidence, FailureClass
 from evalfleet.orchestrator.states import JobState
 from evalfleet.orchestrator.store import JobStore
 
@@ -20,7 +25,7 @@ class RecoveryOptions:
     backoff_base_s: float = 30.0
     backoff_max_s: float = 1800.0
     quarantine_after: int = 3
-    """Distinct jobs that must fail on one GPU within `quarantine_window_s` before it is quarantined."""
+    """Distinct models whose jobs must fail on one GPU within `quarantine_window_s` before it is quarantined."""
     quarantine_window_s: float = 3600.0
 
 
@@ -32,6 +37,7 @@ class RecoveryDecision:
     attempts: int
     retry_at: float | None = None
     quarantined: tuple[Device, ...] = ()
+    failure: FailureClass = FailureClass.INFRASTRUCTURE
 
 
 def backoff_seconds(failures: int, options: RecoveryOptions) -> float:
@@ -40,6 +46,11 @@ def backoff_seconds(failures: int, options: RecoveryOptions) -> float:
 
 
 _RECOVERABLE = (JobState.PLACED, JobState.RUNNING)
+_NO_RETRY = {
+    FailureClass.REQUEST: "the request itself is wrong",
+    FailureClass.DETERMINISTIC: "a retry would fail the same way",
+    FailureClass.RESOURCE: "it does not fit at the smallest budget and the largest layout available",
+}
 
 
 def recover(
@@ -49,45 +60,78 @@ def recover(
     now: float,
     options: RecoveryOptions,
     *,
+    failure: FailureClass = FailureClass.INFRASTRUCTURE,
+    evidence: Sequence[DeviceEvidence] = (),
     blame_devices: bool = True,
-    retry: bool = True,
 ) -> RecoveryDecision:
     """Record a failed attempt of `job_id`; requeue it with backoff or fail it for good.
 
-    `blame_devices=False` is for failures that say nothing about the hardware (the
-    scheduler itself died), so they never count towards quarantine; `retry=False` for
-    failures no retry can fix (the request itself is wrong).
+    `blame_devices=False` is for infrastructure failures that say nothing about the job's
+    devices (the scheduler itself died, the launch failed), so they never count towards
+    quarantine; failures of the other classes never do.
     """
     record = store.get(job_id)
     if record.state not in _RECOVERABLE:
-        return RecoveryDecision(job_id, "ignored", record.attempts)
+        return RecoveryDecision(job_id, "ignored", record.attempts, failure=failure)
     failures = record.attempts + 1
-    quarantined: list[Device] = []
-    if blame_devices:
-        already = store.quarantined()
-        since = now - options.quarantine_window_s
-        for device in record.placement or ():
-            count = store.record_device_failure(device, job_id, reason, since=since, now=now)
-            if count >= options.quarantine_after and device not in already:
-                store.quarantine(
-                    device,
-                    f"{count} different jobs failed on GPU {device[1]} of node {device[0]} within "
-                    f"{options.quarantine_window_s:.0f}s (last: {reason})",
-                    now=now,
-                )
-                quarantined.append(device)
+    quarantined: tuple[Device, ...] = ()
+    if failure is FailureClass.INFRASTRUCTURE:
+        model = str((record.request.get("model") or {}).get("path", "")) or None
+        quarantined = _blame(store, job_id, record.placement or [], model, reason, evidence, now, options,
+                             count_failure=blame_devices)
     common = {"attempts": failures, "error": reason, "pid": None, "handle": None, "placement": None}
-    if retry and failures < options.max_attempts:
+    if failure.retried and failures < options.max_attempts:
         delay = backoff_seconds(failures, options)
         store.transition(
             job_id, JobState.QUEUED, now=now, not_before=now + delay,
             reason=f"attempt {failures} of {options.max_attempts} failed ({reason}); retry in {delay:.0f}s",
             **common,
         )
-        return RecoveryDecision(job_id, "requeued", failures, now + delay, tuple(quarantined))
+        return RecoveryDecision(job_id, "requeued", failures, now + delay, quarantined, failure)
+    why = _NO_RETRY.get(failure, "no attempts left")
     store.transition(
         job_id, JobState.FAILED, now=now,
-        reason=f"attempt {failures} of {options.max_attempts} failed ({reason}); "
-               + ("no attempts left" if retry else "a retry would fail the same way"), **common,
+        reason=f"attempt {failures} of {options.max_attempts} failed, {failure.value} ({reason}); {why}", **common,
     )
-    return RecoveryDecision(job_id, "failed", failures, None, tuple(quarantined))
+    return RecoveryDecision(job_id, "failed", failures, None, quarantined, failure)
+
+
+def _blame(
+    store: JobStore,
+    job_id: str,
+    placement: Sequence[Device],
+    model: str | None,
+    reason: str,
+    evidence: Sequence[DeviceEvidence],
+    now: float,
+    options: RecoveryOptions,
+    *,
+    count_failure: bool,
+) -> tuple[Device, ...]:
+    """Quarantine the devices the evidence points at; return those newly quarantined."""
+    already = store.quarantined()
+    reported = {tuple(item.device): item.findings for item in evidence}
+    quarantined: list[Device] = []
+    for device in placement:
+        device = tuple(device)
+        findings = reported.get(device)
+        if findings:
+            if device not in already:
+                store.quarantine(device, f"GPU {device[1]} of node {device[0]} reported {', '.join(findings)} "
+                                         f"when job {job_id} failed ({reason})", now=now, evidence=findings)
+                quarantined.append(device)
+            continue
+        if not count_failure:
+            continue
+        since = now - options.quarantine_window_s
+        models = store.record_device_failure(device, job_id, reason, since=since, now=now, model=model)
+        if models >= options.quarantine_after and device not in already:
+            history = [f"{f['model'] or f['job_id']}: {f['reason']}" for f in store.device_failures(device, since=since)]
+            store.quarantine(
+                device,
+                f"jobs of {models} different models failed on GPU {device[1]} of node {device[0]} within "
+                f"{options.quarantine_window_s:.0f}s (last: {reason})",
+                now=now, evidence=history,
+            )
+            quarantined.append(device)
+    return tuple(quarantined)

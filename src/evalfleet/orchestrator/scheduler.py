@@ -33,6 +33,7 @@ from evalfleet.orchestrator.policy import (
     Start,
     create_allocation_plan,
 )
+from evalfleet.orchestrator.failures import DeviceEvidence, ExitReport, FailureClass
 from evalfleet.orchestrator.recovery import RecoveryDecision, RecoveryOptions, recover
 from evalfleet.orchestrator.sizing import size_request
 from evalfleet.orchestrator.states import JobState
@@ -169,15 +170,16 @@ class DistributedEvaluationOrchestrator:
 
     # faults ---------------------------------------------------------------------------------
 
-    def handle_fault_recovery(self, job_id: str, reason: str, *, blame_devices: bool = True,
-                              retry: bool = True) -> RecoveryDecision:
-        """Requeue a failed job with exponential backoff, or fail it once its attempts are spent.
+    def handle_fault_recovery(self, job_id: str, reason: str, *, failure: FailureClass = FailureClass.INFRASTRUCTURE,
+                              evidence: tuple[DeviceEvidence, ...] = (), blame_devices: bool = True) -> RecoveryDecision:
+        """Requeue a job that failed for infrastructure reasons with exponential backoff, or fail it
+        (at once for request, deterministic and resource failures, which a retry would repeat).
 
-        GPUs on which several jobs failed are quarantined; the history is in the store's events.
+        GPUs are quarantined only on device evidence; the history is in the store's events.
         """
         self._stop(job_id)
-        return recover(self.store, job_id, reason, self.clock(), self.recovery, blame_devices=blame_devices,
-                       retry=retry)
+        return recover(self.store, job_id, reason, self.clock(), self.recovery, failure=failure,
+                       evidence=evidence, blame_devices=blame_devices)
 
     def reconcile(self) -> list[str]:
         """After a restart: adopt live jobs of this host, requeue those whose process is gone."""
@@ -255,15 +257,19 @@ class DistributedEvaluationOrchestrator:
                 self.store.transition(job_id, JobState.SUCCEEDED, expect=JobState.RUNNING,
                                       reason="exited with code 0", now=now)
             return
+        report = ExitReport.model_validate(record.failure) if record.failure and code != 0 else None
         if code == 0:
             reason = "exited with code 0 without reporting a result"
+        elif report is not None:  # the worker's own account of this attempt (cleared at each launch)
+            reason = f"{describe_exit(code)}: {report.reason}"
         else:
-            reason = describe_exit(code)
-            if record.error:  # the worker's own account of this attempt (cleared at each launch)
-                reason += f": {record.error}"
-        # A self-reporting worker exits with UsageError's code only when the request itself is wrong.
-        wrong_request = self.executor.self_reporting and code == UsageError.exit_code
-        self.handle_fault_recovery(job_id, reason, blame_devices=not wrong_request, retry=not wrong_request)
+            reason = describe_exit(code) + (f": {record.error}" if record.error else "")
+        if report is not None:
+            self.handle_fault_recovery(job_id, reason, failure=report.failure, evidence=tuple(report.evidence))
+        elif self.executor.self_reporting and code == UsageError.exit_code:
+            self.handle_fault_recovery(job_id, reason, failure=FailureClass.REQUEST)
+        else:  # killed, or died without a report: nothing says the request is at fault
+            self.handle_fault_recovery(job_id, reason)
 
     def shutdown(self, wait_s: float = 30.0) -> list[str]:
         """Stop every process this scheduler runs and requeue their jobs, without counting an attempt.
@@ -310,7 +316,7 @@ class DistributedEvaluationOrchestrator:
     def _launch(self, start: Start) -> None:
         now = self.clock()
         record = self.store.transition(start.job_id, JobState.PLACED, expect=JobState.QUEUED, now=now,
-                                       placement=list(start.devices), owner=self.owner, error=None,
+                                       placement=list(start.devices), owner=self.owner, error=None, failure=None,
                                        reason=f"{start.replicas} replica(s) on {len(start.devices)} device(s)"
                                        + (" (backfilled)" if start.backfilled else ""))
         try:

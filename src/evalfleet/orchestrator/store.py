@@ -94,14 +94,25 @@ def _run_script(script: str) -> Callable[[sqlite3.Connection], None]:
 
 # MIGRATIONS[i] brings a database from user_version i to i + 1. Append, never edit.
 # Each step runs inside the migration's transaction (so not via executescript, which commits).
-MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [_run_script(_SCHEMA_V1), _run_script(_SCHEMA_V2)]
+# v3: a worker's exit report (failure class, reason, device evidence); which model failed on a
+# device and on what evidence; the evidence a quarantine rests on.
+_SCHEMA_V3 = """
+ALTER TABLE jobs ADD COLUMN failure TEXT;
+ALTER TABLE device_failures ADD COLUMN model TEXT;
+ALTER TABLE device_failures ADD COLUMN evidence TEXT;
+ALTER TABLE quarantine ADD COLUMN evidence TEXT
+"""
+
+MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [
+    _run_script(_SCHEMA_V1), _run_script(_SCHEMA_V2), _run_script(_SCHEMA_V3),
+]
 SCHEMA_VERSION = len(MIGRATIONS)
 
-_JSON_COLUMNS = ("request", "demand", "plan", "placement", "handle")
+_JSON_COLUMNS = ("request", "demand", "plan", "placement", "handle", "failure")
 # Columns a transition may set alongside the state; everything else has its own method.
 _TRANSITION_FIELDS = frozenset(
     {"placement", "pid", "handle", "owner", "error", "not_before", "enqueued_at", "started_at",
-     "finished_at", "heartbeat_at", "result_path", "attempts"}
+     "finished_at", "heartbeat_at", "result_path", "attempts", "failure"}
 )
 
 
@@ -131,6 +142,8 @@ class JobRecord:
     handle: dict[str, Any] | None
     result_path: str | None
     requests_per_s: float | None
+    failure: dict[str, Any] | None
+    """The worker's exit report of its last attempt (see `failures.ExitReport`), if it wrote one."""
 
     @classmethod
     def from_row(cls, row: sqlite3.Row) -> JobRecord:
@@ -328,10 +341,11 @@ class JobStore:
             conn.execute("UPDATE jobs SET pid = ?, handle = ?, heartbeat_at = ? WHERE id = ?",
                          (pid, json.dumps(handle), time.time() if now is None else now, job_id))
 
-    def report_error(self, job_id: str, message: str) -> None:
-        """A worker's own account of why it is about to fail; the scheduler decides what follows."""
+    def report_error(self, job_id: str, message: str, failure: dict[str, Any] | None = None) -> None:
+        """A worker's own account of why it is about to fail (and its exit report); the scheduler
+        decides what follows."""
         with self._write() as conn:
-            conn.execute("UPDATE jobs SET error = ? WHERE id = ?", (message, job_id))
+            conn.execute("UPDATE jobs SET error = ?, failure = ? WHERE id = ?", (message, _dumps(failure), job_id))
 
     def heartbeat(self, job_id: str, now: float | None = None) -> None:
         with self._write() as conn:
@@ -362,29 +376,49 @@ class JobStore:
     # devices ----------------------------------------------------------------------------------
 
     def record_device_failure(self, device: Device, job_id: str, reason: str, *, since: float,
-                              now: float | None = None) -> int:
-        """Log that `job_id` failed on `device`; return how many distinct jobs failed there since `since`."""
+                              now: float | None = None, model: str | None = None,
+                              evidence: list[str] | None = None) -> int:
+        """Log that `job_id` (of `model`) failed on `device`; return how many distinct models
+        (jobs, for rows without a model) failed there since `since`."""
         now = time.time() if now is None else now
         with self._write() as conn:
             conn.execute(
-                "INSERT INTO device_failures (node, gpu, job_id, at, reason) VALUES (?, ?, ?, ?, ?)",
-                (device[0], device[1], job_id, now, reason),
+                "INSERT INTO device_failures (node, gpu, job_id, at, reason, model, evidence) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (device[0], device[1], job_id, now, reason, model, _dumps(evidence)),
             )
             return conn.execute(
-                "SELECT COUNT(DISTINCT job_id) FROM device_failures WHERE node = ? AND gpu = ? AND at >= ?",
+                "SELECT COUNT(DISTINCT COALESCE(model, job_id)) FROM device_failures "
+                "WHERE node = ? AND gpu = ? AND at >= ?",
                 (device[0], device[1], since),
             ).fetchone()[0]
 
-    def quarantine(self, device: Device, reason: str, now: float | None = None) -> None:
+    def device_failures(self, device: Device, *, since: float) -> list[dict[str, Any]]:
+        """The failures recorded on `device` since `since`, oldest first."""
+        rows = self._conn.execute(
+            "SELECT job_id, at, reason, model, evidence FROM device_failures WHERE node = ? AND gpu = ? AND at >= ? "
+            "ORDER BY id", (device[0], device[1], since),
+        ).fetchall()
+        return [{"job_id": r["job_id"], "at": r["at"], "reason": r["reason"], "model": r["model"],
+                 "evidence": json.loads(r["evidence"]) if r["evidence"] else []} for r in rows]
+
+    def quarantine(self, device: Device, reason: str, now: float | None = None,
+                   evidence: list[str] | None = None) -> None:
         with self._write() as conn:
             conn.execute(
-                "INSERT OR REPLACE INTO quarantine (node, gpu, at, reason) VALUES (?, ?, ?, ?)",
-                (device[0], device[1], time.time() if now is None else now, reason),
+                "INSERT OR REPLACE INTO quarantine (node, gpu, at, reason, evidence) VALUES (?, ?, ?, ?, ?)",
+                (device[0], device[1], time.time() if now is None else now, reason, _dumps(evidence or [])),
             )
 
-    def release(self, device: Device) -> None:
+    def release(self, device: Device) -> bool:
+        """Return a quarantined device to the pool; False if it was not quarantined."""
         with self._write() as conn:
-            conn.execute("DELETE FROM quarantine WHERE node = ? AND gpu = ?", device)
+            return conn.execute("DELETE FROM quarantine WHERE node = ? AND gpu = ?", device).rowcount > 0
+
+    def quarantine_records(self) -> list[dict[str, Any]]:
+        """Every quarantined device with when, why and on what evidence."""
+        rows = self._conn.execute("SELECT node, gpu, at, reason, evidence FROM quarantine ORDER BY node, gpu").fetchall()
+        return [{"device": (r["node"], r["gpu"]), "at": r["at"], "reason": r["reason"],
+                 "evidence": json.loads(r["evidence"]) if r["evidence"] else []} for r in rows]
 
     def quarantined(self) -> dict[Device, str]:
         rows = self._conn.execute("SELECT node, gpu, reason FROM quarantine").fetchall()

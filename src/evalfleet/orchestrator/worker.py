@@ -2,8 +2,9 @@
 
 The worker, not the scheduler, knows how far it got, so it confirms its own start
 (placed -> running), reports progress and heartbeats, and records its result
-(running -> succeeded). On an error it records its one-sentence account and exits
-non-zero; what happens next (retry with backoff, or give up) is the scheduler's call.
+(running -> succeeded). On an error it records its one-sentence account and an exit report
+(the failure's class and any device evidence, see `failures.py`) and exits non-zero; what
+happens next (retry with backoff, or give up) is the scheduler's call.
 Every finished request is already in the request cache, so a retry resumes there.
 """
 
@@ -20,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from evalfleet.orchestrator.executors.local import THREADS_VARIABLE
+from evalfleet.orchestrator.failures import DeviceWatch, exit_report
 from evalfleet.orchestrator.states import JobState
 from evalfleet.orchestrator.store import JobRecord, JobStore
 from evalfleet.types import EvalfleetError, EvaluationRequest, EvaluationResult, UsageError
@@ -169,6 +171,8 @@ def run_worker(job_id: str, db_path: str | os.PathLike[str], *, heartbeat_s: flo
     with JobStore(db_path) as store:
         record = confirm_start(store, job_id)
         with ProgressReporter(store, job_id, heartbeat_s=heartbeat_s) as reporter:
+            on_gpus = os.environ.get("CUDA_VISIBLE_DEVICES") != ""  # a CPU slot's job sees no GPU
+            watch = DeviceWatch(record.placement or () if on_gpus else ())
             try:
                 from evalfleet.engines.run import evaluate_request
 
@@ -177,11 +181,14 @@ def run_worker(job_id: str, db_path: str | os.PathLike[str], *, heartbeat_s: flo
                 result = evaluate_request(request, progress=reporter)
             except Exception as error:
                 message = describe_error(error)
-                store.report_error(job_id, message)
+                report = exit_report(error, message, watch.evidence())
+                store.report_error(job_id, message, report.model_dump(mode="json"))
                 if isinstance(error, EvalfleetError):
                     raise
                 traceback.print_exc()
                 raise EvalfleetError(message) from error
+            finally:
+                watch.close()
         cache = result.evalfleet.get("cache", {})
         store.transition(job_id, JobState.SUCCEEDED, expect=JobState.RUNNING, result_path=result.output_path,
                          reason=f"finished; {cache.get('hits', 0)} requests from the cache, "

@@ -40,6 +40,9 @@ class RunStats:
     tokens: int = 0
     compute_seconds: float = 0.0
     by_type: dict[str, int] = field(default_factory=dict)
+    # perf_counter() when lm-eval first asked for results, and when the last answer went back
+    first_call: float | None = None
+    last_return: float | None = None
 
 
 class EvalfleetLM(TemplateLM):
@@ -158,22 +161,26 @@ class EvalfleetLM(TemplateLM):
         return tuple(sorted(settings.items()))
 
     def _count(self, kind: str, n: int) -> None:
+        if self.stats.first_call is None:
+            self.stats.first_call = time.perf_counter()
         self.stats.requests += n
         self.stats.by_type[kind] = self.stats.by_type.get(kind, 0) + n
 
     def _execute(self, phase: str, items: list[Item]) -> list[Any]:
         """Results for `items` in order: from the cache where present, else computed and committed."""
         unique = list(dict.fromkeys(items))
-        keys = [request_key(self.identity, item) for item in unique]
+        keys = [request_key(self.identity, item) for item in unique] if self.cache is not None else []
         known = self.cache.get_many(keys) if self.cache is not None else {}
-        results: dict[Item, Any] = {item: known[key] for item, key in zip(unique, keys, strict=True) if key in known}
+        results: dict[Item, Any] = {item: known[key] for item, key in zip(unique, keys) if key in known}
         todo = [item for item in unique if item not in results]
-        todo_keys = {item: key for item, key in zip(unique, keys, strict=True) if item not in results}
+        todo_keys = {item: key for item, key in zip(unique, keys) if item not in results}
         self.stats.items += len(unique)
         self.stats.cached += len(results)
         done = len(results)
         self._report(phase, done, len(unique))
-        batches = make_batches(todo, self.token_budget, self.max_batch_size, self.runner.shares_prefixes)
+        batches = make_batches(
+            todo, self.token_budget, self.max_batch_size, self.runner.shares_prefixes, self.runner.reuses_prefixes
+        )
         batch_items = [[todo[i] for i in batch] for batch in batches]
 
         def on_batch_done(index: int, batch_results: list[Any]) -> None:
@@ -191,7 +198,8 @@ class EvalfleetLM(TemplateLM):
         started = time.perf_counter()
         if batch_items:
             self.runner.run(batch_items, on_batch_done)
-        self.stats.compute_seconds += time.perf_counter() - started
+        self.stats.last_return = time.perf_counter()
+        self.stats.compute_seconds += self.stats.last_return - started
         return [results[item] for item in items]
 
     def _report(self, phase: str, done: int, total: int) -> None:

@@ -1,4 +1,4 @@
-"""One model over one worker group (tp x pp processes): how each layout is loaded.
+"""Rank side: loading this rank's part of one model over a worker group (tp x pp processes).
 
 Which path each layout takes (checked on transformers 5.24, torch 2.13):
 
@@ -15,131 +15,21 @@ Which path each layout takes (checked on transformers 5.24, torch 2.13):
   rowwise styles from the config's `base_model_tp_plan`.
 
 Ranks are laid out pp-major (rank = stage * tp + tp_rank), as transformers' own mesh does.
+`GroupSpec`, `PATHS` and `check_layout` live in `group.py` (both sides need them) and are
+re-exported here for callers that load.
 """
 
 from __future__ import annotations
 
 import functools
-import json
-import os
-import sys
-import threading
-import time
-from dataclasses import asdict, dataclass, field
-from datetime import timedelta
-from multiprocessing.connection import Connection
+from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.distributed as dist
-from torch.distributed import distributed_c10d as c10d
-from transformers import AutoConfig, AutoModelForCausalLM, DynamicCache
+from transformers import DynamicCache
 
-from evalfleet.runtime.backends.base import OutOfMemory
 from evalfleet.runtime.backends.hf import HFBackend
-from evalfleet.runtime.runner import compute
-from evalfleet.runtime.transport import LOAD_OOM_EXIT, CommunicationTimer
-from evalfleet.types import EvalfleetError
-
-# Test-only fault injector, read in worker processes alone: `swap_tp_shards` gives every TP rank
-# its neighbour's shard of one weight, `drop_pp_mask` hides the padding (attention mask and
-# position ids) from the last pipeline stage, `oom_above:N` fails every batch of more than N
-# padded tokens as out of memory, `oom_at_load` fails the load so. The distributed tests use
-# them to show that their checks can fail and that the fault paths work.
-TEST_FAULT_ENV = "EVALFLEET_TEST_FAULT"
-
-COLLECTIVE_TIMEOUT = timedelta(minutes=30)
-IDLE_TIMEOUT = timedelta(days=7)  # ranks other than 0 wait this long for the next message
-
-PATHS = {
-    (False, False): "single",
-    (True, False): "transformers-tp",
-    (False, True): "transformers-pp",
-    (True, True): "torch-hybrid",
-}
-
-
-@dataclass(frozen=True)
-class GroupSpec:
-    """What every rank of a worker group needs to load its part of the model."""
-
-    model_path: str
-    dtype: str = "float32"
-    device: str = "cpu"
-    tp: int = 1
-    pp: int = 1
-    threads: int = 1
-    max_length: int | None = None
-    revision: str | None = None
-    trust_remote_code: bool = False
-    time_communication: bool = True
-    share_prefixes: bool = False
-    # The vLLM backend: one process per replica, vLLM's own tp x pp beneath it (`vllm_worker`).
-    backend: str = "hf"
-    seed: int = 0
-    gpu_memory_utilization: float | None = None
-    engine_args: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def world_size(self) -> int:
-        return self.tp * self.pp
-
-    @property
-    def processes(self) -> int:
-        """Processes the driver starts per replica: every rank, or one vLLM engine."""
-        return 1 if self.backend == "vllm" else self.world_size
-
-    @property
-    def path(self) -> str:
-        """Which loading path (module docstring) this layout takes."""
-        return "vllm" if self.backend == "vllm" else PATHS[(self.tp > 1, self.pp > 1)]
-
-    def to_json(self) -> str:
-        return json.dumps(asdict(self))
-
-    @classmethod
-    def from_json(cls, text: str) -> GroupSpec:
-        return cls(**json.loads(text))
-
-
-def check_layout(spec: GroupSpec) -> None:
-    """Refuse, in one sentence and before any process starts, a layout the model cannot take."""
-    if spec.backend == "vllm":
-        return  # vLLM splits every architecture it registers; the engine checked the declaration
-    config = AutoConfig.from_pretrained(
-        spec.model_path, revision=spec.revision, trust_remote_code=spec.trust_remote_code
-    )
-    text = config.get_text_config()
-    name = getattr(config, "model_type", "this model")
-    if spec.tp > 1:
-        heads = getattr(text, "num_attention_heads", None)
-        kv_heads = getattr(text, "num_key_value_heads", None) or heads
-        if not getattr(text, "base_model_tp_plan", None):
-            raise EvalfleetError(f"{name} models have no tensor-parallel plan in transformers; use --strategy pp or dp")
-        for what, count in (("attention heads", heads), ("key/value heads", kv_heads)):
-            if count is None or count % spec.tp:
-                raise EvalfleetError(f"tp={spec.tp} does not divide the model's {count} {what}; choose a tp that does")
-    if spec.pp > 1:
-        layers = getattr(text, "num_hidden_layers", 0)
-        if layers < spec.pp:
-            raise EvalfleetError(f"pp={spec.pp} is more stages than the model's {layers} layers")
-        with torch.device("meta"):
-            model = AutoModelForCausalLM.from_config(config, trust_remote_code=spec.trust_remote_code)
-        base = getattr(model, model.base_model_prefix, None)
-        if not all(hasattr(base, part) for part in ("embed_tokens", "layers", "norm")):
-            raise EvalfleetError(
-                f"pipeline parallelism needs a Llama-style model (embed_tokens, layers, norm); {name} is not one"
-            )
-    if spec.tp > 1 and spec.pp > 1:
-        styles = set(getattr(text, "base_model_tp_plan", {}).values())
-        if not styles <= set(_torch_styles()):
-            raise EvalfleetError(f"hybrid tp x pp cannot shard {name}'s tensor-parallel styles {sorted(styles)}")
-
-
-def _torch_styles() -> dict[str, Any]:
-    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel
-
-    return {"colwise": ColwiseParallel, "rowwise": RowwiseParallel}
+from evalfleet.runtime.group import PATHS, GroupSpec, check_layout, torch_styles
 
 
 class StageCache(DynamicCache):
@@ -220,7 +110,7 @@ def _load_hybrid(spec: GroupSpec, device: str, common: dict[str, Any]) -> Loaded
     model.to(device)
     stage = model._pp_stage
     first, last = stage.layer_range_for_rank(stage.pp_rank, model.config.num_hidden_layers)
-    styles = _torch_styles()
+    styles = torch_styles()
     plan = {
         rule.split("*.", 1)[1]: styles[style]()
         for rule, style in model.config.get_text_config().base_model_tp_plan.items()
@@ -268,139 +158,4 @@ def rank_report(part: LoadedPart, rank: int) -> dict[str, Any]:
     }
 
 
-def active_test_fault() -> str:
-    return os.environ.get(TEST_FAULT_ENV, "")
-
-
-@torch.no_grad()
-def inject_test_fault(part: LoadedPart, spec: GroupSpec) -> None:
-    """Apply the test-only fault named in `EVALFLEET_TEST_FAULT` (see TEST_FAULT_ENV) to this rank."""
-    fault = active_test_fault()
-    model = part.backend.model
-    if fault == "swap_tp_shards" and spec.tp > 1:
-        local = next(
-            local_tensor(p) for n, p in model.named_parameters() if "mlp" in n and local_tensor(p).shape != p.shape
-        )
-        shards = [torch.empty_like(local) for _ in range(spec.tp)]
-        dist.all_gather(shards, local.contiguous(), group=part.tp_group)
-        local.copy_(shards[(part.tp_rank + 1) % spec.tp])
-    elif fault == "drop_pp_mask" and spec.pp > 1 and part.stage == spec.pp - 1:
-        base = getattr(model, model.base_model_prefix)
-        forward = base.forward
-
-        def forward_without_mask(*args: Any, **kwargs: Any) -> Any:
-            kwargs["attention_mask"] = kwargs["position_ids"] = None  # transformers rebuilds a mask from positions
-            return forward(*args, **kwargs)
-
-        base.forward = forward_without_mask
-
-
-def compute_with_faults(backend: HFBackend, items: list[Any]) -> list[Any]:
-    """`compute`, failing as out of memory above the `oom_above:N` test fault's token count."""
-    fault = active_test_fault()
-    if fault.startswith("oom_above:"):
-        padded = len(items) * max(item.length for item in items)
-        if padded > int(fault.split(":", 1)[1]):
-            raise OutOfMemory(f"test fault: {padded} tokens")
-    return compute(backend, items)
-
-
-def _exit_with_parent() -> None:
-    """A worker never outlives its driver, even one killed with SIGKILL."""
-    parent = os.getppid()
-
-    def watch() -> None:
-        while os.getppid() == parent:
-            time.sleep(0.5)
-        os._exit(1)
-
-    threading.Thread(target=watch, name="evalfleet-parent-watch", daemon=True).start()
-
-
-def _join_group(spec: GroupSpec, rank: int, store_port: int) -> Any:
-    """Join the replica's process group; return the gloo group that carries the driver's messages."""
-    on_gpu = spec.device.startswith("cuda")
-    if on_gpu:
-        torch.cuda.set_device(0)
-    store = dist.TCPStore("127.0.0.1", store_port, is_master=False, timeout=COLLECTIVE_TIMEOUT)
-    dist.init_process_group(
-        "nccl" if on_gpu else "gloo",
-        store=store,
-        rank=rank,
-        world_size=spec.world_size,
-        timeout=COLLECTIVE_TIMEOUT,
-        device_id=torch.device("cuda", 0) if on_gpu else None,
-    )
-    return dist.new_group(backend="gloo", timeout=IDLE_TIMEOUT)
-
-
-class _Control:
-    """Rank 0 hears the driver and tells the others; the others only follow."""
-
-    def __init__(self, rank: int, world_size: int, group: Any, conn: Connection | None) -> None:
-        self.rank, self.world_size, self.group, self.conn = rank, world_size, group, conn
-
-    def next_message(self) -> Any:
-        message = [self.conn.recv() if self.rank == 0 else None]
-        if self.world_size > 1:
-            c10d.broadcast_object_list(message, src=0, group=self.group)
-        return message[0]
-
-    def gather(self, value: Any) -> list[Any]:
-        if self.world_size == 1:
-            return [value]
-        gathered: list[Any] | None = [None] * self.world_size if self.rank == 0 else None
-        c10d.gather_object(value, gathered, dst=0, group=self.group)
-        return gathered or []
-
-    def agree(self, status: str) -> str:
-        """The group's status for a batch: out of memory if any rank was."""
-        if self.world_size == 1:
-            return status
-        flag = torch.tensor([int(status == "oom")])
-        c10d.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.group)
-        return "oom" if flag.item() else "done"
-
-    def reply(self, message: Any) -> None:
-        if self.rank == 0:
-            self.conn.send(message)
-
-
-def serve(spec: GroupSpec, rank: int, store_port: int, conn: Connection | None) -> None:
-    """A worker's life: join the group, load its part, then compute batches until told to stop."""
-    torch.set_num_threads(spec.threads)
-    _exit_with_parent()
-    group = _join_group(spec, rank, store_port) if spec.world_size > 1 else None
-    control = _Control(rank, spec.world_size, group, conn)
-    started = time.perf_counter()
-    try:
-        if active_test_fault() == "oom_at_load":
-            raise torch.OutOfMemoryError("test fault: out of memory at load")
-        part = load_part(spec)
-    except torch.OutOfMemoryError as error:
-        print(f"out of memory while loading: {error}", file=sys.stderr, flush=True)
-        os._exit(LOAD_OOM_EXIT)
-    inject_test_fault(part, spec)
-    on_gpu = part.backend.device.type == "cuda"
-    timer = CommunicationTimer(torch.cuda.synchronize if on_gpu else None)
-    if spec.time_communication and spec.world_size > 1:
-        timer.install()
-    report = rank_report(part, rank) | {"load_seconds": time.perf_counter() - started}
-    reports = control.gather(report)
-    control.reply(("ready", {"path": spec.path, "max_length": part.backend.max_length, "ranks": reports}))
-    while (message := control.next_message())[0] == "batch":
-        _, index, items = message
-        began = time.perf_counter()
-        status, results = "done", None
-        try:
-            results = compute_with_faults(part.backend, items)
-        except OutOfMemory:
-            status = "oom"
-            if on_gpu:
-                torch.cuda.empty_cache()
-        status = control.agree(status)
-        busy = time.perf_counter() - began
-        reports = control.gather({"busy_seconds": busy, "events": timer.take()})
-        control.reply((status, index, results if status == "done" else None, reports))
-    if group is not None:
-        dist.destroy_process_group()
+__all__ = ["PATHS", "GroupSpec", "LoadedPart", "StageCache", "check_layout", "load_part", "local_tensor", "rank_report"]

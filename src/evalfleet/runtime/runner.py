@@ -12,8 +12,34 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from evalfleet.runtime.backends.base import Backend, GenerationItem, Item, OutOfMemory
+from evalfleet.types import ResourceError
 
 BatchCallback = Callable[[int, list[Any]], None]
+
+
+def out_of_memory(error: BaseException) -> bool:
+    """Whether `error` says the device (or, on the CPU, the process) ran out of memory.
+
+    torch raises `OutOfMemoryError` for CUDA, but a failed CPU allocation is a plain
+    RuntimeError from its CPU allocator.
+    """
+    if isinstance(error, OutOfMemory | MemoryError) or type(error).__name__ == "OutOfMemoryError":
+        return True
+    return isinstance(error, RuntimeError) and "DefaultCPUAllocator: can't allocate memory" in str(error)
+
+
+def padded_tokens(items: Sequence[Item]) -> int:
+    return len(items) * max(item.length for item in items)
+
+
+def first_chunk(items: Sequence[Item], budget: int | None) -> list[Item]:
+    """The longest prefix of `items` whose padded size fits `budget` (at least one item)."""
+    if budget is None:
+        return list(items)
+    count = 1
+    while count < len(items) and padded_tokens(items[: count + 1]) <= budget:
+        count += 1
+    return list(items[:count])
 
 
 def compute(backend: Backend, batch: Sequence[Item]) -> list[Any]:
@@ -21,23 +47,6 @@ def compute(backend: Backend, batch: Sequence[Item]) -> list[Any]:
     if isinstance(batch[0], GenerationItem):
         return list(backend.generate(list(batch)))
     return list(backend.loglikelihood(list(batch)))
-
-
-def compute_splitting_on_oom(backend: Backend, batch: Sequence[Item]) -> tuple[list[Any], int]:
-    """Compute `batch`, halving it for as long as the device runs out of memory.
-
-    Returns the results and how many halvings were needed, so the caller can shrink
-    its token budget for the batches still to come.
-    """
-    try:
-        return compute(backend, batch), 0
-    except OutOfMemory:
-        if len(batch) == 1:
-            raise
-    middle = len(batch) // 2
-    left, left_splits = compute_splitting_on_oom(backend, batch[:middle])
-    right, right_splits = compute_splitting_on_oom(backend, batch[middle:])
-    return left + right, 1 + max(left_splits, right_splits)
 
 
 class BatchRunner(ABC):
@@ -62,6 +71,11 @@ class BatchRunner(ABC):
         """Whether the backend honours a generation request's sampling settings."""
         return False
 
+    @property
+    def reuses_prefixes(self) -> bool:
+        """Whether the backend computes a prefix shared by a batch's contexts once (see batching)."""
+        return False
+
     def describe(self) -> dict[str, Any]:
         """The layout and devices used, for results.json."""
         return {}
@@ -76,7 +90,8 @@ class InProcessRunner(BatchRunner):
     def __init__(self, backend: Backend, device: str) -> None:
         self.backend = backend
         self.device = device
-        self.oom_splits = 0
+        self.token_budget: int | None = None
+        self.oom_halvings = 0
 
     @property
     def max_length(self) -> int:
@@ -90,10 +105,31 @@ class InProcessRunner(BatchRunner):
     def samples(self) -> bool:
         return self.backend.samples
 
+    @property
+    def reuses_prefixes(self) -> bool:
+        return bool(getattr(self.backend, "reuse_prefixes", False))
+
     def run(self, batches: Sequence[Sequence[Item]], on_batch_done: BatchCallback) -> None:
+        """Each batch in pieces that fit the token budget; out of memory halves the budget for
+        the rest of the job, so later batches do not fail the same way first."""
         for index, batch in enumerate(batches):
-            results, splits = compute_splitting_on_oom(self.backend, batch)
-            self.oom_splits += splits
+            results: list[Any] = []
+            start = 0
+            while start < len(batch):
+                chunk = first_chunk(batch[start:], self.token_budget)
+                try:
+                    results.extend(compute(self.backend, chunk))
+                except Exception as error:
+                    if not out_of_memory(error):
+                        raise
+                    if len(chunk) == 1:
+                        raise ResourceError(
+                            f"one request of {chunk[0].length} tokens does not fit in memory on {self.device}"
+                        ) from None
+                    self.token_budget = padded_tokens(chunk) // 2
+                    self.oom_halvings += 1
+                    continue
+                start += len(chunk)
             on_batch_done(index, results)
 
     def describe(self) -> dict[str, Any]:
@@ -103,6 +139,8 @@ class InProcessRunner(BatchRunner):
             "pp": 1,
             "dp": 1,
             "devices": [self.device],
+            "oom_halvings": self.oom_halvings,
+            "token_budgets": [self.token_budget],
             **self.backend.describe(),
         }
 

@@ -1,21 +1,16 @@
-"""How the driver reaches a worker group's processes, and what their traffic costs.
+"""Driver side: how the driver reaches a worker group's processes, and what their traffic cost.
 
 `WorkerGroup` is the driver's handle on one replica: it spawns the ranks (each in its own
 session, one GPU or one CPU thread budget each), hosts the TCP store they rendezvous on (so
 no port has to be guessed), talks to rank 0 over an inherited socket pair, notices a dead or
 silent rank, and kills them all. Rank 0 relays each message to its group over a gloo
-"control" group (`parallel.serve`).
-
-The model's own collectives and point-to-point transfers (tensor-parallel all-reduces,
-pipeline activations) are measured in the workers by `CommunicationTimer`, which wraps
-torch.distributed's entry points. The control traffic goes through torch's internal
-`distributed_c10d` functions, which are not wrapped, so it never counts as model traffic.
+"control" group (`rank.serve`). The ranks' own traffic, timed by `timing.CommunicationTimer`,
+comes back with each batch and adds up in `CommunicationSummary`.
 """
 
 from __future__ import annotations
 
 import atexit
-import functools
 import multiprocessing
 import os
 import shutil
@@ -30,153 +25,43 @@ from collections import defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from evalfleet.types import EvalfleetError
-
-if TYPE_CHECKING:
-    from evalfleet.runtime.parallel import GroupSpec
+from evalfleet.runtime.group import BATCH_OOM_EXIT, LOAD_OOM_EXIT, GroupSpec
+from evalfleet.types import EvalfleetError, ResourceError
 
 # (kind, bytes, seconds, devices): MultiGPUPerformanceMonitor.record_communication_event's shape.
 CommunicationCallback = Callable[[str, int, float, list[str]], None]
-# A rank that runs out of memory while loading exits with this code, so the driver can ask
-# the planner for a larger layout instead of retrying the same one.
-LOAD_OOM_EXIT = 3
-
-_DIST_FUNCTIONS = {
-    "all_reduce": "all_reduce",
-    "all_gather": "all_gather",
-    "all_gather_into_tensor": "all_gather",
-    "reduce_scatter_tensor": "reduce_scatter",
-    "broadcast": "broadcast",
-    "batch_isend_irecv": "p2p",
-    "send": "p2p",
-    "recv": "p2p",
-}
-_FUNCOL_FUNCTIONS = {
-    "all_reduce": "all_reduce",
-    "all_gather_single": "all_gather",
-    "all_gather_tensor": "all_gather",
-    "reduce_scatter_single": "reduce_scatter",
-    "reduce_scatter_tensor": "reduce_scatter",
-    "broadcast": "broadcast",
-}
-
-
-@dataclass
-class CommunicationTotals:
-    """One rank's traffic of one kind during one batch."""
-
-    kind: str
-    calls: int = 0
-    bytes: int = 0
-    seconds: float = 0.0
-
-    def as_dict(self) -> dict[str, Any]:
-        return {"kind": self.kind, "calls": self.calls, "bytes": self.bytes, "seconds": self.seconds}
-
-
-def _tensor_bytes(value: Any) -> int:
-    import torch
-
-    if isinstance(value, torch.Tensor):
-        return value.numel() * value.element_size()
-    if isinstance(value, list | tuple):
-        return sum(_tensor_bytes(v) for v in value)
-    tensor = getattr(value, "tensor", None)  # a P2POp
-    return _tensor_bytes(tensor) if tensor is not None else 0
-
-
-class CommunicationTimer:
-    """Counts bytes and wall seconds of the model's collectives in this process.
-
-    A collective's time is the transfer's, not the launch's: functional collectives are waited
-    for inside the wrapper, the pipeline's async sends and receives are timed when their caller
-    waits on them, and on CUDA the device is synchronised around each call. `take()` returns
-    and resets the totals of one batch.
-    """
-
-    def __init__(self, synchronize: Callable[[], None] | None = None) -> None:
-        self._synchronize = synchronize or (lambda: None)
-        self._totals: dict[str, CommunicationTotals] = {}
-        self._installed: list[tuple[Any, str, Any]] = []
-
-    def install(self) -> None:
-        import torch.distributed as dist
-        import torch.distributed._functional_collectives as funcol
-
-        for module, names in ((dist, _DIST_FUNCTIONS), (funcol, _FUNCOL_FUNCTIONS)):
-            for name, kind in names.items():
-                original = getattr(module, name, None)
-                if original is not None:
-                    self._installed.append((module, name, original))
-                    setattr(module, name, self._wrap(original, kind))
-
-    def uninstall(self) -> None:
-        for module, name, original in reversed(self._installed):
-            setattr(module, name, original)
-        self._installed.clear()
-
-    def _wrap(self, original: Callable[..., Any], kind: str) -> Callable[..., Any]:
-        @functools.wraps(original)
-        def timed(*args: Any, **kwargs: Any) -> Any:
-            self._synchronize()
-            started = time.perf_counter()
-            result = original(*args, **kwargs)
-            if type(result).__name__ == "AsyncCollectiveTensor":
-                result = result.wait()
-            self._synchronize()
-            payload = _tensor_bytes(args[0]) if args else _tensor_bytes(next(iter(kwargs.values()), None))
-            self.add(kind, payload, time.perf_counter() - started)
-            if isinstance(result, list):  # batch_isend_irecv: the caller waits; time that too
-                return [_TimedWork(work, self, kind) for work in result]
-            return result
-
-        return timed
-
-    def add(self, kind: str, nbytes: int, seconds: float) -> None:
-        totals = self._totals.setdefault(kind, CommunicationTotals(kind))
-        totals.calls += 1
-        totals.bytes += nbytes
-        totals.seconds += seconds
-
-    def take(self) -> list[dict[str, Any]]:
-        taken = [totals.as_dict() for totals in self._totals.values()]
-        self._totals = {}
-        return taken
-
-
-class _TimedWork:
-    """An async transfer whose `wait()` adds its seconds to the timer (the caller waits exactly once)."""
-
-    def __init__(self, work: Any, timer: CommunicationTimer, kind: str) -> None:
-        self._work, self._timer, self._kind = work, timer, kind
-
-    def wait(self, *args: Any, **kwargs: Any) -> Any:
-        started = time.perf_counter()
-        done = self._work.wait(*args, **kwargs)
-        totals = self._timer._totals.setdefault(self._kind, CommunicationTotals(self._kind))
-        totals.seconds += time.perf_counter() - started
-        return done
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._work, name)
-
 
 @dataclass
 class CommunicationSummary:
-    """What the driver keeps of every rank's traffic, for results.json and the monitor."""
+    """What the driver keeps of every rank's traffic, for results.json and the monitor.
 
+    Only one batch in `sample_every` is timed (timing syncs the device around each collective);
+    `share` compares the timed batches' traffic with those batches' own busy time.
+    """
+
+    sample_every: int = 1
     seconds: float = 0.0
     bytes: int = 0
     calls: int = 0
     busy_seconds: float = 0.0
+    timed_busy_seconds: float = 0.0
+    batches: int = 0
+    timed_batches: int = 0
     by_kind: dict[str, list[float]] = field(default_factory=lambda: defaultdict(lambda: [0, 0, 0.0]))
 
     def add_batch(self, per_rank: list[dict[str, Any]]) -> None:
-        """`per_rank`: one {"busy_seconds", "events"} per rank of the group for one batch."""
+        """`per_rank`: one {"busy_seconds", "events", "timed"} per rank of the group for one batch."""
+        if not per_rank:
+            return
+        self.batches += 1
+        timed = any(report.get("timed") for report in per_rank)
+        self.timed_batches += timed
         for report in per_rank:
             self.busy_seconds += report["busy_seconds"]
+            if timed:
+                self.timed_busy_seconds += report["busy_seconds"]
             for event in report["events"]:
                 self.seconds += event["seconds"]
                 self.bytes += event["bytes"]
@@ -187,13 +72,16 @@ class CommunicationSummary:
                 totals[2] += event["seconds"]
 
     def as_dict(self) -> dict[str, Any]:
-        share = self.seconds / self.busy_seconds if self.busy_seconds > 0 else 0.0
+        share = self.seconds / self.timed_busy_seconds if self.timed_busy_seconds > 0 else 0.0
         return {
             "seconds": round(self.seconds, 6),
             "bytes": int(self.bytes),
             "calls": int(self.calls),
             "rank_busy_seconds": round(self.busy_seconds, 6),
             "share": round(min(share, 1.0), 6),
+            "sample_every": self.sample_every,
+            "batches": self.batches,
+            "timed_batches": self.timed_batches,
             "by_kind": {
                 kind: {"calls": int(c), "bytes": int(b), "seconds": round(s, 6)}
                 for kind, (c, b, s) in sorted(self.by_kind.items())
@@ -208,7 +96,12 @@ class ReplicaFailed(Exception):
     """A rank died or hung: the replica is lost and must be restarted."""
 
 
-class LoadOutOfMemory(EvalfleetError):
+class BatchOutOfMemory(ReplicaFailed):
+    """A rank of a multi-rank group ran out of memory mid-batch and left; its peers are being
+    stopped, and the replica must restart before a smaller batch is tried."""
+
+
+class LoadOutOfMemory(ResourceError):
     """The model did not fit the devices of a replica; a larger layout may fit."""
 
 
@@ -272,7 +165,7 @@ class WorkerGroup:
                 with open(self._log_dir / f"rank{rank}.log", "wb") as log:
                     self.processes.append(
                         subprocess.Popen(
-                            [sys.executable, "-m", "evalfleet.runtime.workers"],
+                            [sys.executable, "-m", "evalfleet.runtime.rank"],
                             env=env,
                             stdin=subprocess.DEVNULL,
                             stdout=log,
@@ -335,10 +228,13 @@ class WorkerGroup:
                     return self._conn.recv()
             except (OSError, EOFError):
                 time.sleep(0.05)  # rank 0 is gone or going: the exit code below says how
-            for rank, process in enumerate(self.processes):
-                code = process.poll()
-                if code is not None:
-                    self._fail_on_exit(rank, code, doing)
+            codes = {rank: process.poll() for rank, process in enumerate(self.processes)}
+            exited = {rank: code for rank, code in codes.items() if code is not None}
+            if exited:
+                # The first rank to fail takes its peers down with it: report the cause, not the echo.
+                causes = [rank for rank, code in exited.items() if code in (LOAD_OOM_EXIT, BATCH_OOM_EXIT)]
+                rank = causes[0] if causes else min(exited)
+                self._fail_on_exit(rank, exited[rank], doing)
             if time.monotonic() > deadline:
                 raise ReplicaFailed(f"{self.name}: no answer within {timeout:g} s while {doing}")
 
@@ -346,6 +242,8 @@ class WorkerGroup:
         detail = _last_line(self._log_dir / f"rank{rank}.log") if self._log_dir else ""
         if code == LOAD_OOM_EXIT:
             raise LoadOutOfMemory(f"{self.name} ran out of memory loading the model on {self.devices[rank]}")
+        if code == BATCH_OOM_EXIT:
+            raise BatchOutOfMemory(f"rank {rank} of {self.name} ran out of memory while {doing}")
         if doing == "loading the model" and code > 0:
             raise EvalfleetError(f"rank {rank} of {self.name} failed while loading the model: {detail}")
         reason = f"signal {-code}" if code < 0 else f"exit code {code}"

@@ -16,9 +16,9 @@ from multiprocessing.connection import Connection
 from typing import Any
 
 from evalfleet.runtime.backends.base import OutOfMemory
-from evalfleet.runtime.parallel import GroupSpec, _exit_with_parent
+from evalfleet.runtime.group import LOAD_OOM_EXIT, GroupSpec
+from evalfleet.runtime.rank import exit_with_parent
 from evalfleet.runtime.runner import compute
-from evalfleet.runtime.transport import LOAD_OOM_EXIT
 
 # torch.distributed's launcher variables, which the driver sets for transformers ranks; vLLM
 # would take them as its own world.
@@ -100,7 +100,7 @@ def serve(spec: GroupSpec, conn: Connection) -> None:
     import psutil
     import torch
 
-    _exit_with_parent()
+    exit_with_parent()
     prepare_environment(spec)
     started = time.perf_counter()
     try:
@@ -116,13 +116,18 @@ def serve(spec: GroupSpec, conn: Connection) -> None:
     info = {"path": spec.path, "max_length": backend.max_length, "ranks": [rank], **backend.describe()}
     conn.send(("ready", info))
     while (message := conn.recv())[0] == "batch":
-        _, index, items = message
+        _, index, items, _timed = message  # nothing to time: vLLM's ranks talk among themselves
         began = time.perf_counter()
         status, results = "done", None
         try:
             results = compute(backend, items)
         except OutOfMemory:
             status = "oom"
-        report = {"busy_seconds": time.perf_counter() - began, "events": [], "engine": backend.engine_stats()}
+        report = {
+            "busy_seconds": time.perf_counter() - began,
+            "events": [],
+            "timed": False,
+            "engine": backend.engine_stats(),
+        }
         conn.send((status, index, results, [report]))
     backend.close()

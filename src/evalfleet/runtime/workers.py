@@ -1,9 +1,9 @@
 """Worker groups: data-parallel replicas of tp x pp processes, driven from this process.
 
-A replica is `tp * pp` python processes (`python -m evalfleet.runtime.workers`) joined by
+A replica is `tp * pp` python processes (`python -m evalfleet.runtime.rank`) joined by
 torch.distributed (gloo on CPU, nccl on CUDA) through a TCP store that the driver hosts, so
 no port has to be guessed. Rank 0 talks to the driver over an inherited socket pair and
-broadcasts each batch to the other ranks (`parallel.serve`). Replicas pull batches from one
+broadcasts each batch to the other ranks (`rank.serve`). Replicas pull batches from one
 shared queue, so a slow replica never holds the others back.
 
 Faults: a rank that dies, or a batch that outlives `batch_timeout`, fails its replica; the
@@ -16,9 +16,7 @@ driver kills every group it started at exit.
 
 from __future__ import annotations
 
-import os
 import queue
-import signal
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -27,37 +25,27 @@ from typing import Any
 
 from evalfleet.planning.strategy import ParallelLayout
 from evalfleet.runtime.backends.base import Item
-from evalfleet.runtime.parallel import GroupSpec, check_layout
-from evalfleet.runtime.runner import BatchCallback, BatchRunner
+from evalfleet.runtime.group import GroupSpec, check_layout
+from evalfleet.runtime.runner import BatchCallback, BatchRunner, first_chunk, padded_tokens
 from evalfleet.runtime.transport import (
+    BatchOutOfMemory,
     CommunicationCallback,
     CommunicationSummary,
     LoadOutOfMemory,
     ReplicaFailed,
     WorkerGroup,
 )
-from evalfleet.types import EvalfleetError
+from evalfleet.types import EvalfleetError, InfrastructureError, ResourceError
 
 __all__ = ["LoadOutOfMemory", "ReplicaFailed", "WorkerGroup", "WorkerGroupRunner"]
+
+# Communication is timed on one batch in this many (per replica); see benchmarks/communication_timing.py.
+COMMUNICATION_SAMPLE_EVERY = 20
 
 # (batch wall seconds, pipeline stage of the rank, seconds the rank was busy): the monitor's record_step.
 StepCallback = Callable[[float, int, float], None]
 # (replica name, vLLM's engine stats after a batch): the monitor's record_engine_stats.
 EngineStatsCallback = Callable[[str, dict[str, float]], None]
-
-
-def _padded_tokens(items: Sequence[Item]) -> int:
-    return len(items) * max(item.length for item in items)
-
-
-def _first_chunk(items: Sequence[Item], budget: int | None) -> list[Item]:
-    """The longest prefix of `items` whose padded size fits `budget` (at least one item)."""
-    if budget is None:
-        return list(items)
-    count = 1
-    while count < len(items) and _padded_tokens(items[: count + 1]) <= budget:
-        count += 1
-    return list(items[:count])
 
 
 @dataclass
@@ -68,6 +56,8 @@ class _Replica:
     token_budget: int | None = None
     restarts: int = 0
     oom_halvings: int = 0
+    oom_restarts: int = 0
+    batches: int = 0
     failures: list[str] = field(default_factory=list)
 
     @property
@@ -94,6 +84,7 @@ class WorkerGroupRunner(BatchRunner):
         on_step: StepCallback | None = None,
         placement: list[list[Any]] | None = None,
         env: dict[str, str] | None = None,
+        time_every: int = COMMUNICATION_SAMPLE_EVERY,
         on_engine_stats: EngineStatsCallback | None = None,
     ) -> None:
         self.spec = spec
@@ -106,7 +97,8 @@ class WorkerGroupRunner(BatchRunner):
         self.on_step = on_step
         self.placement = placement
         self.env = dict(env or {})
-        self.communication = CommunicationSummary()
+        self.time_every = max(1, time_every)
+        self.communication = CommunicationSummary(sample_every=self.time_every)
         self.load_seconds = 0.0
         self._lock = threading.Lock()
         self._info: dict[str, Any] = {}
@@ -138,7 +130,7 @@ class WorkerGroupRunner(BatchRunner):
             self.close()
             error = errors[0]
             if isinstance(error, ReplicaFailed):
-                raise EvalfleetError(f"could not start the worker group: {error}") from error
+                raise InfrastructureError(f"could not start the worker group: {error}") from error
             raise error
         return self
 
@@ -178,7 +170,7 @@ class WorkerGroupRunner(BatchRunner):
         live = [replica for replica in self.replicas if replica.group is not None]
         if batches and not live:
             state = "was closed" if self._closing else "has no replica left; every one failed earlier"
-            raise EvalfleetError(f"the worker group {state}")
+            raise InfrastructureError(f"the worker group {state}")
         threads = [
             threading.Thread(target=self._pull, args=(r, batches, todo, events, finished), daemon=True) for r in live
         ]
@@ -195,13 +187,13 @@ class WorkerGroupRunner(BatchRunner):
                     on_batch_done(payload[0], payload[1])
                     remaining -= 1
                 elif kind == "fatal":
-                    raise EvalfleetError(payload[0])
+                    raise payload[0]
                 else:
                     lost += 1
                     if self._closing:
-                        raise EvalfleetError("the worker groups were stopped before the job finished")
+                        raise InfrastructureError("the worker groups were stopped before the job finished")
                     if lost == len(threads):
-                        raise EvalfleetError(f"every replica failed; last: {payload[0]}")
+                        raise InfrastructureError(f"every replica failed; last: {payload[0]}")
         except BaseException as error:
             if not isinstance(error, Exception):  # Ctrl-C or exit: stop at once
                 for replica in self.replicas:
@@ -237,36 +229,56 @@ class WorkerGroupRunner(BatchRunner):
                     events.put(("lost", str(failure)))
                     return
             except EvalfleetError as error:
-                events.put(("fatal", str(error)))
+                events.put(("fatal", error))
                 return
             except Exception as error:  # a bug must fail the job, not leave it waiting
-                events.put(("fatal", f"{replica.name} failed: {type(error).__name__}: {error}"))
+                events.put(("fatal", EvalfleetError(f"{replica.name} failed: {type(error).__name__}: {error}")))
                 return
 
     def _compute(self, replica: _Replica, index: int, batch: Sequence[Item]) -> list[Any]:
-        """One batch on one replica, in pieces that fit its token budget, halving it on OOM."""
+        """One batch on one replica, in pieces that fit its token budget.
+
+        Out of memory halves the replica's budget for the rest of the job; a multi-rank group
+        that ran out of memory is restarted first (its ranks have left, see `rank.serve`).
+        """
         results: list[Any] = []
         start = 0
         while start < len(batch):
-            chunk = _first_chunk(batch[start:], replica.token_budget)
+            chunk = first_chunk(batch[start:], replica.token_budget)
+            timed = replica.batches % self.time_every == 0
+            replica.batches += 1
             began = time.perf_counter()
-            status, _, values, reports = replica.group.request(("batch", index, chunk), self.batch_timeout)
+            try:
+                status, _, values, reports = replica.group.request(("batch", index, chunk, timed), self.batch_timeout)
+            except BatchOutOfMemory as failure:
+                replica.failures.append(str(failure))
+                self._halve(replica, chunk)
+                replica.oom_restarts += 1
+                replica.group.kill()
+                self._start_replica(replica)
+                continue
             self._record(replica, reports, time.perf_counter() - began)
             if status == "oom":
-                if len(chunk) == 1:
-                    raise EvalfleetError(
-                        f"one request of {chunk[0].length} tokens does not fit in memory on {replica.name}"
-                    )
-                replica.token_budget = _padded_tokens(chunk) // 2
-                replica.oom_halvings += 1
+                self._halve(replica, chunk)
                 continue
             results.extend(values)
             start += len(chunk)
         return results
 
+    @staticmethod
+    def _halve(replica: _Replica, chunk: Sequence[Item]) -> None:
+        if len(chunk) == 1:
+            raise ResourceError(f"one request of {chunk[0].length} tokens does not fit in memory on {replica.name}")
+        replica.token_budget = padded_tokens(chunk) // 2
+        replica.oom_halvings += 1
+
     def _record(self, replica: _Replica, reports: list[dict[str, Any]], seconds: float) -> None:
+        """Keep a batch's traffic; the monitor hears of sampled (timed) batches only, so its
+        communication share compares like with like."""
         with self._lock:
             self.communication.add_batch(reports)
+            if not any(report.get("timed") for report in reports):
+                return
             for rank, report in enumerate(reports):
                 if self.on_engine_stats is not None and "engine" in report:
                     self.on_engine_stats(replica.name, report["engine"])
@@ -314,6 +326,8 @@ class WorkerGroupRunner(BatchRunner):
             "parameter_bytes_per_rank": [rank["parameter_bytes"] for rank in ranks],
             "restarts": sum(replica.restarts for replica in self.replicas),
             "oom_halvings": sum(replica.oom_halvings for replica in self.replicas),
+            "oom_restarts": sum(replica.oom_restarts for replica in self.replicas),
+            "token_budgets": [replica.token_budget for replica in self.replicas],
             "communication": self.communication.as_dict(),
             **{key: self._info[key] for key in ("backend_version", "vllm") if key in self._info},
         }
@@ -326,26 +340,3 @@ class WorkerGroupRunner(BatchRunner):
             if replica.group is not None:
                 replica.group.stop(grace)
                 replica.group = None
-
-
-def _worker_main() -> None:
-    import faulthandler
-    from multiprocessing.connection import Connection
-
-    faulthandler.register(signal.SIGUSR1)  # `kill -USR1 <pid>` prints where a hung rank is
-
-    from evalfleet.runtime.parallel import serve
-
-    spec = GroupSpec.from_json(os.environ["EVALFLEET_WORKER_SPEC"])
-    rank = int(os.environ["EVALFLEET_WORKER_RANK"])
-    fd = os.environ.get("EVALFLEET_DRIVER_FD")
-    if spec.backend == "vllm":
-        from evalfleet.runtime.vllm_worker import serve as serve_vllm
-
-        serve_vllm(spec, Connection(int(fd)))
-        return
-    serve(spec, rank, int(os.environ["EVALFLEET_STORE_PORT"]), Connection(int(fd)) if fd else None)
-
-
-if __name__ == "__main__":
-    _worker_main()

@@ -21,8 +21,8 @@ from evalfleet.engines.base import EngineCapabilities, EvaluationEngine
 from evalfleet.engines.distributed.loader import DistributedModelInfo, MultiGPUModelLoader, WorkerLayout
 from evalfleet.engines.evaluation import run_evaluation
 from evalfleet.runtime.backends.hf import load_tokenizer, resolve_device
+from evalfleet.runtime.group import PATHS
 from evalfleet.runtime.lm import ProgressCallback
-from evalfleet.runtime.parallel import PATHS
 from evalfleet.types import DistributionStrategy, EvalfleetError, EvaluationRequest, EvaluationResult, ModelConfig
 
 _SPLIT = [
@@ -130,9 +130,8 @@ class DistributedEvaluationEngine(EvaluationEngine):
     def get_capabilities(self) -> DistributedEvaluationCapabilities:
         import torch
 
+        from evalfleet.engines.capacity import device_memory_gb
         from evalfleet.planning import backends
-
-        from evalfleet.engines.router import device_memory_gb
 
         inventory = self.loader.inventory
         gpus = inventory.num_gpus
@@ -270,6 +269,7 @@ class DistributedEvaluationEngine(EvaluationEngine):
                 device=resolve_device(request.model.device),
                 model_gb=round(sum(info.parameter_bytes_per_rank) / 2**30, 6),
                 progress=self.progress,
+                monitor=self.monitor,
                 backend=backend,
                 extra={
                     "distributed": {

@@ -18,10 +18,10 @@ from typing import Any
 from evalfleet.engines.distributed.vllm_layout import gpu_memory_utilization, vllm_spec_fields
 from evalfleet.planning.strategy import ParallelLayout
 from evalfleet.runtime.backends.hf import resolve_device, resolve_dtype
-from evalfleet.runtime.parallel import GroupSpec
+from evalfleet.runtime.group import GroupSpec
 from evalfleet.runtime.transport import CommunicationCallback
 from evalfleet.runtime.workers import EngineStatsCallback, LoadOutOfMemory, StepCallback, WorkerGroupRunner
-from evalfleet.types import DistributionStrategy, EvalfleetError, ModelConfig, resolve_model_path
+from evalfleet.types import DistributionStrategy, EvalfleetError, ModelConfig, ResourceError, resolve_model_path
 
 # Degrees a forced strategy gets on the CPU when the request names none.
 CPU_DEFAULT_DEGREE = 2
@@ -350,7 +350,7 @@ class MultiGPUModelLoader:
             except LoadOutOfMemory as error:
                 larger = next_larger_plan(self.plan(model_config, backend=backend), layout.world_size) if device != "cpu" else None
                 if larger is None:
-                    raise EvalfleetError(
+                    raise ResourceError(
                         f"the model does not fit in memory with tp={layout.tp}, pp={layout.pp} "
                         f"({error}) and no larger layout is available"
                     ) from error

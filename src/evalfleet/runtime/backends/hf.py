@@ -2,7 +2,9 @@
 
 Log-likelihood batches are left-padded with explicit position ids, so every continuation
 ends at the last position and the model is asked for logits there only (`logits_to_keep`):
-the log-softmax never runs over a whole sequence × vocabulary. Generation is batched
+the log-softmax never runs over a whole sequence × vocabulary. Items that share a context
+are packed into one row under a 4D mask; a prefix shared by the whole batch (few-shot
+examples) is computed once and its KV cache is expanded over the rows. Generation is batched
 greedy decoding with stop strings checked on the decoded text.
 """
 
@@ -18,6 +20,7 @@ import torch.nn.functional as F
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, StoppingCriteria, StoppingCriteriaList
 
 from evalfleet.runtime.backends.base import Backend, GenerationItem, LoglikelihoodItem, OutOfMemory
+from evalfleet.runtime.batching import MIN_SHARED_PREFIX, shared_prefix_length
 from evalfleet.types import EvalfleetError, UsageError
 
 WEIGHT_PATTERNS = ("*.safetensors", "*.bin", "*.pt", "*.pth", "*.gguf")
@@ -113,15 +116,25 @@ class HFBackend(Backend):
     name = "hf"
 
     def __init__(
-        self, model: Any, tokenizer: Any, device: str, max_length: int | None = None, share_prefixes: bool = False
+        self,
+        model: Any,
+        tokenizer: Any,
+        device: str,
+        max_length: int | None = None,
+        share_prefixes: bool = False,
+        reuse_prefixes: bool = False,
     ) -> None:
         self.model = model
         self.share_prefixes = share_prefixes
+        self.reuse_prefixes = share_prefixes and reuse_prefixes
         self._packing_checked = False
         self.tokenizer = tokenizer
         self.device = torch.device(device)
         self._max_length = model_max_length(model.config, tokenizer, max_length)
-        self._keeps_logits = "logits_to_keep" in inspect.signature(model.forward).parameters
+        accepted = inspect.signature(model.forward).parameters
+        self._keeps_logits = "logits_to_keep" in accepted
+        # transformers renamed `past_key_values` to `cache` (5.2x); the GPU machines run 5.17
+        self._cache_arg = "cache" if "cache" in accepted else "past_key_values"
 
     @classmethod
     def load(
@@ -153,10 +166,11 @@ class HFBackend(Backend):
         except (OSError, ValueError) as error:
             first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
             raise EvalfleetError(f"could not load model '{path}': {first_line}") from error
-        if "device_mesh" not in from_pretrained and "tp_plan" not in from_pretrained:
+        whole = "device_mesh" not in from_pretrained and "tp_plan" not in from_pretrained
+        if whole:
             model.to(device)
         model.eval()
-        return cls(model, tokenizer, device, max_length, share_prefixes)
+        return cls(model, tokenizer, device, max_length, share_prefixes, reuse_prefixes=whole)
 
     @property
     def max_length(self) -> int:
@@ -182,8 +196,12 @@ class HFBackend(Backend):
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         return ids.to(self.device), mask.to(self.device), positions.to(self.device)
 
-    def _forward_last(self, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, keep: int) -> torch.Tensor:
+    def _forward_last(
+        self, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, keep: int, past: Any = None
+    ) -> torch.Tensor:
         kwargs: dict[str, Any] = {"input_ids": ids, "attention_mask": mask, "position_ids": positions, "use_cache": False}
+        if past is not None:
+            kwargs.update({self._cache_arg: past, "use_cache": True})
         if self._keeps_logits:
             kwargs["logits_to_keep"] = keep
         return self.model(**kwargs).logits[:, -keep:, :]
@@ -191,22 +209,31 @@ class HFBackend(Backend):
     @torch.inference_mode()
     def loglikelihood(self, items: list[LoglikelihoodItem]) -> list[tuple[float, bool]]:
         if self.share_prefixes:
-            packed = self._loglikelihood_packed(items)
-            if self._packing_checked or self._packing_agrees(items, packed):
+            prefix = self._reusable_prefix(items)
+            packed = self._loglikelihood_packed(items, prefix)
+            if self._packing_checked or self._packing_agrees(items, packed, prefix):
                 return packed
-            self.share_prefixes = False
+            self.share_prefixes = self.reuse_prefixes = False
             log.warning("%s ignores custom attention masks; computing shared contexts one by one", self.describe())
         return self._loglikelihood_plain(items)
 
-    def _packing_agrees(self, items: list[LoglikelihoodItem], packed: list[tuple[float, bool]]) -> bool:
+    def _reusable_prefix(self, items: list[LoglikelihoodItem]) -> int:
+        """Tokens every context of the batch starts with, if worth computing once (else 0)."""
+        if not self.reuse_prefixes or len(items) < 2:
+            return 0
+        shared = shared_prefix_length([item.context for item in items])
+        return shared if shared >= MIN_SHARED_PREFIX else 0
+
+    def _packing_agrees(self, items: list[LoglikelihoodItem], packed: list[tuple[float, bool]], prefix: int) -> bool:
         """Once per backend: the first shared context, packed, must score as it does unpacked.
 
         An attention implementation that drops a custom 4D mask (some fused kernels do) would
-        let continuations see each other; this catches it before any result counts.
+        let continuations see each other, or queries miss the reused prefix; this catches it
+        before any result counts.
         """
         first = items[0].context
         sample = [i for i, item in enumerate(items) if item.context == first][:4]
-        if len(sample) < 2:
+        if len(sample) < 2 and not prefix:
             return True
         self._packing_checked = True
         plain = self._loglikelihood_plain([items[i] for i in sample])
@@ -220,67 +247,106 @@ class HFBackend(Backend):
         keep = max(1, max(len(item.continuation) for item in items))
         ids, mask, positions = self._left_pad(inputs)
         logprobs = self._logprobs(ids, mask, positions, keep)
-        predictors = [range(keep - len(item.continuation), keep) for item in items]
-        return [self._score(logprobs[row], predictors[row], item) for row, item in enumerate(items)]
+        predictors = [(row, list(range(keep - len(item.continuation), keep))) for row, item in enumerate(items)]
+        return self._score(logprobs, predictors, items)
 
-    def _logprobs(self, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, keep: int) -> torch.Tensor:
+    def _logprobs(self, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, keep: int, past: Any = None) -> torch.Tensor:
         try:
-            logits = self._forward_last(ids, mask, positions, keep)
+            logits = self._forward_last(ids, mask, positions, keep, past)
         except torch.OutOfMemoryError as error:
             raise OutOfMemory(str(error)) from error
         return F.log_softmax(logits.float(), dim=-1)
 
     @staticmethod
-    def _score(logprobs: torch.Tensor, predictors: range | list[int], item: LoglikelihoodItem) -> tuple[float, bool]:
-        rows = logprobs[list(predictors)]
-        target = torch.tensor(item.continuation, dtype=torch.long, device=rows.device)
-        score = rows.gather(-1, target.unsqueeze(-1)).sum().item()
-        return float(score), bool((rows.argmax(-1) == target).all().item())
+    def _score(
+        logprobs: torch.Tensor, predictors: list[tuple[int, list[int]]], items: list[LoglikelihoodItem]
+    ) -> list[tuple[float, bool]]:
+        """All items at once: one gather, one argmax, one segment sum, one copy to the host."""
+        rows = torch.tensor([row for row, positions in predictors for _ in positions], dtype=torch.long)
+        columns = torch.tensor([p for _, positions in predictors for p in positions], dtype=torch.long)
+        owner = torch.tensor([i for i, (_, positions) in enumerate(predictors) for _ in positions], dtype=torch.long)
+        target = torch.tensor([token for item in items for token in item.continuation], dtype=torch.long)
+        device = logprobs.device
+        picked = logprobs[rows.to(device), columns.to(device)]
+        token_scores = picked.gather(-1, target.to(device).unsqueeze(-1)).squeeze(-1).double()
+        misses = (picked.argmax(-1) != target.to(device)).long()
+        owner = owner.to(device)
+        scores = torch.zeros(len(items), dtype=torch.float64, device=device).index_add_(0, owner, token_scores)
+        wrong = torch.zeros(len(items), dtype=torch.long, device=device).index_add_(0, owner, misses)
+        return [(float(s), w == 0) for s, w in zip(scores.tolist(), wrong.tolist(), strict=True)]
 
-    def _loglikelihood_packed(self, items: list[LoglikelihoodItem]) -> list[tuple[float, bool]]:
+    def _position_offset(self, prefix: int) -> int:
+        """Where positions restart after a reused prefix: right after it."""
+        return prefix
+
+    def _prefix_cache(self, tokens: tuple[int, ...], rows: int) -> Any:
+        """The KV cache of `tokens`, computed once and repeated for each of `rows` rows."""
+        ids = torch.tensor([tokens], dtype=torch.long, device=self.device)
+        kwargs: dict[str, Any] = {"input_ids": ids, "use_cache": True}
+        if self._keeps_logits:
+            kwargs["logits_to_keep"] = 1
+        try:
+            past = self.model(**kwargs)[self._cache_arg]
+            past.batch_repeat_interleave(rows)
+        except torch.OutOfMemoryError as error:
+            raise OutOfMemory(str(error)) from error
+        return past
+
+    def _loglikelihood_packed(self, items: list[LoglikelihoodItem], prefix: int = 0) -> list[tuple[float, bool]]:
         """Items that share a context are one row: the context once, then each continuation.
 
         A 4D mask lets every continuation see the context and its own earlier tokens only, and
         its positions restart where the context ends, so each scores as if it ran alone; a
-        multiple-choice question with four answers costs one context instead of four.
+        multiple-choice question with four answers costs one context instead of four. With a
+        `prefix`, the first `prefix` tokens of every context come from one cached forward pass
+        and the rows hold only what follows them.
         """
         rows: dict[tuple[int, ...], list[int]] = {}
         for index, item in enumerate(items):
-            rows.setdefault(item.context, []).append(index)
-        packed = [(context, members) for context, members in rows.items()]
+            rows.setdefault(item.context[prefix:], []).append(index)
+        packed = list(rows.items())
+        offset = self._position_offset(prefix) if prefix else 0
         lengths = [len(c) + sum(len(items[i].continuation) for i in m) for c, m in packed]
         width = max(lengths)
         keep = max(1 + length - len(c) for length, (c, _) in zip(lengths, packed, strict=True))
         ids = torch.full((len(packed), width), self.pad_id, dtype=torch.long)
         positions = torch.zeros((len(packed), width), dtype=torch.long)
         segment = torch.full((len(packed), width), -1, dtype=torch.long)  # -1 pad, 0 context, i + 1 continuation i
-        predictors: dict[int, tuple[int, list[int]]] = {}
+        predictors: list[tuple[int, list[int]]] = [(0, [])] * len(items)
+        window = width - keep
         for row, ((context, members), length) in enumerate(zip(packed, lengths, strict=True)):
             start = width - length
             end_of_context = start + len(context)
             ids[row, start:end_of_context] = torch.tensor(context)
-            positions[row, start:end_of_context] = torch.arange(len(context))
+            positions[row, start:end_of_context] = torch.arange(offset, offset + len(context))
             segment[row, start:end_of_context] = 0
             cursor = end_of_context
             for number, index in enumerate(members, start=1):
                 continuation = items[index].continuation
                 span = slice(cursor, cursor + len(continuation))
                 ids[row, span] = torch.tensor(continuation)
-                positions[row, span] = torch.arange(len(context), len(context) + len(continuation))
+                positions[row, span] = torch.arange(offset + len(context), offset + len(context) + len(continuation))
                 segment[row, span] = number
-                window = width - keep
-                predictors[index] = (row, [end_of_context - 1 - window] + list(range(cursor - window, cursor + len(continuation) - 1 - window)))
+                predicting = [end_of_context - 1 - window, *range(cursor - window, cursor + len(continuation) - 1 - window)]
+                predictors[index] = (row, predicting[: len(continuation)])
                 cursor += len(continuation)
-        logprobs = self._logprobs(ids.to(self.device), self._packed_mask(segment).to(self.device), positions.to(self.device), keep)
-        return [self._score(logprobs[predictors[i][0]], predictors[i][1], item) for i, item in enumerate(items)]
+        past = self._prefix_cache(items[0].context[:prefix], len(packed)) if prefix else None
+        mask = self._packed_mask(segment, prefix)
+        logprobs = self._logprobs(ids.to(self.device), mask.to(self.device), positions.to(self.device), keep, past)
+        return self._score(logprobs, predictors, items)
 
-    def _packed_mask(self, segment: torch.Tensor) -> torch.Tensor:
-        """Additive [batch, 1, query, key] mask: causal, no padding, context shared, continuations apart."""
+    def _packed_mask(self, segment: torch.Tensor, prefix: int = 0) -> torch.Tensor:
+        """Additive [batch, 1, query, prefix + key] mask: causal, no padding, context shared, continuations apart.
+
+        Every query may see the whole reused prefix (the first `prefix` keys).
+        """
         width = segment.shape[1]
         causal = torch.ones(width, width, dtype=torch.bool).tril()
         query, key = segment[:, :, None], segment[:, None, :]
         allowed = causal & (key >= 0) & ((key == 0) | (key == query))
         allowed |= torch.eye(width, dtype=torch.bool)  # a pad row attends to itself rather than to nothing
+        if prefix:
+            allowed = torch.cat([allowed.new_ones(allowed.shape[0], width, prefix), allowed], dim=-1)
         mask = torch.zeros(allowed.shape, dtype=self.model.dtype)
         mask.masked_fill_(~allowed, torch.finfo(self.model.dtype).min)
         return mask[:, None, :, :]

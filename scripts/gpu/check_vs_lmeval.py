@@ -1,0 +1,121 @@
+"""evalfleet's hf backend against lm-eval's on one GPU, bf16, a random-weight ~1B Llama built there.
+
+Per task: per-sample agreement (log-likelihoods within the float32 tolerance, and within a bf16
+one; same greedy answers; same generated text), wall time and tokens/s for both, and the MFU of
+each side's compute against the measured bf16 matmul peak. Run through scripts/gpu/check.sh.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO / "benchmarks"))
+from shapes import compute_parameters, make_model, make_tasks, matmul_peak  # noqa: E402
+from vs_lmeval import lm_eval_clock  # noqa: E402
+
+TASKS = ["demo_mc", "bench_hellaswag", "bench_mmlu", "demo_arith"]
+BATCH = 32
+
+
+def compare(expected: list[dict], actual: list[dict]) -> dict:
+    """Agreement of two runs' samples of one task."""
+    mine = {row["doc_id"]: row for row in actual}
+    diffs, same_answer, texts = [], 0, []
+    for row in expected:
+        other = mine[row["doc_id"]]
+        for a, b in zip(row["resps"], other["resps"], strict=True):
+            a, b = a[0], b[0]
+            if isinstance(a, str):
+                texts.append(a == b)
+            elif isinstance(a, (list, tuple)):
+                diffs.append((float(a[0]), float(b[0])))
+                same_answer += bool(a[1]) == bool(b[1])
+            else:
+                diffs.append((float(a), float(b)))
+    out: dict = {"samples": len(expected)}
+    if diffs:
+        out["loglikelihoods"] = len(diffs)
+        out["max_abs_diff"] = max(abs(a - b) for a, b in diffs)
+        out["within_float32_tolerance"] = sum(abs(a - b) <= 1e-4 + 1e-5 * abs(a) for a, b in diffs) / len(diffs)
+        out["within_2e-2_relative"] = sum(abs(a - b) <= 2e-2 * (1 + abs(a)) for a, b in diffs) / len(diffs)
+        out["same_greedy_flag"] = same_answer / len(diffs)
+    if texts:
+        out["same_generation"] = sum(texts) / len(texts)
+    return out
+
+
+def main(output: Path) -> None:
+    from lm_eval import simple_evaluate
+    from lm_eval.models.huggingface import HFLM
+
+    from evalfleet.engines import run as engine_run
+    from evalfleet.tasks import build_task_manager
+    from evalfleet.types import EvaluationRequest
+
+    assert torch.cuda.is_available(), "this check needs a CUDA GPU"
+    work = Path(tempfile.mkdtemp(prefix="evalfleet-gpu-"))
+    (work / "tasks").mkdir()
+    make_tasks(work / "tasks", docs=300, compute_docs=300)
+    started = time.perf_counter()
+    model = make_model(work / "model", "1b", device="cuda", dtype=torch.bfloat16)
+    torch.cuda.empty_cache()
+    n = compute_parameters(model)
+    peak = matmul_peak("cuda", torch.bfloat16, size=8192)
+    report: dict = {"gpu": torch.cuda.get_device_name(0), "compute_parameters": n, "bf16_matmul_peak_tflops": round(peak / 1e12, 1),
+                    "model_build_seconds": round(time.perf_counter() - started, 1), "tasks": {}}
+    print(json.dumps(report), flush=True)
+    manager = build_task_manager(TASKS, str(work / "tasks"))
+    with lm_eval_clock() as clock:
+        began = time.perf_counter()
+        lm = HFLM(pretrained=str(model), dtype="bfloat16", batch_size=BATCH, device="cuda")
+        reference = {}
+        for task in TASKS:
+            clock["compute"], task_started = 0.0, time.perf_counter()
+            out = simple_evaluate(model=lm, tasks=[task], task_manager=manager, bootstrap_iters=0, log_samples=True)
+            reference[task] = (time.perf_counter() - task_started, clock["compute"], out)
+        report["lm_eval_load_seconds"] = round(time.perf_counter() - began - sum(r[0] for r in reference.values()), 1)
+    del lm
+    torch.cuda.empty_cache()
+    engine_run._first_request = False
+    for task in TASKS:
+        folder = work / "out" / task
+        request = EvaluationRequest.model_validate({
+            "model": {"path": str(model), "dtype": "bfloat16", "device": "cuda"},
+            "tasks": {"names": [task], "include_path": str(work / "tasks")},
+            "output_dir": str(folder), "log_samples": True, "use_cache": False,
+        })
+        task_started = time.perf_counter()
+        result = engine_run.evaluate_request(request)
+        wall = time.perf_counter() - task_started
+        timing = result.evalfleet["timing"]
+        samples = [json.loads(line) for line in (folder / f"samples_{task}.jsonl").read_text().splitlines()]
+        lm_wall, lm_compute, out = reference[task]
+        expected = json.loads(json.dumps(out["samples"][task], default=str))
+        tokens = timing["tokens"]
+        entry = {
+            "requests": timing["requests"], "tokens": tokens,
+            "agreement": compare(expected, samples),
+            "same_metrics": {k: v for k, v in out["results"][task].items() if "," in k and "stderr" not in k}
+            == {k: v for k, v in result.results["results"][task].items() if "," in k and "stderr" not in k},
+            "lm_eval": {"wall_seconds": round(lm_wall, 2), "tokens_per_s": round(tokens / lm_wall),
+                        "mfu_of_compute": round(2 * n * tokens / max(lm_compute, 1e-9) / peak, 4)},
+            "evalfleet": {"wall_seconds": round(wall, 2), "tokens_per_s": round(tokens / wall),
+                          "split": timing["split"],
+                          "mfu_of_compute": round(2 * n * tokens / max(timing["split"]["compute_seconds"], 1e-9) / peak, 4)},
+        }
+        entry["speedup"] = round(lm_wall / wall, 2)
+        report["tasks"][task] = entry
+        print(task, json.dumps(entry), flush=True)
+    output.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"wrote {output}")
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1] if len(sys.argv) > 1 else "gpu_check.json"))

@@ -1,0 +1,116 @@
+"""Why an attempt failed, decided where the failure is known, and what the scheduler does about it.
+
+| class          | example                                              | retry | blames devices        |
+| -------------- | ---------------------------------------------------- | ----- | --------------------- |
+| request        | bad input, an unknown task                           | no    | never                 |
+| deterministic  | no tp plan for the architecture, a dataset offline   | no    | never                 |
+| resource       | out of memory at the smallest budget, largest layout | no    | never                 |
+| infrastructure | killed by a signal, lost heartbeat, collective lost  | yes   | only on evidence      |
+
+Out of memory is retried where it happens (the runners halve their token budget, the
+distributed loader tries the next larger layout), so a `resource` failure that reaches the
+scheduler has used both up; a retry on the same devices would fail the same way.
+
+Device evidence is what the GPU itself reports (NVML Xid events, uncorrected ECC errors),
+read by the worker when it fails, or failures of several different models on one device.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Sequence
+from typing import Any
+
+from pydantic import BaseModel, Field
+
+from evalfleet.orchestrator.demand import Device
+from evalfleet.types import EvalfleetError
+
+
+class FailureClass(str, enum.Enum):
+    REQUEST = "request"
+    DETERMINISTIC = "deterministic"
+    RESOURCE = "resource"
+    INFRASTRUCTURE = "infrastructure"
+
+    @property
+    def retried(self) -> bool:
+        return self is FailureClass.INFRASTRUCTURE
+
+
+class DeviceEvidence(BaseModel):
+    """What one device reported about itself when an attempt on it failed."""
+
+    device: tuple[int, int]
+    findings: list[str] = Field(description="e.g. 'Xid 79 (2 events)', '3 uncorrected ECC errors'")
+
+
+class ExitReport(BaseModel):
+    """A worker's account of its failed attempt, written to the store before it exits."""
+
+    failure: FailureClass
+    reason: str
+    evidence: list[DeviceEvidence] = Field(default_factory=list)
+
+
+_INFRASTRUCTURE_TYPES = ("DistBackendError", "DistNetworkError", "DistStoreError")
+_DEVICE_MESSAGES = ("CUDA error", "NCCL error", "ECC error", "CUBLAS_STATUS_EXECUTION_FAILED")
+
+
+def classify(error: BaseException) -> FailureClass:
+    """The failure class of an exception raised while running a job."""
+    if isinstance(error, EvalfleetError):
+        return FailureClass(error.failure)
+    if type(error).__name__ == "OutOfMemoryError" or isinstance(error, MemoryError):
+        return FailureClass.RESOURCE
+    if type(error).__name__ in _INFRASTRUCTURE_TYPES or isinstance(error, TimeoutError):
+        return FailureClass.INFRASTRUCTURE
+    if any(text in str(error) for text in _DEVICE_MESSAGES):
+        return FailureClass.INFRASTRUCTURE
+    return FailureClass.DETERMINISTIC  # a bug fails the same way on any device
+
+
+def exit_report(error: BaseException, reason: str, evidence: list[DeviceEvidence]) -> ExitReport:
+    """The report of a failed attempt: a device that reports faults makes it infrastructure, whatever the error."""
+    failure = FailureClass.INFRASTRUCTURE if evidence else classify(error)
+    return ExitReport(failure=failure, reason=reason, evidence=evidence)
+
+
+class DeviceWatch:
+    """Reads the job's GPUs through NVML from the start of an attempt, so Xid events are caught.
+
+    `nvml` is injectable (tests pass a fake); without NVML or without GPUs it finds nothing.
+    """
+
+    def __init__(self, placement: Sequence[Device], nvml: Any = None) -> None:
+        from evalfleet.monitoring.nvml import NvmlCollector
+
+        self.placement = [tuple(device) for device in placement]
+        self.collector = NvmlCollector(nvml=nvml) if self.placement else None
+        self._ecc_before = self._ecc() if self.collector is not None and self.collector.available else {}
+
+    def _ecc(self) -> dict[int, int]:
+        return {metrics.index: metrics.ecc_uncorrected or 0 for metrics in self.collector.collect()}
+
+    def evidence(self) -> list[DeviceEvidence]:
+        if self.collector is None or not self.collector.available:
+            return []
+        by_index = {metrics.index: metrics for metrics in self.collector.collect()}
+        found = []
+        for node, gpu in self.placement:
+            metrics = by_index.get(gpu)
+            if metrics is None:
+                continue
+            findings = []
+            if metrics.xid_errors:
+                findings.append(f"Xid {metrics.last_xid} ({metrics.xid_errors} event{'s' * (metrics.xid_errors > 1)})")
+            new_ecc = (metrics.ecc_uncorrected or 0) - self._ecc_before.get(gpu, 0)
+            if new_ecc > 0:
+                findings.append(f"{new_ecc} uncorrected ECC error{'s' * (new_ecc > 1)}")
+            if findings:
+                found.append(DeviceEvidence(device=(node, gpu), findings=findings))
+        return found
+
+    def close(self) -> None:
+        if self.collector is not None:
+            self.collector.close()

@@ -1,0 +1,144 @@
+"""The REST API under /api/v1: jobs, their event stream, results, samples, the pool, comparison."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, Path, Query, Request
+from pydantic import ValidationError
+from sse_starlette.sse import EventSourceResponse
+
+from evalfleet.orchestrator.states import JobState
+from evalfleet.service.compare import Comparison
+from evalfleet.service.fleet import Fleet
+from evalfleet.service.schemas import (
+    MAX_PAGE,
+    MAX_SAMPLES_PAGE,
+    Job,
+    JobPage,
+    JobSubmission,
+    Pool,
+    Problem,
+    SamplePage,
+    Submitted,
+)
+from evalfleet.types import EvaluationRequest, UsageError, describe_validation_error
+
+EVENT_POLL_S = 0.5
+
+JobId = Annotated[str, Path(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_-]+$")]
+TaskName = Annotated[str, Path(min_length=1, max_length=256)]
+_ERRORS = {status: {"model": Problem} for status in (400, 401, 403, 404, 409, 413, 422)}
+
+
+def fleet(request: Request) -> Fleet:
+    return request.app.state.fleet
+
+
+FleetDep = Annotated[Fleet, Depends(fleet)]
+
+
+def build_router(dependencies: list[Any]) -> APIRouter:
+    router = APIRouter(prefix="/api/v1", dependencies=dependencies, responses=_ERRORS)
+    router.add_api_route("/jobs", submit, methods=["POST"], status_code=201, response_model=Submitted)
+    router.add_api_route("/jobs", list_jobs, methods=["GET"], response_model=JobPage)
+    router.add_api_route("/jobs/{job_id}", get_job, methods=["GET"], response_model=Job)
+    router.add_api_route("/jobs/{job_id}/cancel", cancel, methods=["POST"], response_model=Job)
+    router.add_api_route("/jobs/{job_id}/events", events, methods=["GET"], response_class=EventSourceResponse,
+                         responses={200: {"content": {"text/event-stream": {}},
+                                          "description": "`state` and `progress` events until the job finishes"}})
+    router.add_api_route("/jobs/{job_id}/results", results, methods=["GET"], response_model=dict[str, Any])
+    router.add_api_route("/jobs/{job_id}/samples/{task}", samples, methods=["GET"], response_model=SamplePage)
+    router.add_api_route("/pool", pool, methods=["GET"], response_model=Pool)
+    router.add_api_route("/compare", compare, methods=["GET"], response_model=Comparison)
+    return router
+
+
+def submit(body: JobSubmission, request: Request, fleet: FleetDep) -> Submitted:
+    """Queue an evaluation, with the same checks as `evalfleet submit` (a job that can never fit is refused)."""
+    try:
+        evaluation = EvaluationRequest.model_validate(body.request_fields())
+    except ValidationError as error:
+        raise UsageError(describe_validation_error(error)) from None
+    request.app.state.model_roots.check(evaluation)
+    return Submitted(id=fleet.submit(evaluation))
+
+
+def list_jobs(
+    fleet: FleetDep,
+    state: JobState | None = None,
+    model: Annotated[str | None, Query(max_length=1024, description="part of the model path")] = None,
+    priority: Annotated[str | None, Query(pattern="^(high|normal|low)$")] = None,
+    offset: Annotated[int, Query(ge=0, le=1_000_000)] = 0,
+    limit: Annotated[int, Query(ge=1, le=MAX_PAGE)] = 50,
+) -> JobPage:
+    """Jobs, newest first."""
+    total, jobs = fleet.jobs(state=state, model=model, priority=priority, offset=offset, limit=limit)
+    return JobPage(total=total, offset=offset, limit=limit, jobs=jobs)
+
+
+def get_job(job_id: JobId, fleet: FleetDep) -> dict[str, Any]:
+    return fleet.job(job_id)
+
+
+def cancel(job_id: JobId, fleet: FleetDep) -> dict[str, Any]:
+    """Cancel a job; a running one is stopped by the scheduler on its next round."""
+    return fleet.cancel(job_id)
+
+
+async def events(job_id: JobId, fleet: FleetDep) -> EventSourceResponse:
+    """Server-sent events: every state change (`state`) and progress change (`progress`), until it ends."""
+    fleet.job(job_id)  # a 404 before the stream starts
+
+    async def stream() -> AsyncIterator[dict[str, str]]:
+        seen, last = 0, None
+        while True:
+            record, changes = await asyncio.to_thread(fleet.events_after, job_id, seen)
+            for change in changes:
+                seen = change.pop("id")
+                yield {"event": "state", "data": json.dumps(change)}
+            progress = {"done": record.done, "total": record.total, "tokens_per_s": record.tokens_per_s}
+            if progress != last and record.total:
+                last = progress
+                yield {"event": "progress", "data": json.dumps(progress)}
+            if record.state.terminal and not changes:
+                return
+            await asyncio.sleep(EVENT_POLL_S)
+
+    return EventSourceResponse(stream())
+
+
+def results(job_id: JobId, fleet: FleetDep) -> dict[str, Any]:
+    """lm-eval's results document with evalfleet's own section."""
+    return fleet.results(job_id)
+
+
+def samples(
+    job_id: JobId,
+    task: TaskName,
+    fleet: FleetDep,
+    offset: Annotated[int, Query(ge=0, le=10_000_000)] = 0,
+    limit: Annotated[int, Query(ge=1, le=MAX_SAMPLES_PAGE)] = 20,
+) -> SamplePage:
+    """lm-eval's per-sample records of one task, in document order."""
+    total, rows = fleet.samples(job_id, task, offset=offset, limit=limit)
+    return SamplePage(job=job_id, task=task, total=total, offset=offset, limit=limit, samples=rows)
+
+
+def pool(request: Request, fleet: FleetDep) -> dict[str, Any]:
+    """The scheduler's devices, who holds each, quarantine, and this machine's latest metrics."""
+    monitor = request.app.state.monitor
+    latest = monitor.history[-1].model_dump(mode="json") if monitor is not None and monitor.history else None
+    return {**fleet.pool(), "monitor": latest}
+
+
+def compare(
+    fleet: FleetDep,
+    a: Annotated[str, Query(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_-]+$")],
+    b: Annotated[str, Query(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_-]+$")],
+) -> Comparison:
+    """Two succeeded jobs, task by task: both values, the difference, a paired test and the flipped samples."""
+    return fleet.compare(a, b)

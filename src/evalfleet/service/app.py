@@ -1,0 +1,176 @@
+"""The web application: the API, the dashboard, /metrics and /healthz behind one token.
+
+Errors leave as one sentence (`{"detail": ...}`) with the status the error's kind calls for;
+a browser without a session gets the login page with its 401.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from fastapi import Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
+from fastapi.staticfiles import StaticFiles
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from evalfleet.monitoring.monitor import MultiGPUPerformanceMonitor
+from evalfleet.service import dashboard
+from evalfleet.service.api import build_router
+from evalfleet.service.fleet import Conflict, Fleet, NotFound
+from evalfleet.service.metrics import render_metrics
+from evalfleet.service.schemas import Health, Problem
+from evalfleet.service.security import COOKIE_NAME, Forbidden, ModelRoots, token_matches
+from evalfleet.types import EvalfleetError
+
+MAX_BODY_BYTES = 64 * 1024
+STATIC = Path(__file__).parent / "static"
+
+
+class Unauthorized(Exception):
+    """No valid token with the request (HTTP 401)."""
+
+
+@dataclass
+class ServiceConfig:
+    db_path: Path
+    token: str
+    model_roots: ModelRoots
+    monitor_interval_s: float | None = 2.0
+    """Seconds between the monitor's samples of this machine; None runs no monitor."""
+    monitor_history: int = 300
+
+
+def require_token(request: Request) -> None:
+    """A valid bearer token or session cookie, compared in constant time."""
+    expected = request.app.state.token
+    header = request.headers.get("authorization", "")
+    scheme, _, credentials = header.partition(" ")
+    if scheme.lower() == "bearer" and token_matches(expected, credentials.strip()):
+        return
+    if token_matches(expected, request.cookies.get(COOKIE_NAME)):
+        return
+    raise Unauthorized()
+
+
+class BodyLimit:
+    """Refuse request bodies over `limit` bytes (413), declared or streamed."""
+
+    def __init__(self, app: ASGIApp, limit: int = MAX_BODY_BYTES) -> None:
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = dict(scope["headers"]).get(b"content-length")
+        if declared is not None and (not declared.isdigit() or int(declared) > self.limit):
+            await _too_large(self.limit)(scope, receive, send)
+            return
+        seen, too_large = 0, False
+
+        async def counted() -> Message:
+            nonlocal seen, too_large
+            message = await receive()
+            seen += len(message.get("body", b""))
+            if seen > self.limit:
+                too_large = True
+                return {"type": "http.disconnect"}  # the app stops reading; its answer is replaced below
+            return message
+
+        async def guarded_send(message: Message) -> None:
+            if not too_large:
+                await send(message)
+
+        await self.app(scope, counted, guarded_send)
+        if too_large:
+            await _too_large(self.limit)(scope, receive, send)
+
+
+def _too_large(limit: int) -> Response:
+    return JSONResponse({"detail": f"the request body is larger than {limit // 1024} KiB"}, status_code=413)
+
+
+def _problem(status: int, message: str) -> JSONResponse:
+    return JSONResponse({"detail": message}, status_code=status,
+                        headers={"WWW-Authenticate": "Bearer"} if status == 401 else None)
+
+
+def _wants_html(request: Request) -> bool:
+    return not request.url.path.startswith("/api/") and "text/html" in request.headers.get("accept", "")
+
+
+def create_app(config: ServiceConfig) -> FastAPI:
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        if config.monitor_interval_s is None:
+            yield
+            return
+        monitor = MultiGPUPerformanceMonitor(interval=config.monitor_interval_s, history=config.monitor_history)
+        app.state.monitor = monitor.start(job=False)
+        try:
+            yield
+        finally:
+            monitor.close()
+
+    # The OpenAPI document is served behind the token too; the interactive docs would need a CDN.
+    app = FastAPI(title="evalfleet", version="1", lifespan=lifespan, openapi_url=None, docs_url=None, redoc_url=None,
+                  description="Submit, watch and compare evaluations on an evalfleet pool. "
+                              "Every route but /healthz needs the service token as `Authorization: Bearer`.")
+    app.state.fleet = Fleet(config.db_path)
+    app.state.token = config.token
+    app.state.model_roots = config.model_roots
+    app.state.monitor = None
+    guarded = [Depends(require_token)]
+
+    app.include_router(build_router(guarded))
+    app.add_api_route("/metrics", _metrics, methods=["GET"], dependencies=guarded, response_class=PlainTextResponse,
+                      responses={200: {"content": {"text/plain": {}}}, 401: {"model": Problem}},
+                      summary="Prometheus metrics: jobs by state, queue wait, tokens/s, and the monitor's DCGM series")
+    app.add_api_route("/healthz", _health, methods=["GET"], response_model=Health)
+    app.add_api_route("/openapi.json", lambda: JSONResponse(app.openapi()), methods=["GET"], dependencies=guarded,
+                      include_in_schema=False)
+    app.include_router(dashboard.build_router(guarded))
+    app.mount("/static", StaticFiles(directory=STATIC), name="static")
+
+    statuses = {NotFound: 404, Conflict: 409, Forbidden: 403}
+
+    @app.exception_handler(EvalfleetError)
+    async def _evalfleet_error(request: Request, error: EvalfleetError) -> Response:
+        status = next((code for kind, code in statuses.items() if isinstance(error, kind)), 422)
+        if _wants_html(request):
+            return dashboard.error_page(request, status, str(error))
+        return _problem(status, str(error))
+
+    @app.exception_handler(Unauthorized)
+    async def _unauthorized(request: Request, error: Unauthorized) -> Response:
+        if _wants_html(request):
+            return dashboard.login_page(request, status_code=401)
+        return _problem(401, "this needs the service token (Authorization: Bearer TOKEN)")
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, error: RequestValidationError) -> Response:
+        first = error.errors()[0]
+        where = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
+        return _problem(422, f"invalid value for '{where}': {first.get('msg', 'is invalid')}")
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, error: StarletteHTTPException) -> Response:
+        return _problem(error.status_code, str(error.detail))
+
+    app.add_middleware(BodyLimit)
+    return app
+
+
+def _metrics(request: Request) -> PlainTextResponse:
+    text = render_metrics(request.app.state.fleet, request.app.state.monitor)
+    return PlainTextResponse(text, media_type="text/plain; version=0.0.4; charset=utf-8")
+
+
+def _health() -> dict[str, Any]:
+    return {"status": "ok"}

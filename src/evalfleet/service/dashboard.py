@@ -1,0 +1,187 @@
+"""The dashboard: server-rendered pages, with htmx refreshing the live parts.
+
+Pages read the fleet through the same functions as the API. Forms post back to the
+server (no script needed to submit or cancel); htmx only polls the job table and a
+running job's status. The session cookie is HttpOnly and SameSite=Strict, which also
+keeps other sites from posting these forms with it.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Form, Query, Request
+from fastapi.responses import HTMLResponse, RedirectResponse, Response
+from fastapi.templating import Jinja2Templates
+from pydantic import ValidationError
+
+from evalfleet.orchestrator.states import JobState
+from evalfleet.service.api import submit
+from evalfleet.service.charts import pool_charts
+from evalfleet.service.fleet import Fleet
+from evalfleet.service.samples import describe_sample
+from evalfleet.service.schemas import JobSubmission
+from evalfleet.service.security import COOKIE_NAME, token_matches
+from evalfleet.types import EvalfleetError, describe_validation_error
+
+templates = Jinja2Templates(directory=Path(__file__).parent / "templates")
+templates.env.filters["clock"] = lambda at: time.strftime("%H:%M:%S", time.localtime(at)) if at else ""
+templates.env.filters["duration"] = lambda s: "" if s is None else f"{int(s) // 60}m{int(s) % 60:02d}s" if s >= 60 else f"{int(s)}s"
+SAMPLES_PAGE = 25  # within the API's MAX_SAMPLES_PAGE
+
+
+def _fleet(request: Request) -> Fleet:
+    return request.app.state.fleet
+
+
+def render(request: Request, name: str, status_code: int = 200, **context: Any) -> HTMLResponse:
+    return templates.TemplateResponse(request, name, context, status_code=status_code)
+
+
+def login_page(request: Request, status_code: int = 200, error: str | None = None) -> HTMLResponse:
+    return render(request, "login.html", status_code, error=error)
+
+
+def error_page(request: Request, status_code: int, message: str) -> HTMLResponse:
+    return render(request, "error.html", status_code, message=message)
+
+
+def build_router(dependencies: list[Any]) -> APIRouter:
+    open_routes = APIRouter(include_in_schema=False)
+    open_routes.add_api_route("/login", login_page, methods=["GET"])
+    open_routes.add_api_route("/login", login, methods=["POST"])
+    router = APIRouter(include_in_schema=False, dependencies=dependencies)
+    for path, endpoint, methods in [
+        ("/", jobs_page, ["GET"]), ("/ui/jobs", jobs_table, ["GET"]), ("/jobs", submit_form, ["POST"]),
+        ("/logout", logout, ["POST"]), ("/jobs/{job_id}", job_page, ["GET"]),
+        ("/ui/jobs/{job_id}/status", job_status, ["GET"]), ("/jobs/{job_id}/cancel", cancel_form, ["POST"]),
+        ("/results", results_matrix, ["GET"]), ("/jobs/{job_id}/results", job_results, ["GET"]),
+        ("/jobs/{job_id}/samples/{task}", samples_page, ["GET"]),
+        ("/jobs/{job_id}/samples/{task}/{doc_id}", sample_page, ["GET"]),
+        ("/pool", pool_page, ["GET"]), ("/compare", compare_page, ["GET"]),
+    ]:
+        router.add_api_route(path, endpoint, methods=methods, response_class=HTMLResponse)
+    open_routes.include_router(router)
+    return open_routes
+
+
+def login(request: Request, token: Annotated[str, Form(max_length=512)]) -> Response:
+    if not token_matches(request.app.state.token, token.strip()):
+        return login_page(request, 401, error="That token is not the service's token.")
+    response = RedirectResponse("/", status_code=303)
+    response.set_cookie(COOKIE_NAME, token.strip(), httponly=True, samesite="strict",
+                        secure=request.url.scheme == "https")
+    return response
+
+
+def logout() -> Response:
+    response = RedirectResponse("/login", status_code=303)
+    response.delete_cookie(COOKIE_NAME)
+    return response
+
+
+def jobs_page(request: Request) -> HTMLResponse:
+    total, jobs = _fleet(request).jobs(limit=50)
+    return render(request, "jobs.html", jobs=jobs, total=total, form={}, error=None)
+
+
+def jobs_table(request: Request) -> HTMLResponse:
+    total, jobs = _fleet(request).jobs(limit=50)
+    return render(request, "_jobs_table.html", jobs=jobs, total=total)
+
+
+def submit_form(
+    request: Request,
+    model: Annotated[str, Form(max_length=1024)],
+    tasks: Annotated[str, Form(max_length=2048)] = "demo_mc,demo_arith",
+    limit: Annotated[str, Form(max_length=12)] = "",
+    priority: Annotated[str, Form(max_length=12)] = "normal",
+    log_samples: Annotated[bool, Form()] = False,
+) -> Response:
+    form = {"model": model, "tasks": tasks, "limit": limit, "priority": priority, "log_samples": log_samples}
+    try:
+        submission = JobSubmission.model_validate({
+            "model": model.strip(), "tasks": [t.strip() for t in tasks.split(",") if t.strip()],
+            "limit": limit.strip() or None, "priority": priority, "log_samples": log_samples,
+        })
+    except ValidationError as error:
+        return _form_error(request, form, describe_validation_error(error))
+    try:
+        job_id = submit(submission, request, _fleet(request)).id
+    except EvalfleetError as error:
+        return _form_error(request, form, str(error))
+    return RedirectResponse(f"/jobs/{job_id}", status_code=303)
+
+
+def _form_error(request: Request, form: dict[str, Any], message: str) -> HTMLResponse:
+    total, jobs = _fleet(request).jobs(limit=50)
+    return render(request, "jobs.html", 422, jobs=jobs, total=total, form=form, error=message)
+
+
+def job_page(request: Request, job_id: str) -> HTMLResponse:
+    return render(request, "job.html", job=_fleet(request).job(job_id))
+
+
+def job_status(request: Request, job_id: str) -> HTMLResponse:
+    return render(request, "_job_status.html", job=_fleet(request).job(job_id))
+
+
+def cancel_form(request: Request, job_id: str) -> Response:
+    _fleet(request).cancel(job_id)
+    return RedirectResponse(f"/jobs/{job_id}", status_code=303)
+
+
+def results_matrix(request: Request) -> HTMLResponse:
+    tasks, rows = _fleet(request).matrix()
+    return render(request, "results.html", tasks=tasks, rows=rows)
+
+
+def job_results(request: Request, job_id: str) -> HTMLResponse:
+    fleet = _fleet(request)
+    run = fleet.run(job_id)
+    tasks = []
+    for task, metrics in run.document["results"].items():
+        rows = []
+        for key, value in metrics.items():
+            if "," in key and "_stderr" not in key:
+                metric, _, filter_name = key.partition(",")
+                rows.append({"metric": metric, "filter": filter_name, "value": value,
+                             "stderr": metrics.get(f"{metric}_stderr,{filter_name}")})
+        tasks.append({"name": task, "metrics": rows, "has_samples": run.samples(task) is not None})
+    return render(request, "job_results.html", job=fleet.job(job_id), tasks=tasks,
+                  evalfleet=run.document.get("evalfleet", {}))
+
+
+def samples_page(request: Request, job_id: str, task: str,
+                 offset: Annotated[int, Query(ge=0, le=10_000_000)] = 0) -> HTMLResponse:
+    total, rows = _fleet(request).samples(job_id, task, offset=offset, limit=SAMPLES_PAGE)
+    return render(request, "samples.html", job_id=job_id, task=task, total=total, offset=offset,
+                  page=SAMPLES_PAGE, samples=[describe_sample(row) for row in rows])
+
+
+def sample_page(request: Request, job_id: str, task: str, doc_id: int) -> HTMLResponse:
+    row = _fleet(request).sample(job_id, task, doc_id)
+    return render(request, "sample.html", job_id=job_id, task=task, sample=describe_sample(row))
+
+
+def pool_page(request: Request) -> HTMLResponse:
+    monitor = request.app.state.monitor
+    history = monitor.history if monitor is not None else []
+    return render(request, "pool.html", pool=_fleet(request).pool(), charts=pool_charts(history),
+                  latest=history[-1] if history else None)
+
+
+def compare_page(request: Request,
+                 a: Annotated[str, Query(max_length=64)] = "",
+                 b: Annotated[str, Query(max_length=64)] = "") -> HTMLResponse:
+    fleet = _fleet(request)
+    _, finished = fleet.jobs(state=JobState.SUCCEEDED, limit=200)
+    comparison, error = None, None
+    if a and b:
+        try:
+            comparison = fleet.compare(a, b)
+        except EvalfleetError as error_:
+            error = str(error_)
+    return render(request, "compare.html", jobs=finished, a=a, b=b, comparison=comparison, error=error)

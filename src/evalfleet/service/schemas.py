@@ -1,0 +1,141 @@
+"""The API's request and response bodies, as they appear in the OpenAPI document.
+
+`JobSubmission` carries exactly what `evalfleet submit` takes, minus the options that
+name files on the server (cache and output paths): the semantic checks are
+`EvaluationRequest`'s own, so the API refuses what the command refuses.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from evalfleet.orchestrator.states import JobState
+
+MAX_PAGE = 200
+MAX_SAMPLES_PAGE = 100
+_Name = Field(min_length=1, max_length=512)
+
+
+class Problem(BaseModel):
+    detail: str = Field(description="one sentence saying what is wrong")
+
+
+class JobSubmission(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    model: str = Field(min_length=1, max_length=1024, description="'demo', or a model folder under an allowed root")
+    tasks: list[str] = Field(default=["demo_mc", "demo_arith"], min_length=1, max_length=64)
+    include_path: str | None = Field(default=None, max_length=1024, description="task folder under an allowed root")
+    limit: int | None = Field(default=None, description="evaluate only the first N examples of each task")
+    num_fewshot: int | None = None
+    priority: Literal["high", "normal", "low"] = "normal"
+    gpus: int | None = None
+    strategy: Literal["auto", "single", "tp", "pp", "hybrid", "dp"] = "auto"
+    tp: int | None = None
+    pp: int | None = None
+    dp: int | None = None
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    batch_size: int | Literal["auto"] = "auto"
+    max_batch_tokens: int | None = None
+    log_samples: bool = True
+    use_cache: bool = True
+
+    def request_fields(self) -> dict[str, Any]:
+        """The `EvaluationRequest` fields this submission stands for."""
+        return {
+            "model": {"path": self.model, "dtype": self.dtype},
+            "tasks": {"names": self.tasks, "include_path": self.include_path, "limit": self.limit,
+                      "num_fewshot": self.num_fewshot},
+            "strategy": self.strategy, "tp": self.tp, "pp": self.pp, "dp": self.dp, "gpus": self.gpus,
+            "priority": self.priority, "batch_size": self.batch_size, "max_batch_tokens": self.max_batch_tokens,
+            "log_samples": self.log_samples, "use_cache": self.use_cache,
+        }
+
+
+class Submitted(BaseModel):
+    id: str
+
+
+class Progress(BaseModel):
+    done: int
+    total: int | None
+    fraction: float | None
+    tokens_per_s: float | None
+    requests_per_s: float | None
+    eta_s: float | None
+
+
+class JobEvent(BaseModel):
+    at: float
+    from_: str | None = Field(alias="from")
+    to: str
+    attempt: int
+    reason: str | None
+
+
+class Job(BaseModel):
+    id: str
+    state: JobState
+    priority: str
+    attempts: int = Field(description="launches, retries and resumptions included")
+    failures: int
+    max_attempts: int
+    model: str
+    tasks: list[str]
+    limit: int | None
+    progress: Progress
+    devices: list[list[int]]
+    pid: int | None
+    submitted_at: float
+    started_at: float | None
+    finished_at: float | None
+    retry_at: float | None
+    result_path: str | None
+    error: str | None
+    events: list[JobEvent]
+
+
+class JobPage(BaseModel):
+    total: int
+    offset: int
+    limit: int
+    jobs: list[Job]
+
+
+class SamplePage(BaseModel):
+    job: str
+    task: str
+    total: int
+    offset: int
+    limit: int
+    samples: list[dict[str, Any]]
+
+
+class Device(BaseModel):
+    node: int
+    index: int
+    name: str
+    memory_gb: float
+    job: str | None
+    quarantined: str | None
+    status: Literal["free", "busy", "quarantined"]
+
+
+class PoolNode(BaseModel):
+    index: int
+    name: str
+    interconnect: str
+    devices: list[Device]
+
+
+class Pool(BaseModel):
+    scheduler: dict[str, Any] | None = Field(description="the scheduler that recorded this pool; null if none ever ran")
+    description: str | None
+    nodes: list[PoolNode]
+    monitor: dict[str, Any] | None = Field(description="the monitor's latest snapshot of this machine")
+
+
+class Health(BaseModel):
+    status: Literal["ok"]

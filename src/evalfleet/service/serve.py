@@ -1,0 +1,140 @@
+"""`evalfleet serve`: the web server, and (with a pool option) the scheduler, over one job store.
+
+The scheduler runs as its own process (`evalfleet scheduler`), started and stopped by
+this one: it keeps its signal handling, its one-scheduler-per-store lock and its orderly
+worker shutdown exactly as in the foreground command, and the web server's event loop
+never waits on a scheduling round. Without a pool option the server only serves the
+store, and another process schedules.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from evalfleet.orchestrator.pool import pool_from_options, recorded_pool
+from evalfleet.orchestrator.store import JobStore, resolve_db_path
+from evalfleet.service.security import ModelRoots, check_host, resolve_token
+from evalfleet.types import EvalfleetError, UsageError
+
+SCHEDULER_START_S = 120.0
+SCHEDULER_STOP_S = 60.0
+
+
+@dataclass
+class ServeOptions:
+    host: str = "127.0.0.1"
+    port: int = 8765
+    db: str | None = None
+    slots: int | None = None
+    gpus: str | None = None
+    ray: str | None = None
+    token_file: str | None = None
+    model_roots: list[str] = field(default_factory=list)
+    interval: float = 2.0
+    max_attempts: int = 3
+    preempt: bool = False
+
+
+def scheduler_arguments(options: ServeOptions, db_path: Path) -> list[str] | None:
+    """The `evalfleet scheduler` command line for the pool options, or None to serve the store only."""
+    chosen = [name for name in ("slots", "gpus", "ray") if getattr(options, name) is not None]
+    if len(chosen) > 1:
+        raise UsageError(f"use one of --slots, --gpus or --ray, not {' and '.join('--' + c for c in chosen)}")
+    if not chosen:
+        return None
+    if options.ray is not None and importlib.util.find_spec("evalfleet.orchestrator.executors.ray") is None:
+        raise UsageError("--ray needs the Ray executor, which this evalfleet does not have")
+    if options.ray is None:
+        pool_from_options(options.gpus, options.slots)  # a bad spec is refused here, before anything starts
+    pool = {"slots": "--slots", "gpus": "--gpus", "ray": "--ray"}[chosen[0]]
+    return [sys.executable, "-m", "evalfleet.cli", "scheduler", "--db", str(db_path), pool,
+            str(getattr(options, chosen[0])), "--interval", str(options.interval),
+            "--max-attempts", str(options.max_attempts), "--preempt" if options.preempt else "--no-preempt"]
+
+
+def _listen(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as error:
+        sock.close()
+        raise EvalfleetError(f"cannot listen on {host}:{port}: {error.strerror}") from None
+    sock.listen(128)
+    return sock
+
+
+def _start_scheduler(command: list[str], db_path: Path) -> subprocess.Popen:
+    """Start the scheduler and wait until it has recorded its pool (or has failed to start)."""
+    process = subprocess.Popen(command)
+    deadline = time.monotonic() + SCHEDULER_START_S
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise EvalfleetError(f"the scheduler did not start (exit code {process.returncode}; its reason is above)")
+        with JobStore(db_path) as store:
+            recorded = recorded_pool(store)
+        if recorded is not None and recorded.get("pid") == process.pid:
+            return process
+        time.sleep(0.1)
+    _stop(process)
+    raise EvalfleetError(f"the scheduler did not start within {SCHEDULER_START_S:.0f} s")
+
+
+def _stop(process: subprocess.Popen) -> None:
+    """SIGTERM (it stops and requeues its workers), then SIGKILL if it hangs."""
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+    try:
+        process.wait(SCHEDULER_STOP_S)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
+def serve(options: ServeOptions, say=print) -> None:
+    try:
+        import uvicorn
+
+        from evalfleet.service.app import ServiceConfig, create_app
+    except ImportError as error:
+        raise EvalfleetError(f"evalfleet serve needs the service extra ({error.name} is missing): "
+                             "pip install 'evalfleet[service]'") from None
+
+    token = resolve_token(options.token_file)
+    check_host(options.host, token)
+    if token.created:
+        say(f"created a service token in {token.source} (readable by you only)")
+    roots = ModelRoots(options.model_roots)
+    db_path = resolve_db_path(options.db).resolve()
+    command = scheduler_arguments(options, db_path)
+    app = create_app(ServiceConfig(db_path=db_path, token=token.value, model_roots=roots))
+    sock = _listen(options.host, options.port)
+    scheduler = None
+    try:
+        if command is not None:
+            scheduler = _start_scheduler(command, db_path)
+        port = sock.getsockname()[1]
+        shown_host = f"[{options.host}]" if ":" in options.host else options.host
+        say(f"evalfleet serve (pid {os.getpid()}) on http://{shown_host}:{port}/ over {db_path}; "
+            f"token from {token.source}; " + ("scheduler pid " + str(scheduler.pid) if scheduler else
+                                               "no scheduler (another process schedules)") + "; Ctrl-C stops it")
+        sys.stdout.flush()
+        config = uvicorn.Config(app, log_level="warning", access_log=False, timeout_graceful_shutdown=5)
+        # uvicorn shuts down gracefully on SIGTERM, then raises the signal again: end with the
+        # scheduler stopped (below), not killed by the default handler.
+        signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+        uvicorn.Server(config).run(sockets=[sock])
+    finally:
+        sock.close()
+        if scheduler is not None:
+            _stop(scheduler)
+        say("evalfleet serve stopped")

@@ -1,0 +1,84 @@
+"""Test-only faults for worker-group ranks, installed at interpreter start (never in production).
+
+A test puts this folder first on the workers' `PYTHONPATH` (see `faults.fault_env`); Python
+then imports this module in every rank before `evalfleet.runtime.rank` runs, and it wraps the
+rank's loading and computing with the fault named in `EVALFLEET_TEST_FAULT`:
+
+- `swap_tp_shards`: every TP rank takes its neighbour's shard of one weight;
+- `drop_pp_mask`: the last pipeline stage loses the padding (mask and position ids);
+- `oom_above:N`: every batch of more than N padded tokens fails as out of memory (planted);
+- `oom_at_load`: loading fails as out of memory;
+- `rlimit:RANK:MB`: once loaded, rank RANK may grow its writable memory (RLIMIT_DATA) by only
+  MB megabytes, so a large enough batch fails a *real* allocation.
+"""
+
+from __future__ import annotations
+
+import os
+
+FAULT = os.environ.get("EVALFLEET_TEST_FAULT", "")
+
+
+def _data_bytes() -> int:
+    """This process's writable private memory (VmData), what RLIMIT_DATA limits."""
+    with open("/proc/self/status") as status:
+        line = next(line for line in status if line.startswith("VmData:"))
+    return int(line.split()[1]) * 1024
+
+
+def _install() -> None:
+    import resource
+
+    import torch
+    import torch.distributed as dist
+
+    from evalfleet.runtime import parallel, runner
+    from evalfleet.runtime.backends.base import OutOfMemory
+
+    rank = int(os.environ["EVALFLEET_WORKER_RANK"])
+    load_part, compute = parallel.load_part, runner.compute
+
+    @torch.no_grad()
+    def faulty_load(spec):
+        if FAULT == "oom_at_load":
+            raise torch.OutOfMemoryError("test fault: out of memory at load")
+        part = load_part(spec)
+        model = part.backend.model
+        if FAULT == "swap_tp_shards" and spec.tp > 1:
+            local = next(
+                parallel.local_tensor(p)
+                for n, p in model.named_parameters()
+                if "mlp" in n and parallel.local_tensor(p).shape != p.shape
+            )
+            shards = [torch.empty_like(local) for _ in range(spec.tp)]
+            dist.all_gather(shards, local.contiguous(), group=part.tp_group)
+            local.copy_(shards[(part.tp_rank + 1) % spec.tp])
+        elif FAULT == "drop_pp_mask" and spec.pp > 1 and part.stage == spec.pp - 1:
+            base = getattr(model, model.base_model_prefix)
+            forward = base.forward
+
+            def forward_without_mask(*args, **kwargs):
+                kwargs["attention_mask"] = kwargs["position_ids"] = None  # transformers rebuilds it from positions
+                return forward(*args, **kwargs)
+
+            base.forward = forward_without_mask
+        elif FAULT.startswith("rlimit:"):
+            _, limited_rank, megabytes = FAULT.split(":")
+            if int(limited_rank) == rank:
+                limit = _data_bytes() + int(megabytes) * 2**20
+                resource.setrlimit(resource.RLIMIT_DATA, (limit, resource.getrlimit(resource.RLIMIT_DATA)[1]))
+        return part
+
+    def faulty_compute(backend, items):
+        if FAULT.startswith("oom_above:"):
+            padded = len(items) * max(item.length for item in items)
+            if padded > int(FAULT.split(":", 1)[1]):
+                raise OutOfMemory(f"test fault: {padded} tokens")
+        return compute(backend, items)
+
+    parallel.load_part = faulty_load
+    runner.compute = faulty_compute
+
+
+if FAULT and "EVALFLEET_WORKER_RANK" in os.environ:
+    _install()

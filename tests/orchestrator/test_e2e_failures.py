@@ -1,0 +1,62 @@
+"""End to end: deterministic failures fail once, with their reason, and leave every device in the pool."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+from fleet import Fleet
+
+from evalfleet.orchestrator import JobState
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture
+def fleet(tmp_path):
+    fleet = Fleet(tmp_path / "fleet" / "jobs.db", tmp_path / "scheduler.log")
+    fleet.db.parent.mkdir()
+    try:
+        yield fleet
+        if fleet.process is not None:
+            assert fleet.stop() == 0, fleet.log.read_text()
+    finally:
+        fleet.kill_all()
+
+
+@pytest.fixture(scope="module")
+def tiny_gpt2(tmp_path_factory):
+    """GPT-2 has no tensor-parallel plan in transformers: `--tp 2` fails the same way anywhere."""
+    import torch
+    from tinymodels import train_tokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    folder = tmp_path_factory.mktemp("gpt2") / "tiny-gpt2"
+    tokenizer = train_tokenizer(folder)
+    config = AutoConfig.for_model("gpt2", n_embd=32, n_layer=2, n_head=4, n_positions=128,
+                                  vocab_size=len(tokenizer), eos_token_id=tokenizer.eos_token_id)
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(folder)
+    return folder
+
+
+def test_three_jobs_without_a_tp_plan_fail_once_each_and_quarantine_nothing(fleet, tiny_gpt2, tmp_path):
+    # Three different models (copies), so blaming the devices for these failures would quarantine them.
+    models = [shutil.copytree(tiny_gpt2, tmp_path / f"model-{n}") for n in range(3)]
+    # A GPU pool on paper: the workers compute on the CPU, but the devices, placements and
+    # quarantines are the ones a GPU node would have.
+    fleet.start("--gpus", "2xA10G-24GB", "--interval", "0.2", "--backoff", "0", "--max-attempts", "3")
+    jobs = [fleet.submit("--model", str(model), "--tasks", "demo_mc", "--limit", "2", "--tp", "2")
+            for model in models]
+    for job in jobs:
+        record = fleet.wait_state(job, JobState.FAILED, timeout=180)
+        assert record.attempts == 1, fleet.log.read_text()
+        assert "no tensor-parallel plan" in record.error
+        assert record.failure["failure"] == "deterministic"
+        placed = [e for e in fleet.events(job) if e.to_state is JobState.PLACED]
+        assert len(placed) == 1
+        assert "a retry would fail the same way" in fleet.events(job)[-1].reason
+    pool = json.loads(fleet.cli("pool", "--json").stdout)
+    assert pool["quarantined"] == []
+    assert all(gpu["quarantine"] is None and gpu["job"] is None for node in pool["nodes"] for gpu in node["gpus"])

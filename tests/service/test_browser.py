@@ -1,0 +1,112 @@
+"""The dashboard in a real headless Chromium: log in, submit through the form, watch the job
+finish, browse its results and one sample, compare it with another run. Screenshots of each
+page are saved in the test's temporary folder."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+from conftest import TOKEN
+from selenium import webdriver
+from selenium.common.exceptions import StaleElementReferenceException
+from selenium.webdriver.chrome.service import Service
+from selenium.webdriver.common.by import By
+from selenium.webdriver.support.ui import Select, WebDriverWait
+
+pytestmark = pytest.mark.slow
+
+CHROMEDRIVER = "/usr/bin/chromedriver"
+FLAGS = ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--disable-extensions",
+         "--disable-background-networking", "--disable-sync", "--disable-default-apps", "--no-first-run",
+         "--disable-component-update", "--window-size=1280,1000"]
+
+
+@pytest.fixture
+def browser(tmp_path, monkeypatch):
+    monkeypatch.setenv("SE_OFFLINE", "1")  # Selenium Manager must not try to download a driver
+    options = webdriver.ChromeOptions()
+    for flag in [*FLAGS, f"--user-data-dir={tmp_path / 'profile'}"]:
+        options.add_argument(flag)
+    options.binary_location = shutil.which("chromium") or "/usr/bin/chromium"
+    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
+    driver.set_page_load_timeout(60)
+    try:
+        yield driver
+    finally:
+        driver.quit()
+
+
+def _shot(driver, tmp_path, name: str) -> str:
+    path = tmp_path / f"{name}.png"
+    assert driver.save_screenshot(str(path)) and path.stat().st_size > 5000
+    return driver.find_element(By.TAG_NAME, "body").text
+
+
+def test_login_submit_watch_results_sample_and_compare(browser, live_service, tiny_model, tmp_path):
+    live, driver = live_service, browser
+    other = live.client.post("/api/v1/jobs", json={"model": str(tiny_model), "tasks": ["demo_mc"], "limit": 5}).json()["id"]
+
+    driver.get(live.url + "/")
+    assert "Paste the service token" in _shot(driver, tmp_path, "1-login")
+    driver.find_element(By.ID, "token").send_keys("wrong-token-0123456789")
+    driver.find_element(By.ID, "login").click()
+    assert "not the service's token" in driver.find_element(By.TAG_NAME, "body").text
+    driver.find_element(By.ID, "token").send_keys(TOKEN)
+    driver.find_element(By.ID, "login").click()
+    cookie = driver.get_cookie("evalfleet_session")
+    assert cookie["httpOnly"] is True and cookie["sameSite"] == "Strict"
+    assert driver.execute_script("return document.cookie") == ""  # invisible to scripts
+    assert "Submit an evaluation" in _shot(driver, tmp_path, "2-jobs")
+
+    for field, value in (("model", "demo"), ("tasks", "demo_mc,demo_arith"), ("limit", "5")):
+        element = driver.find_element(By.ID, field)
+        element.clear()
+        element.send_keys(value)
+    Select(driver.find_element(By.ID, "priority")).select_by_visible_text("high")
+    driver.find_element(By.ID, "submit").click()
+    WebDriverWait(driver, 30).until(lambda d: "/jobs/" in d.current_url)
+    job_id = driver.current_url.rstrip("/").split("/")[-1]
+    assert len(job_id) == 12
+
+    # The status block refreshes itself (htmx) until the job is done; no reload here.
+    WebDriverWait(driver, 240, poll_frequency=0.5, ignored_exceptions=[StaleElementReferenceException]).until(
+        lambda d: d.find_element(By.ID, "job-state").text in ("succeeded", "failed", "cancelled"))
+    text = _shot(driver, tmp_path, "3-job")
+    assert driver.find_element(By.ID, "job-state").text == "succeeded", text
+    history = driver.find_element(By.ID, "history").text  # refreshed with the status
+    assert "queued" in history and "running" in history and "succeeded" in history
+    assert "demo_mc, demo_arith (first 5 each)" in text and "1 started, 0 failed" in text
+    done, total = text.split(" requests")[0].rsplit("\n", 1)[-1].split("/")
+    assert done == total and int(total) > 0
+
+    driver.find_element(By.ID, "results-link").click()
+    text = _shot(driver, tmp_path, "4-results")
+    assert f"Results of job {job_id}" in text and "demo_mc" in text and "acc" in text and "exact_match" in text
+
+    driver.find_element(By.LINK_TEXT, "samples").click()
+    text = _shot(driver, tmp_path, "5-samples")
+    assert "1–5 of 5" in text
+    driver.find_elements(By.CLASS_NAME, "sample-link")[1].click()
+    text = _shot(driver, tmp_path, "6-sample")
+    assert "sample 1" in text and "Choices" in text and "chosen" in text and "log-likelihood" in text.lower()
+    assert driver.find_element(By.ID, "prompt").text.strip()
+    assert len(driver.find_elements(By.CSS_SELECTOR, "#choices tbody tr")) >= 2
+
+    live.wait_state(other, "succeeded")
+    driver.get(live.url + "/results")
+    text = _shot(driver, tmp_path, "7-matrix")
+    assert job_id in text and other in text and "±" in text
+
+    driver.get(live.url + "/compare")
+    Select(driver.find_element(By.ID, "run-a")).select_by_value(job_id)
+    Select(driver.find_element(By.ID, "run-b")).select_by_value(other)
+    driver.find_element(By.ID, "compare").click()
+    text = _shot(driver, tmp_path, "8-compare")
+    assert f"A = {job_id}, B = {other}" in text and "mcnemar" in text
+    rows = driver.find_elements(By.CSS_SELECTOR, "#comparison tbody tr")
+    assert rows and rows[0].text.startswith("demo_mc acc")
+
+    driver.get(live.url + "/pool")
+    text = _shot(driver, tmp_path, "9-pool")
+    assert "2 CPU slots" in text and "host CPU" in driver.page_source
