@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass, field
+from importlib.metadata import version
 from typing import Any
 
 from evalfleet.types import EvalfleetError
@@ -27,6 +28,9 @@ PATHS = {
     (False, True): "transformers-pp",
     (True, True): "torch-hybrid",
 }
+# transformers' tensor/pipeline-parallel internals (DistributedConfig(pp_size=...), _pp_stage,
+# _device_mesh) are tested on this version; older ones serve the single-device and vLLM paths only.
+TRANSFORMERS_FOR_SPLITS = (5, 24)
 
 
 @dataclass(frozen=True)
@@ -76,6 +80,13 @@ def check_layout(spec: GroupSpec) -> None:
     """Refuse, in one sentence and before any process starts, a layout the model cannot take."""
     if spec.backend == "vllm":
         return  # vLLM splits every architecture it registers; the engine checked the declaration
+    if spec.world_size > 1:
+        installed = version("transformers")
+        if _release(installed) < TRANSFORMERS_FOR_SPLITS:
+            raise EvalfleetError(
+                f"the {spec.path} layout needs transformers {'.'.join(map(str, TRANSFORMERS_FOR_SPLITS))} or newer "
+                f"and {installed} is installed; upgrade transformers or use --strategy dp"
+            )
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -114,3 +125,9 @@ def torch_styles() -> dict[str, Any]:
 
     return {"colwise": ColwiseParallel, "rowwise": RowwiseParallel}
 
+
+def _release(text: str) -> tuple[int, ...]:
+    """The numeric release of a version string: "5.24.0.dev0" -> (5, 24, 0)."""
+    from packaging.version import Version
+
+    return Version(text).release
