@@ -274,14 +274,17 @@ class WorkerGroupRunner(BatchRunner):
 
     def _record(self, replica: _Replica, reports: list[dict[str, Any]], seconds: float) -> None:
         """Keep a batch's traffic; the monitor hears of sampled (timed) batches only, so its
-        communication share compares like with like."""
+        communication share compares like with like. vLLM's engine stats are totals so far, kept
+        from every batch."""
         with self._lock:
             self.communication.add_batch(reports)
+            if self.on_engine_stats is not None:
+                for report in reports:
+                    if "engine" in report:
+                        self.on_engine_stats(replica.name, report["engine"])
             if not any(report.get("timed") for report in reports):
                 return
             for rank, report in enumerate(reports):
-                if self.on_engine_stats is not None and "engine" in report:
-                    self.on_engine_stats(replica.name, report["engine"])
                 if self.on_step is not None:
                     self.on_step(seconds, rank // self.spec.tp, report["busy_seconds"])
                 if self.on_communication is not None:
