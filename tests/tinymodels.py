@@ -58,6 +58,11 @@ def build_tiny_model(folder: Path, family: str = "gpt_neox", seed: int = 7, max_
             "qwen2", hidden_size=48, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
             intermediate_size=96, max_position_embeddings=max_positions, tie_word_embeddings=False, **common,
         )
+    elif family == "llama-vllm":  # vLLM's CPU attention kernels take head sizes of 32 and up
+        config = AutoConfig.for_model(
+            "llama", hidden_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+            intermediate_size=128, max_position_embeddings=max_positions, **common,
+        )
     else:
         config = AutoConfig.for_model(
             "llama", hidden_size=48, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,

@@ -45,6 +45,7 @@ _FLAG_NAMES = {
     "max_batch_tokens": "--max-batch-tokens",
     "priority": "--priority",
     "gpus": "--gpus",
+    "backend": "--backend",
 }
 
 
@@ -62,6 +63,9 @@ def build_request(**fields: object) -> EvaluationRequest:
             raise UsageError(describe_validation_error(error)) from None
         message = first.get("msg", "is invalid").removeprefix("Value error, ")
         raise UsageError(f"{flag}: {message[:1].lower()}{message[1:]}") from None
+
+
+_BACKEND_HELP = "auto | hf | vllm: auto takes vLLM on GPUs when it is installed, transformers otherwise."
 
 
 @app.command()
@@ -86,6 +90,7 @@ def run(
     cache_path: str | None = typer.Option(None, "--cache", help="Request cache file (default $EVALFLEET_CACHE or the user cache)."),
     report: bool = typer.Option(False, "--report", help="Write monitoring.png next to results.json."),
     ray_address: str | None = typer.Option(None, "--ray", help="Run the ranks on the Ray cluster at ADDRESS ('auto': the local head), groups spread over its nodes."),
+    backend: str = typer.Option("auto", "--backend", help=_BACKEND_HELP),
 ) -> None:
     """Evaluate a model on lm-eval tasks; writes OUTPUT/results.json."""
     os.environ.setdefault("TQDM_DISABLE", "1")  # our own progress display replaces lm-eval's bars
@@ -93,6 +98,7 @@ def run(
         model={"path": model, "dtype": dtype, "device": device},
         tasks={"names": tasks, "include_path": include_path, "limit": limit, "num_fewshot": num_fewshot},
         engine=engine,
+        backend=backend,
         strategy=strategy,
         tp=tp,
         pp=pp,
@@ -161,13 +167,14 @@ def plan(
     pp: int | None = typer.Option(None, "--pp", min=1, help="Force the number of pipeline stages."),
     dp: int | None = typer.Option(None, "--dp", min=1, help="Force the number of data-parallel replicas."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON document instead of tables."),
+    backend: str = typer.Option("auto", "--backend", help=_BACKEND_HELP),
 ) -> None:
     """Show whether a model fits and how to lay it out, from its config.json alone."""
     from evalfleet.planning.report import plan_command
 
     plan_command(
         model, gpus, dtype=dtype, max_length=max_length, batch_size=batch_size,
-        strategy=strategy, tp=tp, pp=pp, dp=dp, as_json=as_json,
+        strategy=strategy, tp=tp, pp=pp, dp=dp, as_json=as_json, backend=backend,
     )
 
 
@@ -226,6 +233,7 @@ def submit(
     cache_path: str | None = typer.Option(None, "--cache", help="Request cache file (default: the scheduler's)."),
     db: str | None = typer.Option(None, "--db", help=_DB_HELP),
     pool: str | None = typer.Option(None, "--pool", help="Check the job against this pool spec instead of the one the scheduler recorded in the store (else this machine)."),
+    backend: str = typer.Option("auto", "--backend", help=_BACKEND_HELP),
 ) -> None:
     """Queue an evaluation and print its job id; refuse one that can never fit the pool.
 
@@ -236,7 +244,7 @@ def submit(
     request = build_request(
         model={"path": model, "dtype": dtype},
         tasks={"names": tasks, "include_path": include_path, "limit": limit, "num_fewshot": num_fewshot},
-        strategy=strategy, tp=tp, pp=pp, dp=dp, gpus=gpus, priority=priority,
+        strategy=strategy, tp=tp, pp=pp, dp=dp, gpus=gpus, priority=priority, backend=backend,
         batch_size=batch_size, max_batch_tokens=max_batch_tokens, log_samples=log_samples,
         use_cache=not no_cache, cache_path=cache_path,
     )

@@ -75,6 +75,7 @@ class EvaluationRequest(_Strict):
     model: ModelConfig
     tasks: TaskSpec
     engine: EngineName = "auto"
+    backend: Literal["auto", "hf", "vllm"] = "auto"
     strategy: DistributionStrategy = DistributionStrategy.AUTO
     tp: int | None = Field(default=None, gt=0)
     pp: int | None = Field(default=None, gt=0)

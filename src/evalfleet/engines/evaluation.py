@@ -18,6 +18,7 @@ from lm_eval.utils import handle_non_serializable
 
 from evalfleet.engines.environment import gathered_environment
 from evalfleet.engines.task_cache import requests_cache
+from evalfleet.planning import backends
 from evalfleet.runtime.backends.hf import resolve_dtype, resolve_device
 from evalfleet.runtime.batching import default_token_budget
 from evalfleet.runtime.cache import RequestCache, default_cache_path, model_identity
@@ -72,6 +73,7 @@ def run_evaluation(
     progress: ProgressCallback | None = None,
     extra: dict[str, Any] | None = None,
     monitor: Any = None,
+    backend: str = "hf",
 ) -> EvaluationResult:
     global _request_started
     began = _request_started if _request_started is not None else time.perf_counter()
@@ -88,11 +90,12 @@ def run_evaluation(
     lm = EvalfleetLM(
         runner,
         tokenizer,
-        model_identity(model_path, request.model.revision, dtype),
+        model_identity(model_path, request.model.revision, dtype, backend),
         cache=cache,
         token_budget=token_budget,
         batch_size=request.batch_size if isinstance(request.batch_size, int) else None,
         progress=progress,
+        seed=request.seed,
     )
     names = list(request.tasks.names)
     built = Path(request.cache_path or default_cache_path()).parent / "lm-eval-requests"
@@ -128,10 +131,12 @@ def run_evaluation(
     output = dict(output or {})
     samples = output.pop("samples", None)
     stats = lm.stats
+    layout = runner.describe()
     section = {
         "engine": engine,
+        "backend": {"name": backend, "version": layout.get("backend_version") or backends.version(backend)},
         "model": {"path": model_path, "dtype": dtype, "size_gb": model_gb},
-        "layout": runner.describe(),
+        "layout": layout,
         "timing": {
             "wall_seconds": round(wall, 4),
             "compute_seconds": round(stats.compute_seconds, 4),

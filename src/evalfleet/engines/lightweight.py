@@ -26,7 +26,7 @@ class LightweightEvaluationEngine(EvaluationEngine):
         self._loaded: tuple[tuple[Any, ...], HFBackend] | None = None
 
     def can_handle_request(self, request: EvaluationRequest) -> bool:
-        if request.engine == "distributed":
+        if request.engine == "distributed" or request.backend == "vllm":
             return False
         if request.strategy not in (DistributionStrategy.AUTO, DistributionStrategy.SINGLE):
             return False

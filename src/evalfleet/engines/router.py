@@ -35,13 +35,16 @@ def wants_distribution(request: EvaluationRequest) -> bool:
 
 
 def select_engine(request: EvaluationRequest) -> EvaluationEngine:
-    """The engine for `request`: the user's choice, else the model's size decides."""
+    """The engine for `request`: the user's choice, else the model's size decides.
+
+    vLLM always runs as worker groups (one engine process per replica), so it takes the distributed engine.
+    """
     from evalfleet.engines.evaluation import load_dtype_and_device
     from evalfleet.engines.lightweight import LightweightEvaluationEngine
 
     if request.engine == "lightweight":
         return LightweightEvaluationEngine()
-    if request.engine == "auto" and not wants_distribution(request):
+    if request.engine == "auto" and request.backend != "vllm" and not wants_distribution(request):
         _, device = load_dtype_and_device(request)
         if estimate_model_size(request.model) <= lightweight_threshold_gb(device):
             return LightweightEvaluationEngine()

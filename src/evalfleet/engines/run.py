@@ -30,14 +30,22 @@ def _start_of(first_in_process: bool) -> float:
     return time.perf_counter() - max(0.0, time.time() - psutil.Process().create_time())
 
 
-def check_request(request: EvaluationRequest) -> None:
-    """Every check that needs no model loaded, so a bad input costs seconds, not a model load."""
+def check_request(request: EvaluationRequest) -> EvaluationRequest:
+    """Every check that needs no model loaded, so a bad input costs seconds, not a model load.
+
+    Returns the request with its backend resolved (`auto` becomes hf or vllm).
+    """
+    from evalfleet.planning.backends import resolve_backend
     from evalfleet.tasks import build_task_manager
 
     check_model_folder(resolve_model_path(request.model.path))
-    load_dtype_and_device(request)
+    _, device = load_dtype_and_device(request)
+    backend = resolve_backend(request.backend, on_gpu=device.startswith("cuda"))
+    if backend == "vllm" and request.engine == "lightweight":
+        raise EvalfleetError("the lightweight engine runs transformers only; use --engine auto with --backend vllm")
     check_output_dir(request.output_dir)
     build_task_manager(request.tasks.names, request.tasks.include_path)
+    return request.model_copy(update={"backend": backend})
 
 
 def evaluate_request(
@@ -46,7 +54,7 @@ def evaluate_request(
     global _first_request
     note_request_start(_start_of(_first_request))
     _first_request = False
-    check_request(request)
+    request = check_request(request)
     start_gathering()  # lm-eval's environment report, while the model loads
     engine = select_engine(request)
     if not engine.can_handle_request(request):

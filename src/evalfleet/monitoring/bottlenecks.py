@@ -25,6 +25,7 @@ FindingKind = Literal[
     "host_bound",
     "thermal_throttling",
     "power_throttling",
+    "kv_cache_preemption",
 ]
 _RANK = {"critical": 0, "warning": 1, "info": 2}
 

@@ -23,6 +23,7 @@ from pydantic import ValidationError
 from evalfleet.monitoring.alerts import Alert, AlertBook, AlertThresholds
 from evalfleet.monitoring.bottlenecks import BottleneckRules, Finding, find_bottlenecks
 from evalfleet.monitoring.communication import CommunicationTracker
+from evalfleet.monitoring.engine_stats import EngineStatsTracker
 from evalfleet.monitoring.host import HostCollector
 from evalfleet.monitoring.nvml import NvmlCollector
 from evalfleet.monitoring.report import RunTotals, draw_chart, timeline
@@ -76,6 +77,7 @@ class MultiGPUPerformanceMonitor:
         self.layout = RunLayout()
         self.job_running = False
         self.communication = CommunicationTracker()
+        self.engine = EngineStatsTracker()
         self._on_alert = on_alert
         self.alerts = AlertBook(thresholds, self._alert_changed)
         self._store = SampleStore(db_path) if db_path is not None else None
@@ -207,6 +209,10 @@ class MultiGPUPerformanceMonitor:
         """A step's wall time, so communication can be expressed as a share of it (and stage bubbles found)."""
         self.communication.record_step(seconds, stage=stage, busy_seconds=busy_seconds)
 
+    def record_engine_stats(self, replica: str, stats: dict[str, float]) -> None:
+        """An inference engine's own totals so far (vLLM: requests, KV cache, queues, preemptions, tokens)."""
+        self.engine.record(replica, stats)
+
     def register_pid(self, pid: int) -> None:
         self._host.register(pid)
 
@@ -230,7 +236,8 @@ class MultiGPUPerformanceMonitor:
         samples = self.history
         if window is not None:
             samples = samples[-window:]
-        return find_bottlenecks(samples, self.communication.stats(), self.communication.stages(), self.rules)
+        found = find_bottlenecks(samples, self.communication.stats(), self.communication.stages(), self.rules)
+        return found + self.engine.findings()
 
     def generate_optimization_suggestions(self, findings: list[Finding] | None = None) -> list[Suggestion]:
         layout = self.layout
@@ -257,6 +264,7 @@ class MultiGPUPerformanceMonitor:
             "bottlenecks": [f.model_dump(mode="json") for f in findings],
             "suggestions": [s.model_dump(mode="json") for s in self.generate_optimization_suggestions(findings)],
             "sampler_cpu_seconds": round(self._sampler_cpu_s, 4),
+            "engine": self.engine.summary(),
         }
 
     def write_report(self, directory: str | Path, png: bool = True) -> list[Path]:

@@ -146,6 +146,17 @@ def _throttling(finding: Finding, _: RunLayout) -> Suggestion:
     )
 
 
+def _preemption(finding: Finding, layout: RunLayout) -> Suggestion:
+    tp = layout.tp or 1
+    return Suggestion(
+        finding=finding.kind, severity=finding.severity, change={"max_num_seqs": 128, "tp": tp * 2},
+        action=f"lower vLLM's max_num_seqs from its default of 256 (EVALFLEET_VLLM_ENGINE_ARGS='{{\"max_num_seqs\": 128}}'), "
+               f"or raise tp to {tp * 2} so each GPU holds less of the weights and more KV cache",
+        expected_effect="fewer sequences share the KV cache, so none is evicted and recomputed; "
+                        f"the {finding.evidence.get('per_1000', '?')} preemptions per 1,000 requests should fall to about none",
+    )
+
+
 _RULES = {
     "communication_bound": _communication,
     "near_oom": _near_oom,
@@ -154,6 +165,7 @@ _RULES = {
     "host_bound": _host_bound,
     "thermal_throttling": _throttling,
     "power_throttling": _throttling,
+    "kv_cache_preemption": _preemption,
 }
 
 

@@ -43,7 +43,7 @@ def throughput_by_replicas(layout_plan: Plan, inventory: Inventory) -> tuple[flo
     for k in range(1, layout_plan.layout.dp + 1):
         answer = plan(layout_plan.profile, inventory, dtype=layout_plan.dtype, max_length=layout_plan.max_length,
                       batch_size=layout_plan.batch_size, tp=layout_plan.layout.tp, pp=layout_plan.layout.pp,
-                      dp=k, alternatives=0)
+                      dp=k, alternatives=0, backend=layout_plan.backend)
         if not answer.fits:
             break
         rates.append(answer.estimated_tokens_per_s)
@@ -72,6 +72,7 @@ def size_request(request: EvaluationRequest, inventory: Inventory) -> tuple[dict
     answer = plan(
         profile, inventory, dtype=request.model.dtype, max_length=request.model.max_length or 2048,
         strategy=request.strategy.value, tp=request.tp, pp=request.pp, dp=request.dp, max_gpus=request.gpus,
+        backend=request.backend,
     )
     if not answer.fits:
         pool = describe_pool(inventory)

@@ -63,7 +63,7 @@ def model_demands(inventory: Inventory) -> list[tuple[JobDemand, float]]:
     sized = []
     for source, weight in MODEL_MIX:
         profile = profile_model(source)
-        answer = plan(profile, inventory)
+        answer = plan(profile, inventory, backend="any")  # a synthetic fleet: every backend is assumed
         if answer.fits:
             sized.append((demand_from_plan(answer, inventory, work_tokens=0.0, model=profile.name), weight))
     return sized

@@ -11,9 +11,10 @@ from __future__ import annotations
 
 from bisect import bisect_left
 from collections.abc import Collection
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
+from evalfleet.planning import backends
 from evalfleet.planning.allocation import Device, place
 from evalfleet.planning.hardware import Inventory
 from evalfleet.planning.memory import MemoryBreakdown, MemoryModel, estimate_memory
@@ -54,6 +55,7 @@ class Plan:
     alternatives: list[Plan] = field(default_factory=list)
     max_length: int = 0
     batch_size: int = 0
+    backend: str = "hf"
 
     @property
     def strategy(self) -> DistributionStrategy:
@@ -87,6 +89,7 @@ class Plan:
         return {
             "model": model,
             "engine": self.engine,
+            "backend": {"name": self.backend, "version": backends.version(self.backend)},
             **short,
             "reason": self.reason,
             "placement": [list(device) for device in self.placement],
@@ -120,6 +123,7 @@ class _Ask:
     dtype: str
     max_length: int
     batch_size: int
+    backend: str = "hf"
 
     @property
     def explicit(self) -> bool:
@@ -188,11 +192,13 @@ def plan(
     busy: Collection[Device] = frozenset(),
     lightweight_threshold_gb: float = 15.0,
     alternatives: int = 3,
+    backend: str = "auto",
 ) -> Plan:
     """The best layout of `profile` on `inventory`'s usable GPUs; `.fits` is False, with a reason, when none is.
 
     `busy` GPUs are never used; `max_gpus` caps the GPUs of the whole job; `alternatives` is how
-    many runner-up layouts (placed too) come with the plan.
+    many runner-up layouts (placed too) come with the plan. Only layouts the `backend` can run
+    are proposed; `auto` tries each installed backend, vLLM first on GPUs, and keeps the first that fits.
     """
     if not isinstance(profile, ModelProfile):
         profile = profile_model(profile)
@@ -214,10 +220,23 @@ def plan(
         max_length=min(max_length, profile.max_positions or max_length),
         batch_size=batch_size,
     )
-    result = _plan_cpu(profile, inventory, ask) if inventory.is_cpu_only else _plan_gpus(profile, inventory, ask)
-    for item in (result, *result.alternatives):
-        item.max_length, item.batch_size = ask.max_length, ask.batch_size
-    return result
+    results = []
+    for name in backends.candidates(backend, on_gpu=not inventory.is_cpu_only) or ["hf"]:
+        ask = replace(ask, backend=name)
+        result = _plan_cpu(profile, inventory, ask) if inventory.is_cpu_only else _plan_gpus(profile, inventory, ask)
+        for item in (result, *result.alternatives):
+            item.max_length, item.batch_size, item.backend = ask.max_length, ask.batch_size, name
+        results.append(result)
+        if result.fits:
+            return result
+    return results[0]
+
+
+def _problem(profile: ModelProfile, ask: _Ask, tp: int, pp: int) -> str | None:
+    """Why this split cannot be, by the model's shape or by what the backend runs."""
+    return layout_problem(profile, tp, pp) or backends.layout_problem(
+        ask.backend, profile.family, profile.architecture, tp, pp
+    )
 
 
 def _plan_gpus(profile: ModelProfile, inventory: Inventory, ask: _Ask) -> Plan:
@@ -230,7 +249,7 @@ def _plan_gpus(profile: ModelProfile, inventory: Inventory, ask: _Ask) -> Plan:
     degrees: list[int] = []
     best = 0.0
     for t in range(1, pool.largest_node + 1) if ask.tp is None else [ask.tp]:
-        problem = layout_problem(profile, t, 1)
+        problem = _problem(profile, ask, t, 1)
         if problem is None and t > pool.largest_node:
             problem = f"tp={t} needs {t} GPUs in one node, and the largest node has {pool.largest_node} usable"
         if problem:
@@ -240,7 +259,7 @@ def _plan_gpus(profile: ModelProfile, inventory: Inventory, ask: _Ask) -> Plan:
         for p in range(1, max(pool.budget // t, 1) + 1) if ask.pp is None else [ask.pp]:
             if not shape_allowed(ask.forced, t, p):
                 continue
-            problem = layout_problem(profile, t, p)
+            problem = _problem(profile, ask, t, p)
             if problem:
                 rejections.append(problem)
                 break
@@ -271,7 +290,7 @@ def _plan_gpus(profile: ModelProfile, inventory: Inventory, ask: _Ask) -> Plan:
 
     if not feasible:
         if ask.pp is None:
-            tried += _beyond_budget(profile, memory_of, pool, degrees, ask.forced)
+            tried += _beyond_budget(profile, memory_of, pool, degrees, ask)
         return _refusal(profile, ask, pool, tried, rejections, memory_of)
     feasible.sort(key=lambda c: (-c.tokens_per_s, c.tp * c.pp * c.replicas, c.pp))
     chosen = [_placed(profile, inventory, ask, c) for c in feasible[: 1 + ask.alternatives]]
@@ -289,15 +308,15 @@ def _light(profile: ModelProfile, ask: _Ask) -> bool:
 
 
 def _beyond_budget(
-    profile: ModelProfile, memory_of: MemoryModel, pool: _Pool, degrees: list[int], forced: DistributionStrategy
+    profile: ModelProfile, memory_of: MemoryModel, pool: _Pool, degrees: list[int], ask: _Ask
 ) -> list[_Candidate]:
     """Layouts larger than the usable GPUs, only to say in a refusal how many GPUs the model would need."""
     found = []
     for t in degrees:
         for p in range(max(pool.budget // t, 1) + 1, pool.total_gpus // t + 1):
-            if not shape_allowed(forced, t, p):
+            if not shape_allowed(ask.forced, t, p):
                 continue
-            if layout_problem(profile, t, p):
+            if _problem(profile, ask, t, p):
                 break
             found.append(_Candidate(t, p, memory_of(t, p)))
             if found[-1].memory.total <= pool.largest_free:
@@ -362,6 +381,9 @@ def _refusal(
                 f"needs {needed} GPUs {where} with {memory.total:.1f} GB free, in groups of {least.tp} "
                 f"within a node; {usable} such GPUs are usable"
             )
+    limits = [backends.layout_problem(ask.backend, profile.family, profile.architecture, t, p) for t, p in ((2, 1), (1, 2))]
+    if tried and any(limits):
+        reason += f", and {backends.LABELS[ask.backend]} cannot split it further: {'; '.join(filter(None, limits))}"
     engine = "lightweight" if not ask.explicit and _light(profile, ask) else "distributed"
     return Plan(profile, ask.dtype, layout, engine, False, reason, [], memory, 0.0, 0, 0)
 

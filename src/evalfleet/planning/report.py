@@ -8,6 +8,7 @@ import sys
 from rich.console import Console
 from rich.table import Table
 
+from evalfleet.planning.backends import LABELS
 from evalfleet.planning.hardware import Inventory, parse_gpus
 from evalfleet.planning.model_profile import profile_model
 from evalfleet.planning.planner import Plan, plan
@@ -26,6 +27,7 @@ def plan_command(
     pp: int | None = None,
     dp: int | None = None,
     as_json: bool = False,
+    backend: str = "auto",
 ) -> Plan:
     """Plan and print; a plan that does not fit is printed too, then raised as its one-sentence reason."""
     profile = profile_model(model)
@@ -40,6 +42,7 @@ def plan_command(
         tp=tp,
         pp=pp,
         dp=dp,
+        backend=backend,
     )
     if as_json:
         document = {**result.to_dict(), "gpus": inventory.describe()}
@@ -70,11 +73,14 @@ def render(result: Plan, inventory: Inventory, console: Console) -> None:
     if result.fits:
         console.print(
             f"\n[green]fits[/green]: {result.strategy.value} tp={layout.tp} pp={layout.pp} dp={layout.dp}, "
-            f"engine {result.engine}, {result.gpus_used} GPU(s) on {result.nodes_used} node(s), "
+            f"engine {result.engine} on {LABELS[result.backend]}, {result.gpus_used} GPU(s) on {result.nodes_used} node(s), "
             f"~{result.estimated_tokens_per_s:,.0f} tokens/s\n{result.reason}"
         )
     else:
-        console.print(f"\n[red]does not fit[/red]: {result.reason}\nclosest layout: tp={layout.tp} pp={layout.pp}")
+        console.print(
+            f"\n[red]does not fit[/red] on {LABELS[result.backend]}: {result.reason}\n"
+            f"closest layout: tp={layout.tp} pp={layout.pp}"
+        )
     memory = Table(title=f"memory per {'CPU' if inventory.is_cpu_only else 'GPU'} (GB)")
     for column in ("weights", "kv cache", "activations", "overhead", "margin", "total"):
         memory.add_column(column, justify="right")

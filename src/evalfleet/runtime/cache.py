@@ -56,17 +56,22 @@ def weights_fingerprint(model_path: str) -> str:
     return digest.hexdigest()[:32]
 
 
-def model_identity(model_path: str, revision: str | None, dtype: str) -> str:
+def model_identity(model_path: str, revision: str | None, dtype: str, backend: str = "hf") -> str:
+    """The model part of every key. A backend other than transformers is named in it, since its
+    numbers differ slightly (vLLM computes log-probs in float32 with its own kernels)."""
     resolved = str(Path(model_path).resolve()) if Path(model_path).exists() else model_path
-    return json.dumps(
-        {"path": resolved, "revision": revision, "dtype": dtype, "weights": weights_fingerprint(model_path)},
-        sort_keys=True,
-    )
+    fields = {"path": resolved, "revision": revision, "dtype": dtype, "weights": weights_fingerprint(model_path)}
+    if backend != "hf":
+        fields["backend"] = backend
+    return json.dumps(fields, sort_keys=True)
 
 
 def request_key(identity: str, item: Item) -> str:
     kind = "generate" if isinstance(item, GenerationItem) else "loglikelihood"
-    payload = json.dumps([identity, kind, asdict(item)], sort_keys=True)
+    fields = asdict(item)
+    if not fields.get("sampling", True):
+        del fields["sampling"]  # greedy requests keep the keys they had before sampling existed
+    payload = json.dumps([identity, kind, fields], sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()
 
 

@@ -8,7 +8,8 @@ other; both import this module.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
+from importlib.metadata import version
 from typing import Any
 
 from evalfleet.types import EvalfleetError
@@ -27,6 +28,9 @@ PATHS = {
     (False, True): "transformers-pp",
     (True, True): "torch-hybrid",
 }
+# transformers' tensor/pipeline-parallel internals (DistributedConfig(pp_size=...), _pp_stage,
+# _device_mesh) are tested on this version; older ones serve the single-device and vLLM paths only.
+TRANSFORMERS_FOR_SPLITS = (5, 24)
 
 
 @dataclass(frozen=True)
@@ -44,15 +48,25 @@ class GroupSpec:
     trust_remote_code: bool = False
     time_communication: bool = True
     share_prefixes: bool = False
+    # The vLLM backend: one process per replica, vLLM's own tp x pp beneath it (`vllm_worker`).
+    backend: str = "hf"
+    seed: int = 0
+    gpu_memory_utilization: float | None = None
+    engine_args: dict[str, Any] = field(default_factory=dict)
 
     @property
     def world_size(self) -> int:
         return self.tp * self.pp
 
     @property
+    def processes(self) -> int:
+        """Processes the driver starts per replica: every rank, or one vLLM engine."""
+        return 1 if self.backend == "vllm" else self.world_size
+
+    @property
     def path(self) -> str:
-        """Which loading path (module docstring) this layout takes."""
-        return PATHS[(self.tp > 1, self.pp > 1)]
+        """Which loading path (`parallel.py`'s docstring) this layout takes."""
+        return "vllm" if self.backend == "vllm" else PATHS[(self.tp > 1, self.pp > 1)]
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))
@@ -64,6 +78,15 @@ class GroupSpec:
 
 def check_layout(spec: GroupSpec) -> None:
     """Refuse, in one sentence and before any process starts, a layout the model cannot take."""
+    if spec.backend == "vllm":
+        return  # vLLM splits every architecture it registers; the engine checked the declaration
+    if spec.world_size > 1:
+        installed = version("transformers")
+        if _release(installed) < TRANSFORMERS_FOR_SPLITS:
+            raise EvalfleetError(
+                f"the {spec.path} layout needs transformers {'.'.join(map(str, TRANSFORMERS_FOR_SPLITS))} or newer "
+                f"and {installed} is installed; upgrade transformers or use --strategy dp"
+            )
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -101,3 +124,10 @@ def torch_styles() -> dict[str, Any]:
     from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel
 
     return {"colwise": ColwiseParallel, "rowwise": RowwiseParallel}
+
+
+def _release(text: str) -> tuple[int, ...]:
+    """The numeric release of a version string: "5.24.0.dev0" -> (5, 24, 0)."""
+    from packaging.version import Version
+
+    return Version(text).release

@@ -25,6 +25,7 @@ from evalfleet.runtime.runner import BatchRunner
 
 log = logging.getLogger("evalfleet")
 DEFAULT_MAX_GEN_TOKS = 256
+SAMPLING_SETTINGS = ("temperature", "top_p", "top_k", "seed")
 
 # (phase name, items done, items total, tokens computed so far)
 ProgressCallback = Callable[[str, int, int, int], None]
@@ -58,6 +59,7 @@ class EvalfleetLM(TemplateLM):
         batch_size: int | None = None,
         progress: ProgressCallback | None = None,
         add_bos_token: bool | None = None,
+        seed: int = 1234,
     ) -> None:
         super().__init__()
         self.runner = runner
@@ -68,6 +70,7 @@ class EvalfleetLM(TemplateLM):
         self.max_batch_size = batch_size
         self.progress = progress
         self.add_bos_token = add_bos_token
+        self.seed = seed
         self.stats = RunStats()
 
     @property
@@ -140,13 +143,22 @@ class EvalfleetLM(TemplateLM):
         items = []
         for context, gen_kwargs in (req.args for req in requests):
             kwargs = normalize_gen_kwargs(dict(gen_kwargs), DEFAULT_MAX_GEN_TOKS)
-            if kwargs.get("do_sample"):
-                log.warning("sampling was asked for; evalfleet decodes greedily")
             until = handle_stop_sequences(kwargs.pop("until", None), eos=eos)
             max_new = int(kwargs.pop("max_gen_toks"))
             context_ids = self.tok_encode(context, left_truncate_len=self.max_length - max_new)
-            items.append(GenerationItem(tuple(context_ids), tuple(until), max_new))
+            items.append(GenerationItem(tuple(context_ids), tuple(until), max_new, self._sampling(kwargs)))
         return list(self._execute("generate_until", items))
+
+    def _sampling(self, kwargs: dict[str, Any]) -> tuple[tuple[str, float | int], ...]:
+        """A task's sampling settings, seeded by the run's seed unless it names its own; () is greedy."""
+        if not kwargs.get("do_sample"):
+            return ()
+        if not self.runner.samples:
+            log.warning("sampling was asked for; this backend decodes greedily")
+            return ()
+        settings = {name: kwargs[name] for name in SAMPLING_SETTINGS if kwargs.get(name) is not None}
+        settings.setdefault("seed", self.seed)
+        return tuple(sorted(settings.items()))
 
     def _count(self, kind: str, n: int) -> None:
         if self.stats.first_call is None:

@@ -30,7 +30,7 @@ COLLECTIVE_TIMEOUT = timedelta(minutes=30)
 IDLE_TIMEOUT = timedelta(days=7)  # ranks other than 0 wait this long for the next message
 
 
-def _exit_with_parent() -> None:
+def exit_with_parent() -> None:
     """A worker never outlives its driver, even one killed with SIGKILL."""
     parent = os.getppid()
 
@@ -86,7 +86,7 @@ class _Control:
 def serve(spec: GroupSpec, rank: int, store_port: int, conn: Connection | None) -> None:
     """A worker's life: join the group, load its part, then compute batches until told to stop."""
     torch.set_num_threads(spec.threads)
-    _exit_with_parent()
+    exit_with_parent()
     group = _join_group(spec, rank, store_port) if spec.world_size > 1 else None
     control = _Control(rank, spec.world_size, group, conn)
     started = time.perf_counter()
@@ -137,6 +137,11 @@ def main() -> None:
     spec = GroupSpec.from_json(os.environ["EVALFLEET_WORKER_SPEC"])
     rank = int(os.environ["EVALFLEET_WORKER_RANK"])
     fd = os.environ.get("EVALFLEET_DRIVER_FD")
+    if spec.backend == "vllm":  # one process per replica: vLLM starts and talks to its own ranks
+        from evalfleet.runtime.vllm_worker import serve as serve_vllm
+
+        serve_vllm(spec, Connection(int(fd)))
+        return
     serve(spec, rank, int(os.environ["EVALFLEET_STORE_PORT"]), Connection(int(fd)) if fd else None)
 
 

@@ -158,7 +158,9 @@ class WorkerGroup:
         if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
             signal.signal(signal.SIGTERM, _sigterm_to_exit)
         try:
-            for rank, device in enumerate(self.devices):
+            # A vLLM replica is one process over all its devices; vLLM starts its own ranks.
+            per_process = self.devices if self.spec.processes == len(self.devices) else [",".join(self.devices)]
+            for rank, device in enumerate(per_process):
                 env = self._environment(rank, device, worker_end.fileno() if rank == 0 else None)
                 with open(self._log_dir / f"rank{rank}.log", "wb") as log:
                     self.processes.append(
@@ -187,6 +189,7 @@ class WorkerGroup:
                 "EVALFLEET_WORKER_SPEC": self.spec.to_json(),
                 "EVALFLEET_WORKER_RANK": str(rank),
                 "EVALFLEET_STORE_PORT": str(self._store.port),
+                "EVALFLEET_REPLICA": self.name.rsplit("-", 1)[-1],
                 "RANK": str(rank),
                 "LOCAL_RANK": "0",
                 "WORLD_SIZE": str(self.spec.world_size),
@@ -199,11 +202,11 @@ class WorkerGroup:
         # One GPU per rank, which the rank sees as cuda:0; a CPU rank sees none. "cuda:N" counts
         # among the GPUs this driver may use (its own CUDA_VISIBLE_DEVICES), in PCI order as NVML does.
         if device.startswith("cuda:"):
-            index = int(device.split(":", 1)[1])
+            indices = [int(name.split(":", 1)[1]) for name in device.split(",")]
             visible = [v.strip() for v in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if v.strip()]
-            env["CUDA_VISIBLE_DEVICES"] = visible[index] if visible else str(index)
+            env["CUDA_VISIBLE_DEVICES"] = ",".join(visible[i] if visible else str(i) for i in indices)
             env.setdefault("CUDA_DEVICE_ORDER", "PCI_BUS_ID")
-        elif device == "cpu":
+        elif device.startswith("cpu"):
             env["CUDA_VISIBLE_DEVICES"] = ""
         if conn_fd is not None:
             env["EVALFLEET_DRIVER_FD"] = str(conn_fd)

@@ -44,6 +44,8 @@ COMMUNICATION_SAMPLE_EVERY = 20
 
 # (batch wall seconds, pipeline stage of the rank, seconds the rank was busy): the monitor's record_step.
 StepCallback = Callable[[float, int, float], None]
+# (replica name, vLLM's engine stats after a batch): the monitor's record_engine_stats.
+EngineStatsCallback = Callable[[str, dict[str, float]], None]
 
 
 @dataclass
@@ -83,8 +85,10 @@ class WorkerGroupRunner(BatchRunner):
         placement: list[list[Any]] | None = None,
         env: dict[str, str] | None = None,
         time_every: int = COMMUNICATION_SAMPLE_EVERY,
+        on_engine_stats: EngineStatsCallback | None = None,
     ) -> None:
         self.spec = spec
+        self.on_engine_stats = on_engine_stats
         self.replicas = [_Replica(i, list(devices)) for i, devices in enumerate(replicas)]
         self.max_restarts = max_restarts
         self.batch_timeout = batch_timeout
@@ -149,6 +153,10 @@ class WorkerGroupRunner(BatchRunner):
     @property
     def shares_prefixes(self) -> bool:
         return self.spec.share_prefixes
+
+    @property
+    def samples(self) -> bool:
+        return self.spec.backend == "vllm"
 
     def worker_pids(self) -> list[list[int]]:
         return [replica.group.pids if replica.group else [] for replica in self.replicas]
@@ -266,9 +274,14 @@ class WorkerGroupRunner(BatchRunner):
 
     def _record(self, replica: _Replica, reports: list[dict[str, Any]], seconds: float) -> None:
         """Keep a batch's traffic; the monitor hears of sampled (timed) batches only, so its
-        communication share compares like with like."""
+        communication share compares like with like. vLLM's engine stats are totals so far, kept
+        from every batch."""
         with self._lock:
             self.communication.add_batch(reports)
+            if self.on_engine_stats is not None:
+                for report in reports:
+                    if "engine" in report:
+                        self.on_engine_stats(replica.name, report["engine"])
             if not any(report.get("timed") for report in reports):
                 return
             for rank, report in enumerate(reports):
@@ -308,6 +321,7 @@ class WorkerGroupRunner(BatchRunner):
             "oom_restarts": sum(replica.oom_restarts for replica in self.replicas),
             "token_budgets": [replica.token_budget for replica in self.replicas],
             "communication": self.communication.as_dict(),
+            **{key: self._info[key] for key in ("backend_version", "vllm") if key in self._info},
         }
 
     def close(self, grace: float = 5.0) -> None:
@@ -330,7 +344,7 @@ def describe_layout(spec: GroupSpec, dp: int, ranks: Sequence[dict[str, Any]], l
         "dp": dp,
         "devices": devices,
         "placement": placement,
-        "backend": "hf",
+        "backend": spec.backend,
         "dtype": spec.dtype,
         "parallel_path": spec.path,
         "threads_per_rank": spec.threads,

@@ -48,6 +48,11 @@ def _hints(request: EvaluationRequest) -> dict[str, Any]:
     return {"strategy": request.strategy, "tp": request.tp, "pp": request.pp, "dp": request.dp}
 
 
+def _backend(request: EvaluationRequest) -> str:
+    """The request's backend once `evaluate_request` resolved `auto`; transformers when called directly."""
+    return "hf" if request.backend == "auto" else request.backend
+
+
 class _Loaded:
     """A model's worker groups, in use by `users` requests at the moment."""
 
@@ -79,6 +84,7 @@ class DistributedEvaluationEngine(EvaluationEngine):
             batch_timeout=batch_timeout,
             on_communication=self._on_communication,
             on_step=self._on_step,
+            on_engine_stats=self._on_engine_stats,
         )
         self.memory_budget_bytes = memory_budget_bytes
         self.env = dict(env or {})
@@ -93,10 +99,23 @@ class DistributedEvaluationEngine(EvaluationEngine):
         if self.monitor is not None:
             self.monitor.record_step(seconds, stage=stage, busy_seconds=busy_seconds)
 
+    def _on_engine_stats(self, replica: str, stats: dict[str, float]) -> None:
+        if self.monitor is not None:
+            self.monitor.record_engine_stats(replica, stats)
+
     def layout_for(self, request: EvaluationRequest) -> WorkerLayout:
-        return self.loader.determine_optimal_distribution_strategy(
-            request.model, max_gpus=request.gpus or None, **_hints(request)
+        """The layout to run, refused in one sentence when the backend cannot run it (the planner's declaration)."""
+        from evalfleet.planning import backends, profile_model
+
+        backend = _backend(request)
+        layout = self.loader.determine_optimal_distribution_strategy(
+            request.model, max_gpus=request.gpus or None, backend=backend, **_hints(request)
         )
+        profile = profile_model(request.model.path)
+        problem = backends.layout_problem(backend, profile.family, profile.architecture, layout.tp, layout.pp)
+        if problem:
+            raise EvalfleetError(f"cannot run tp={layout.tp}, pp={layout.pp}: {problem}")
+        return layout
 
     def can_handle_request(self, request: EvaluationRequest) -> bool:
         """Whether a layout of this model fits here (the planner's answer on GPUs)."""
@@ -112,6 +131,7 @@ class DistributedEvaluationEngine(EvaluationEngine):
         import torch
 
         from evalfleet.engines.capacity import device_memory_gb
+        from evalfleet.planning import backends
 
         inventory = self.loader.inventory
         gpus = inventory.num_gpus
@@ -126,7 +146,7 @@ class DistributedEvaluationEngine(EvaluationEngine):
             name=self.name,
             strategies=[s.value for s in _SPLIT] + [DistributionStrategy.AUTO.value],
             devices=devices,
-            backends=["hf"],
+            backends=[name for name in backends.BACKENDS if backends.installed(name)],
             max_model_gb=round(memory, 2),
             gpus=gpus,
             nodes=len(inventory.nodes),
@@ -141,11 +161,13 @@ class DistributedEvaluationEngine(EvaluationEngine):
             },
         )
 
-    def _key(self, model: ModelConfig, layout: WorkerLayout) -> tuple[Any, ...]:
-        return (model.path, model.revision, model.dtype, resolve_device(model.device), model.max_length, layout)
+    def _key(self, model: ModelConfig, layout: WorkerLayout, backend: str = "hf") -> tuple[Any, ...]:
+        return (model.path, model.revision, model.dtype, resolve_device(model.device), model.max_length, layout, backend)
 
-    def _acquire(self, model: ModelConfig, layout: WorkerLayout, pinned: bool) -> _Loaded:
-        key = self._key(model, layout)
+    def _acquire(
+        self, model: ModelConfig, layout: WorkerLayout, pinned: bool, backend: str = "hf", seed: int = 0
+    ) -> _Loaded:
+        key = self._key(model, layout, backend)
         with self._lock:
             loaded = self._loaded.get(key)
             if loaded is not None:
@@ -153,7 +175,9 @@ class DistributedEvaluationEngine(EvaluationEngine):
                 loaded.pinned |= pinned
                 loaded.users += 1
                 return loaded
-        info = self.loader.load_model_distributed(model, layout, share_prefixes=True, env=self.env)
+        info = self.loader.load_model_distributed(
+            model, layout, share_prefixes=True, env=self.env, backend=backend, seed=seed
+        )
         loaded = _Loaded(info, pinned)
         loaded.tokenizer = load_tokenizer(info.model_path, model.revision, model.trust_remote_code)
         loaded.users = 1
@@ -162,8 +186,8 @@ class DistributedEvaluationEngine(EvaluationEngine):
             self._evict_beyond_budget()
         return loaded
 
-    def _release(self, model: ModelConfig, layout: WorkerLayout) -> None:
-        key = self._key(model, layout)
+    def _release(self, model: ModelConfig, layout: WorkerLayout, backend: str = "hf") -> None:
+        key = self._key(model, layout, backend)
         with self._lock:
             loaded = self._loaded.get(key)
             if loaded is None:
@@ -226,10 +250,11 @@ class DistributedEvaluationEngine(EvaluationEngine):
 
     def evaluate_sync(self, request: EvaluationRequest, cancel: _Cancel | None = None) -> EvaluationResult:
         layout = self.layout_for(request)
-        loaded = self._acquire(request.model, layout, pinned=False)
+        backend = _backend(request)
+        loaded = self._acquire(request.model, layout, pinned=False, backend=backend, seed=request.seed)
         info = loaded.info
         if cancel is not None and not cancel.watch(info.runner):
-            self._release(request.model, layout)
+            self._release(request.model, layout, backend)
             raise EvalfleetError("the evaluation was cancelled")
         if self.monitor is not None:
             for pid in (pid for group in info.runner.worker_pids() for pid in group):
@@ -245,6 +270,7 @@ class DistributedEvaluationEngine(EvaluationEngine):
                 model_gb=round(sum(info.parameter_bytes_per_rank) / 2**30, 6),
                 progress=self.progress,
                 monitor=self.monitor,
+                backend=backend,
                 extra={
                     "distributed": {
                         "reason": layout.reason,
@@ -254,7 +280,7 @@ class DistributedEvaluationEngine(EvaluationEngine):
                 },
             )
         finally:
-            self._release(request.model, layout)
+            self._release(request.model, layout, backend)
 
     async def evaluate(self, request: EvaluationRequest) -> EvaluationResult:
         cancel = _Cancel()

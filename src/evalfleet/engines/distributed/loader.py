@@ -15,11 +15,12 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from evalfleet.engines.distributed.vllm_layout import gpu_memory_utilization, vllm_spec_fields
 from evalfleet.planning.strategy import ParallelLayout
 from evalfleet.runtime.backends.hf import resolve_device, resolve_dtype
 from evalfleet.runtime.group import GroupSpec
 from evalfleet.runtime.transport import CommunicationCallback
-from evalfleet.runtime.workers import LoadOutOfMemory, StepCallback, WorkerGroupRunner
+from evalfleet.runtime.workers import EngineStatsCallback, LoadOutOfMemory, StepCallback, WorkerGroupRunner
 from evalfleet.types import DistributionStrategy, EvalfleetError, ModelConfig, ResourceError, resolve_model_path
 
 # Degrees a forced strategy gets on the CPU when the request names none.
@@ -37,6 +38,9 @@ class WorkerLayout:
     placement: tuple[tuple[int, int], ...] = ()
     threads: int = 1
     reason: str = ""
+    # For vLLM, from the planner's memory model: its share of each GPU, and the longest sequence.
+    gpu_memory_utilization: float | None = None
+    max_model_len: int | None = None
 
     @property
     def strategy(self) -> DistributionStrategy:
@@ -132,7 +136,7 @@ def cpu_layout(strategy: DistributionStrategy, tp: int | None, pp: int | None, d
     return WorkerLayout(tp, pp, dp, devices, threads=max(1, cores // ranks), reason=reason)
 
 
-def gpu_layout(plan: Any) -> WorkerLayout:
+def gpu_layout(plan: Any, inventory: Any = None) -> WorkerLayout:
     """A planner `Plan` as worker devices; worker groups run on this node only."""
     if not plan.fits:
         raise EvalfleetError(f"no layout fits: {plan.reason}")
@@ -146,7 +150,17 @@ def gpu_layout(plan: Any) -> WorkerLayout:
     devices = [f"cuda:{gpu}" for _, gpu in plan.placement]
     size = layout.tp * layout.pp
     replicas = tuple(tuple(devices[r * size : (r + 1) * size]) for r in range(layout.dp))
-    return WorkerLayout(layout.tp, layout.pp, layout.dp, replicas, tuple(plan.placement), 1, plan.reason)
+    return WorkerLayout(
+        layout.tp,
+        layout.pp,
+        layout.dp,
+        replicas,
+        tuple(plan.placement),
+        1,
+        plan.reason,
+        gpu_memory_utilization(plan, inventory) if inventory is not None else None,
+        getattr(plan, "max_length", 0) or None,
+    )
 
 
 def visible_inventory() -> Any:
@@ -187,8 +201,10 @@ class MultiGPUModelLoader:
         batch_timeout: float = 900.0,
         on_communication: CommunicationCallback | None = None,
         on_step: StepCallback | None = None,
+        on_engine_stats: EngineStatsCallback | None = None,
     ) -> None:
         self._inventory = inventory
+        self.on_engine_stats = on_engine_stats
         self.max_restarts = max_restarts
         self.batch_timeout = batch_timeout
         self.on_communication = on_communication
@@ -224,12 +240,15 @@ class MultiGPUModelLoader:
         dp: int | None = None,
         max_gpus: int | None = None,
         busy: Any = (),
+        backend: str = "hf",
     ) -> Any:
-        """The planner's answer for this model on this machine's GPUs."""
+        """The planner's answer for this model on this machine's GPUs, for layouts `backend` runs."""
         from evalfleet.planning import plan, profile_model
 
         profile = profile_model(model_config.path)
         dtype = resolve_dtype(model_config.dtype, "cuda")
+        # vLLM sizes its engine for the model's whole context unless told otherwise, as lm-eval does.
+        length = model_config.max_length or (profile.max_positions if backend == "vllm" else None) or 2048
         return plan(
             profile,
             self.inventory,
@@ -240,7 +259,8 @@ class MultiGPUModelLoader:
             dp=dp,
             max_gpus=max_gpus,
             busy=busy,
-            max_length=model_config.max_length or 2048,
+            max_length=length,
+            backend=backend,
         )
 
     def determine_optimal_distribution_strategy(
@@ -252,13 +272,16 @@ class MultiGPUModelLoader:
         pp: int | None = None,
         dp: int | None = None,
         max_gpus: int | None = None,
+        backend: str = "hf",
     ) -> WorkerLayout:
         """The layout to run: the planner's on GPUs, the hints made concrete on the CPU."""
         strategy = DistributionStrategy(strategy)
         if resolve_device(model_config.device).startswith("cuda"):
-            return gpu_layout(self.plan(model_config, strategy=strategy, tp=tp, pp=pp, dp=dp, max_gpus=max_gpus))
+            found = self.plan(model_config, strategy=strategy, tp=tp, pp=pp, dp=dp, max_gpus=max_gpus, backend=backend)
+            return gpu_layout(found, self.inventory)
         if strategy is DistributionStrategy.AUTO and tp is None and pp is None and dp is None:
-            dp = min(_cpu_cores(), self._replicas_in_ram(model_config))
+            # One vLLM engine already uses every core; transformers runs fastest as a replica per core.
+            dp = 1 if backend == "vllm" else min(_cpu_cores(), self._replicas_in_ram(model_config))
         return cpu_layout(strategy, tp, pp, dp)
 
     def _replicas_in_ram(self, model_config: ModelConfig) -> int:
@@ -283,6 +306,8 @@ class MultiGPUModelLoader:
         *,
         share_prefixes: bool = False,
         env: dict[str, str] | None = None,
+        backend: str = "hf",
+        seed: int = 0,
     ) -> DistributedModelInfo:
         """Start the worker groups of `layout` and load the model in them.
 
@@ -292,18 +317,21 @@ class MultiGPUModelLoader:
         dtype = self.optimize_memory_usage(model_config)
         device = resolve_device(model_config.device)
         while True:
-            spec = GroupSpec(
-                model_path=resolve_model_path(model_config.path),
-                dtype=dtype,
-                device="cuda" if device.startswith("cuda") else "cpu",
-                tp=layout.tp,
-                pp=layout.pp,
-                threads=layout.threads,
-                max_length=model_config.max_length,
-                revision=model_config.revision,
-                trust_remote_code=model_config.trust_remote_code,
-                share_prefixes=share_prefixes,
-            )
+            fields: dict[str, Any] = {
+                "model_path": resolve_model_path(model_config.path),
+                "dtype": dtype,
+                "device": "cuda" if device.startswith("cuda") else "cpu",
+                "tp": layout.tp,
+                "pp": layout.pp,
+                "threads": layout.threads,
+                "max_length": model_config.max_length,
+                "revision": model_config.revision,
+                "trust_remote_code": model_config.trust_remote_code,
+                "share_prefixes": share_prefixes and backend == "hf",
+            }
+            if backend == "vllm":
+                fields.update(vllm_spec_fields(model_config, layout, seed))
+            spec = GroupSpec(**fields)
             runner = WorkerGroupRunner(
                 spec,
                 [list(replica) for replica in layout.devices],
@@ -313,19 +341,20 @@ class MultiGPUModelLoader:
                 on_step=self.on_step,
                 placement=layout.placement_lists(),
                 env=env,
+                on_engine_stats=self.on_engine_stats,
             )
             began = time.perf_counter()
             try:
                 runner.start()
                 break
             except LoadOutOfMemory as error:
-                larger = next_larger_plan(self.plan(model_config), layout.world_size) if device != "cpu" else None
+                larger = next_larger_plan(self.plan(model_config, backend=backend), layout.world_size) if device != "cpu" else None
                 if larger is None:
                     raise ResourceError(
                         f"the model does not fit in memory with tp={layout.tp}, pp={layout.pp} "
                         f"({error}) and no larger layout is available"
                     ) from error
-                layout = gpu_layout(larger)
+                layout = gpu_layout(larger, self.inventory)
         ranks = runner.info["ranks"]
         return DistributedModelInfo(
             model_path=spec.model_path,

@@ -26,11 +26,16 @@ class LoglikelihoodItem:
 
 @dataclass(frozen=True)
 class GenerationItem:
-    """Greedy-generate after `context` until a stop string or `max_new_tokens`."""
+    """Generate after `context` until a stop string or `max_new_tokens`.
+
+    Greedy unless `sampling` holds lm-eval's sampling settings as sorted (name, value) pairs
+    (temperature, top_p, top_k, seed); only a backend that `samples` is given any.
+    """
 
     context: tuple[int, ...]
     until: tuple[str, ...]
     max_new_tokens: int
+    sampling: tuple[tuple[str, float | int], ...] = ()
 
     @property
     def length(self) -> int:
@@ -48,6 +53,7 @@ class Backend(ABC):
     """Computes batches on a model that is already loaded."""
 
     name: str = "backend"
+    samples: bool = False  # whether `generate` honours GenerationItem.sampling
 
     @property
     @abstractmethod
@@ -60,7 +66,7 @@ class Backend(ABC):
 
     @abstractmethod
     def generate(self, items: list[GenerationItem]) -> list[str]:
-        """The greedy continuation of each item, cut at its first stop string."""
+        """The continuation of each item (greedy unless it asks to sample), cut at its first stop string."""
 
     def describe(self) -> dict[str, Any]:
         return {"backend": self.name}

