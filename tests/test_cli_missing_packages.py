@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import sys
 
 from clitools import run_main
 
@@ -15,6 +16,7 @@ def _import(name: str):
 
 
 def test_a_missing_optional_package_names_its_extra(tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "ray", None)  # the import fails as where ray is not installed
     monkeypatch.setattr("evalfleet.orchestrator.pool_status.pool_status", _import("ray"))
     code, out, err = run_main(["pool", "--db", str(tmp_path / "jobs.db")], capsys, monkeypatch)
     assert code == 1 and out == ""

@@ -45,6 +45,6 @@ def test_preemption_suggestion_names_real_vllm_settings(make_monitor):
     monitor.record_engine_stats("replica-0", stats(100, 30))
     monitor.set_layout(tp=2)
     (suggestion,) = [s for s in monitor.generate_optimization_suggestions() if s.finding == "kv_cache_preemption"]
-    assert suggestion.change == {"max_num_seqs": 128, "tp": 4}
+    assert suggestion.change == {"tp": 4} and suggestion.settings == ["--tp"]
     assert "max_num_seqs" in suggestion.action and "EVALFLEET_VLLM_ENGINE_ARGS" in suggestion.action
     assert suggest(monitor.detect_bottlenecks(), RunLayout())[0].change["tp"] == 2

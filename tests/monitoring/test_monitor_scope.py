@@ -75,6 +75,13 @@ def test_every_suggestion_names_settings_that_evalfleet_run_has():
                     assert setting in options, f"{suggestion.finding} suggests {setting}, which `evalfleet run` lacks"
                 if suggestion.finding in ("communication_bound", "pipeline_bubble", "host_bound"):
                     assert suggestion.settings, f"{suggestion.finding} names no setting"
+    # vLLM's preemptions come from its engine statistics, not from the samples
+    from evalfleet.monitoring.engine_stats import preemption_findings
+
+    for layout in LAYOUTS:
+        for suggestion in suggest(preemption_findings(400, 1000, 0.99), layout):
+            seen.add(suggestion.finding)
+            assert suggestion.settings and set(suggestion.settings) <= options, suggestion.settings
     # every rule was walked, so a new rule with an invented setting is caught here too
     from evalfleet.monitoring.suggestions import _RULES
 

