@@ -51,7 +51,7 @@ demo: $(STAMP)
 	$(BIN)/evalfleet run --model demo --tasks demo_mc,demo_arith,demo_ppl --output runs/demo
 
 test: $(STAMP) $(COMPAT)/.installed $(VLLM_STAMP)
-	$(BIN)/python -m pytest -q --cov=evalfleet --cov-report=term --cov-fail-under=85 tests
+	$(BIN)/python -m pytest -q --durations=25 --cov=evalfleet --cov-report=term --cov-fail-under=85 tests
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/vs_lmeval.py
