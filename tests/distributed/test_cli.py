@@ -30,9 +30,9 @@ def tagged_workers(tag: str) -> list[int]:
     return found
 
 
-def _args(model, out) -> list[str]:
+def _args(model, out, tasks: str = "demo_mc", limit: int = 4) -> list[str]:
     return [
-        "run", "--model", str(model), "--tasks", "demo_mc", "--limit", "4", "--engine", "distributed",
+        "run", "--model", str(model), "--tasks", tasks, "--limit", str(limit), "--engine", "distributed",
         "--strategy", "dp", "--dp", "2", "--device", "cpu", "--dtype", "float32", "--no-cache", "--output", str(out),
     ]
 
@@ -52,7 +52,8 @@ def test_run_records_the_layout_and_leaves_no_worker_behind(llama, tmp_path):
 def test_ctrl_c_stops_the_run_and_its_workers(llama, tmp_path):
     tag = uuid.uuid4().hex
     command = subprocess.Popen(
-        [*evalfleet_command(), *_args(llama, tmp_path)],
+        # enough work (200 generations among them) that the run is still computing when Ctrl-C comes
+        [*evalfleet_command(), *_args(llama, tmp_path, "demo_mc,demo_arith,demo_ppl", 200)],
         env={**os.environ, "EVALFLEET_RUN_TAG": tag, "PYTHONUNBUFFERED": "1"},
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
@@ -68,7 +69,8 @@ def test_ctrl_c_stops_the_run_and_its_workers(llama, tmp_path):
     finally:
         if command.poll() is None:
             command.kill()
-    assert command.returncode != 0
+    assert command.returncode != 0, "the run ended before Ctrl-C reached it"
+    assert not (tmp_path / "results.json").exists()
     deadline = time.monotonic() + 10
     while tagged_workers(tag) and time.monotonic() < deadline:
         time.sleep(0.2)
