@@ -7,8 +7,10 @@ Cases (tasks from benchmarks/shapes.py; generated data, random-weight Llamas wit
 
 Each side runs end to end in this process: the model load, lm-eval's task and request building,
 compute, scoring (imports are shared, so they are left out; `evalfleet --help` and `plan` start-up
-are measured as subprocesses). Float32 on the CPU, evalfleet's request cache off, lm-eval at batch
-size 16 (its `auto` only probes a GPU). Each side's wall time is split into start-up, request
+are measured as subprocesses). Float32 on the CPU, evalfleet's result cache off, lm-eval at batch
+size 16 (its `auto` only probes a GPU). Both sides keep their built requests (evalfleet's
+default, lm-eval's `cache_requests=True`): `speedup` compares each side's best round (later rounds
+reuse the requests on both sides), `speedup_first_round` the first, where both build them. Each side's wall time is split into start-up, request
 building, compute and scoring, and the compute part's model-FLOPs utilization is given against
 the machine's measured matmul peak. Writes benchmarks/results/vs_lmeval.json.
 
@@ -80,15 +82,20 @@ def lm_eval_clock():
             setattr(HFLM, name, original)
 
 
-def run_lm_eval(model: Path, task: str, manager, batch_size: int, device: str, dtype: str) -> tuple[float, dict, dict]:
+def run_lm_eval(model: Path, task: str, manager, batch_size: int, device: str, dtype: str,
+                built: Path) -> tuple[float, dict, dict]:
+    """lm-eval with its own request cache (`cache_requests`) under `built`, as evalfleet keeps one:
+    the first round builds requests on both sides, later rounds reuse them on both sides."""
     from lm_eval import simple_evaluate
+    from lm_eval.caching import cache
     from lm_eval.models.huggingface import HFLM
 
+    cache.PATH = str(built)
     with lm_eval_clock() as clock:
         began = time.perf_counter()
         lm = HFLM(pretrained=str(model), dtype=dtype, batch_size=batch_size, device=device)
         started = time.perf_counter()
-        out = simple_evaluate(model=lm, tasks=[task], task_manager=manager, bootstrap_iters=0)
+        out = simple_evaluate(model=lm, tasks=[task], task_manager=manager, bootstrap_iters=0, cache_requests=True)
         finished = time.perf_counter()
     split = {
         "startup_seconds": started - began,
@@ -184,7 +191,8 @@ def main() -> None:
         manager = build_task_manager([task], str(work / "tasks"))
         runs: dict[str, list] = {"lm_eval": [], "evalfleet": []}
         for _ in range(args.rounds):
-            runs["lm_eval"].append(run_lm_eval(model, task, manager, args.lm_eval_batch_size, args.device, args.dtype))
+            runs["lm_eval"].append(run_lm_eval(model, task, manager, args.lm_eval_batch_size, args.device, args.dtype,
+                                               work / "lm-eval-requests"))
             runs["evalfleet"].append(run_evalfleet(model, task, work / "tasks", args.device, args.dtype))
             if args.backend == "vllm":
                 runs.setdefault("vllm", []).append(run_evalfleet_vllm(model, task, work / "tasks", args.dtype))
@@ -202,6 +210,8 @@ def main() -> None:
                 "all_walls": [round(r[0], 3) for r in rounds],
             }
         entry["speedup"] = round(entry["lm_eval"]["wall_seconds"] / entry["evalfleet"]["wall_seconds"], 3)
+        # the first round, where both sides build their requests (no request cache on either side yet)
+        entry["speedup_first_round"] = round(runs["lm_eval"][0][0] / runs["evalfleet"][0][0], 3)
         entry["same_metrics"] = all(metrics(runs["lm_eval"][0][1]) == metrics(r[1]) for r in runs["evalfleet"])
         if "vllm" in runs:
             entry["evalfleet_vllm"] = vllm_side(runs["vllm"], requests, tokens, entry, metrics(runs["lm_eval"][0][1]))

@@ -13,6 +13,7 @@ import uuid
 import psutil
 import pytest
 from clitools import evalfleet_command, run_subprocess
+from faultenv import fault_env
 
 pytestmark = pytest.mark.slow
 
@@ -52,9 +53,9 @@ def test_run_records_the_layout_and_leaves_no_worker_behind(llama, tmp_path):
 def test_ctrl_c_stops_the_run_and_its_workers(llama, tmp_path):
     tag = uuid.uuid4().hex
     command = subprocess.Popen(
-        # enough work (200 generations among them) that the run is still computing when Ctrl-C comes
-        [*evalfleet_command(), *_args(llama, tmp_path, "demo_mc,demo_arith,demo_ppl", 200)],
-        env={**os.environ, "EVALFLEET_RUN_TAG": tag, "PYTHONUNBUFFERED": "1"},
+        # small batches that each take a second longer, so the run is still computing when Ctrl-C comes
+        [*evalfleet_command(), *_args(llama, tmp_path, "demo_mc", 20), "--max-batch-tokens", "128"],
+        env={**os.environ, **fault_env("slow_batch:1"), "EVALFLEET_RUN_TAG": tag, "PYTHONUNBUFFERED": "1"},
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
     )
