@@ -58,6 +58,9 @@ def test_ctrl_c_stops_the_run_and_its_workers(llama, tmp_path):
         env={**os.environ, **fault_env("slow_batch:1"), "EVALFLEET_RUN_TAG": tag, "PYTHONUNBUFFERED": "1"},
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
+        # as at a terminal: a test run started in the background (`cmd &` in a script) ignores SIGINT,
+        # and that would pass on to the command
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     try:
         deadline = time.monotonic() + 120
