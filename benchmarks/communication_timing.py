@@ -29,7 +29,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT))
 
-from vs_lmeval import make_model  # noqa: E402
+from shapes import make_model  # noqa: E402
 
 from evalfleet.runtime.backends.base import LoglikelihoodItem  # noqa: E402
 from evalfleet.runtime.group import GroupSpec  # noqa: E402
@@ -60,7 +60,7 @@ def main() -> None:
 
     threads = max(1, len(os.sched_getaffinity(0)) // 2)
     with tempfile.TemporaryDirectory(prefix="evalfleet-bench-comm-") as tmp:
-        model = make_model(Path(tmp) / "model")
+        model = make_model(Path(tmp) / "model", "small")
         runners = {}
         for name, every in SETTINGS.items():
             spec = GroupSpec(str(model), dtype="float32", device="cpu", tp=2, threads=threads,
@@ -89,7 +89,7 @@ def main() -> None:
     default = f"1 in {COMMUNICATION_SAMPLE_EVERY} (default)"
     document = {
         "benchmark": f"communication timing on a tp=2 CPU group, {args.batches} batches of 8 log-likelihood rows",
-        "model": "random Llama, hidden 256, 4 layers (vs_lmeval.make_model)",
+        "model": "random Llama, hidden 256, 4 layers (shapes.make_model, shape 'small')",
         "machine": {"cpu_cores": len(os.sched_getaffinity(0)), "threads_per_rank": threads, "torch": torch.__version__},
         "seconds_per_batch": {name: round(seconds, 6) for name, seconds in best.items()},
         "overhead_vs_off": overhead,

@@ -1,6 +1,6 @@
 """The distributed engine on the CPU: one process with every core against tp=2, pp=2 and dp=2.
 
-Task: `bench_mc` from vs_lmeval.py, 500 documents x 4 choices = 2,000 log-likelihood requests,
+Task: `bench_mc` from shapes.py, 500 documents x 4 choices = 2,000 log-likelihood requests,
 on the same random Llama (hidden 256, 4 layers). The single process is the lightweight engine
 with torch using all cores (and, for scale, with one thread); worker ranks get cores // ranks
 threads each (one on 2 cores). Throughput counts the evaluation only (`timing.wall_seconds`:
@@ -29,7 +29,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT))
 
-from vs_lmeval import make_mc_task, make_model  # noqa: E402
+from shapes import make_model, make_tasks  # noqa: E402
 
 from evalfleet.types import DEMO_MODEL_DIR  # noqa: E402
 
@@ -100,8 +100,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="evalfleet-bench-dist-") as tmp:
         folder = Path(tmp)
         (folder / "tasks").mkdir()
-        make_mc_task(folder / "tasks", args.docs)
-        model = make_model(folder / "model") if args.model == "bench" else DEMO_MODEL_DIR
+        make_tasks(folder / "tasks", args.docs, compute_docs=1)  # bench_mc is the task used here
+        model = make_model(folder / "model", "small") if args.model == "bench" else DEMO_MODEL_DIR
         for round_ in range(args.rounds):
             for name in LAYOUTS:
                 figures = run_once(model, folder / "tasks", name, folder / f"out-{name}-{round_}")
