@@ -10,7 +10,7 @@ from evalfleet.planning import backends
 
 
 @pytest.fixture
-def fresh_table(monkeypatch):
+def fresh_table():
     backends._hf_table.cache_clear()
     yield
     backends._hf_table.cache_clear()

@@ -13,6 +13,7 @@ import functools
 import importlib.metadata
 import importlib.util
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -104,17 +105,19 @@ def _hf_table() -> dict[str, Any] | None:
 
 
 def _has_tp_plan(model_type: str) -> bool:
-    table = _hf_table()
-    if table is not None and model_type in table["families"]:
-        return model_type in table["tp_plan"]
-    return _live_has_tp_plan(model_type)
+    return _hf_capability("tp_plan", model_type, _live_has_tp_plan)
 
 
 def _llama_style(model_type: str) -> bool:
+    return _hf_capability("llama_style", model_type, _live_llama_style)
+
+
+def _hf_capability(kind: str, model_type: str, live: Callable[[str], bool]) -> bool:
+    """The shipped table's answer where it covers this transformers and family, transformers' own otherwise."""
     table = _hf_table()
     if table is not None and model_type in table["families"]:
-        return model_type in table["llama_style"]
-    return _live_llama_style(model_type)
+        return model_type in table[kind]
+    return live(model_type)
 
 
 def read_hf_table(families: tuple[str, ...] = TABLE_FAMILIES) -> dict[str, Any]:
