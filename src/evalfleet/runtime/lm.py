@@ -94,17 +94,56 @@ class EvalfleetLM(TemplateLM):
     def tok_encode(
         self, string: str, add_special_tokens: bool | None = None, left_truncate_len: int | None = None, **kwargs: Any
     ) -> list[int]:
-        special: dict[str, bool] = {}
-        if add_special_tokens is not None:
-            special["add_special_tokens"] = add_special_tokens
-        elif self.add_bos_token is not None:
-            special["add_special_tokens"] = self.add_bos_token
-        if add_special_tokens is None and has_bos_prefix(string, self.tokenizer.decode(self.prefix_token_id)):
-            special["add_special_tokens"] = False
-        encoding = self.tokenizer.encode(string, **special)
+        special = self._special_tokens(string, add_special_tokens, self.tokenizer.decode(self.prefix_token_id))
+        encoding = self.tokenizer.encode(string, add_special_tokens=special)
         if left_truncate_len:
             encoding = encoding[-left_truncate_len:]
         return encoding
+
+    def _special_tokens(self, string: str, add_special_tokens: bool | None, prefix_text: str) -> bool:
+        """Whether lm-eval's hf backend adds special tokens to `string`: as asked, else not when the
+        string already starts with the prefix (BOS) token, else as the model's setting (default yes)."""
+        if add_special_tokens is not None:
+            return add_special_tokens
+        if has_bos_prefix(string, prefix_text):
+            return False
+        return True if self.add_bos_token is None else self.add_bos_token
+
+    def _encode_many(self, strings: Sequence[str], add_special_tokens: bool | None = None) -> dict[str, list[int]]:
+        """`tok_encode` of every distinct string, in one batch call per special-token setting.
+
+        Multiple-choice tasks repeat each context once per choice, and a fast tokenizer encodes a
+        batch in parallel, so this costs a fraction of encoding the strings one by one.
+        """
+        prefix_text = self.tokenizer.decode(self.prefix_token_id)
+        by_setting: dict[bool, list[str]] = {}
+        for string in dict.fromkeys(strings):
+            by_setting.setdefault(self._special_tokens(string, add_special_tokens, prefix_text), []).append(string)
+        encoded: dict[str, list[int]] = {}
+        for special, group in by_setting.items():
+            encoded.update(zip(group, self.tokenizer(group, add_special_tokens=special)["input_ids"], strict=True))
+        return encoded
+
+    def loglikelihood(self, requests: Sequence[Any], disable_tqdm: bool = False) -> list[tuple[float, bool]]:
+        """lm-eval's `TemplateLM.loglikelihood`, token for token, with the strings encoded in batches."""
+        pairs: list[tuple[str, str]] = []
+        for context, continuation in (req.args for req in requests):
+            # as `_encode_pair`: trailing spaces of the context belong to the continuation
+            spaces = len(context) - len(context.rstrip())
+            pairs.append((context[:-spaces], context[-spaces:] + continuation) if spaces else (context, continuation))
+        encoded = self._encode_many([text for c, cont in pairs if c for text in (c + cont, c)])
+        alone = self._encode_many([cont for c, cont in pairs if not c], add_special_tokens=False)
+        tokenized = []
+        for (context, continuation), args in zip(pairs, (req.args for req in requests), strict=True):
+            if context:
+                context_enc = encoded[context]
+                continuation_enc = encoded[context + continuation][len(context_enc) :]
+            elif self.prefix_token_id != alone[continuation][0]:
+                context_enc, continuation_enc = [self.prefix_token_id], alone[continuation]
+            else:  # the continuation starts with the prefix token: it is the context
+                context_enc, continuation_enc = alone[continuation][:1], alone[continuation][1:]
+            tokenized.append((args, context_enc, continuation_enc))
+        return self._loglikelihood_tokens(tokenized, disable_tqdm=disable_tqdm)
 
     def _loglikelihood_item(self, context: list[int], continuation: list[int]) -> LoglikelihoodItem:
         # As lm-eval's hf backend: keep the last max_length + 1 tokens; the final one is only a target.
@@ -122,9 +161,11 @@ class EvalfleetLM(TemplateLM):
         self._count("loglikelihood_rolling", len(requests))
         items: list[LoglikelihoodItem] = []
         owners: list[int] = []
-        for owner, (text,) in enumerate(req.args for req in requests):
+        texts = [text for (text,) in (req.args for req in requests)]
+        encoded = self._encode_many(texts)
+        for owner, text in enumerate(texts):
             windows = get_rolling_token_windows(
-                token_list=self.tok_encode(text),
+                token_list=encoded[text],
                 prefix_token=self.prefix_token_id,
                 max_seq_len=self.max_length,
                 context_len=1,
@@ -141,11 +182,13 @@ class EvalfleetLM(TemplateLM):
         self._count("generate_until", len(requests))
         eos = self.tokenizer.decode(self.eot_token_id, skip_special_tokens=False)
         items = []
+        encoded = self._encode_many([context for context, _ in (req.args for req in requests)])
         for context, gen_kwargs in (req.args for req in requests):
             kwargs = normalize_gen_kwargs(dict(gen_kwargs), DEFAULT_MAX_GEN_TOKS)
             until = handle_stop_sequences(kwargs.pop("until", None), eos=eos)
             max_new = int(kwargs.pop("max_gen_toks"))
-            context_ids = self.tok_encode(context, left_truncate_len=self.max_length - max_new)
+            keep = self.max_length - max_new  # as lm-eval: the context's last tokens, room left to generate
+            context_ids = encoded[context][-keep:] if keep else encoded[context]
             items.append(GenerationItem(tuple(context_ids), tuple(until), max_new, self._sampling(kwargs)))
         return list(self._execute("generate_until", items))
 
