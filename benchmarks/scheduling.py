@@ -13,6 +13,12 @@ the planner's tokens/s estimate for that layout, plus a start-up cost (process a
 set-up, then weights read from storage, faster when the node already has them). The policy
 sees estimates; the true work differs by a seeded log-normal factor.
 
+Robustness: the same trace again with every estimate the policy sees off by 50%, all too low,
+all too high, and each job's too low or too high at random (seeded), while the true work stays
+the same; for each, evalfleet's policy (without and with preemption) is scored as above and
+against its own run on the unbiased estimates (makespan change, high-priority wait, and how
+many jobs start in a different order).
+
     python benchmarks/scheduling.py [--json] [--jobs 500] [--seed 0]
 
 Writes benchmarks/results/scheduling.json.
@@ -21,17 +27,20 @@ Writes benchmarks/results/scheduling.json.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import json
+import random
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from evalfleet.orchestrator import demand as runtime_model
 from evalfleet.orchestrator.baselines import fifo_fixed, fifo_whole_pool
 from evalfleet.orchestrator.policy import PolicyOptions, create_allocation_plan
 from evalfleet.orchestrator.simulator import SimulationReport, simulate
-from evalfleet.orchestrator.workload import synthetic_trace
+from evalfleet.orchestrator.workload import TraceJob, synthetic_trace
 from evalfleet.planning import Inventory
 
 RESULTS = Path(__file__).parent / "results" / "scheduling.json"
@@ -77,6 +86,67 @@ def run(jobs: int, seed: int, cluster: str, work_tokens: tuple[float, float], fi
     }
 
 
+MISESTIMATES: dict[str, Callable[[random.Random], float]] = {
+    "all_estimates_50pct_low": lambda rng: 0.5,
+    "all_estimates_50pct_high": lambda rng: 1.5,
+    "each_estimate_50pct_low_or_high": lambda rng: rng.choice((0.5, 1.5)),
+}
+
+
+def misestimated(trace: list[TraceJob], factor: Callable[[random.Random], float], seed: int) -> list[TraceJob]:
+    """The trace with each job's estimated work (what the policy sees) scaled; its true work kept."""
+    rng = random.Random(seed)
+    return [dataclasses.replace(job, demand=job.demand.with_work(job.demand.work_tokens * factor(rng))) for job in trace]
+
+
+def start_order(trace: list[TraceJob], inventory: Inventory, policy) -> list[str]:
+    """Job ids in the order the policy first started them."""
+    started: dict[str, None] = {}
+
+    def watching(*args, **kwargs):
+        decision = policy(*args, **kwargs)
+        for start in decision.starts:
+            started.setdefault(start.job_id, None)
+        return decision
+
+    simulate(trace, inventory, watching)
+    return list(started)
+
+
+def robustness(jobs: int, seed: int, cluster: str, work_tokens: tuple[float, float]) -> dict:
+    """How the policy's outcome and decisions move when every estimate it sees is off by 50%."""
+    inventory = Inventory.from_spec(cluster)
+    trace = synthetic_trace(inventory, jobs=jobs, seed=seed, arrival_window_s=3600.0, work_tokens=work_tokens)
+    policies = {name: p for name, p in _policies(8).items() if name.startswith("evalfleet")}
+    document: dict = {}
+    for name, policy in policies.items():
+        accurate = simulate(trace, inventory, policy)
+        order = start_order(trace, inventory, policy)
+        rows = {}
+        for case, factor in MISESTIMATES.items():
+            biased = misestimated(trace, factor, seed)
+            report = simulate(biased, inventory, policy)
+            moved = start_order(biased, inventory, policy)
+            rank = {job: i for i, job in enumerate(order)}
+            rows[case] = {
+                "makespan_over_lower_bound": round(report.makespan_over_lower_bound, 4),
+                "makespan_change": round(report.makespan_s / accurate.makespan_s - 1, 4),
+                "high_p95_wait_s": round(report.per_priority["high"].p95_wait_s, 1),
+                "high_over_low_p95_wait": round(
+                    report.per_priority["high"].p95_wait_s / report.per_priority["low"].p95_wait_s, 4),
+                "preemptions": report.preemptions,
+                "jobs_started_in_another_place": sum(rank[job] != i for i, job in enumerate(moved)),
+                "mean_start_rank_shift": round(sum(abs(rank[job] - i) for i, job in enumerate(moved)) / len(moved), 2),
+            }
+        document[name] = {
+            "accurate": {"makespan_over_lower_bound": round(accurate.makespan_over_lower_bound, 4),
+                         "high_p95_wait_s": round(accurate.per_priority["high"].p95_wait_s, 1),
+                         "preemptions": accurate.preemptions},
+            **rows,
+        }
+    return document
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", action="store_true", help="print the JSON document instead of a table")
@@ -112,6 +182,7 @@ def main(argv: list[str] | None = None) -> int:
         "policies": main_run["policies"],
         "sensitivity_larger_tasks": {"work_tokens": [3e6, 3e8],
                                      **{k: v for k, v in larger.items() if k != "policies"}},
+        "robustness_to_estimates_off_by_50pct": robustness(args.jobs, args.seed, args.cluster, (1e6, 1e8)),
     }
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps(document, indent=2) + "\n")
@@ -127,6 +198,9 @@ def main(argv: list[str] | None = None) -> int:
     for key in ("speedup_vs_fifo_whole_pool", "speedup_vs_fifo_fixed", "high_over_low_p95_wait"):
         print(f"{key}: {document[key]}")
     print(f"larger tasks: {document['sensitivity_larger_tasks']}")
+    for name, rows in document["robustness_to_estimates_off_by_50pct"].items():
+        for case, row in rows.items():
+            print(f"{name} {case}: {row}")
     print(f"wrote {args.output}")
     return 0
 
