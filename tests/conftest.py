@@ -19,9 +19,18 @@ def tiny_model(tmp_path_factory) -> Path:
     return build_tiny_model(tmp_path_factory.mktemp("models") / "tiny-neox")
 
 
+@pytest.fixture(scope="session")
+def shared_job_sizes(tmp_path_factory) -> Path:
+    """Job sizes counted at submit, shared by the whole session (as on a user's machine, where
+    the same tasks for the same tokenizer are counted once); tests of the counting itself use
+    a folder of their own."""
+    return tmp_path_factory.mktemp("job-sizes")
+
+
 @pytest.fixture(autouse=True)
-def isolated_cache(tmp_path, monkeypatch):
+def isolated_cache(tmp_path, monkeypatch, shared_job_sizes):
     """Each test gets its own request cache and job store unless it says otherwise."""
     monkeypatch.setenv("EVALFLEET_CACHE", str(tmp_path / "cache.sqlite"))
     monkeypatch.setenv("EVALFLEET_DB", str(tmp_path / "jobs.sqlite"))
+    monkeypatch.setenv("EVALFLEET_SIZES", str(shared_job_sizes))
     return tmp_path / "cache.sqlite"

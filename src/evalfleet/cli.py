@@ -237,9 +237,11 @@ def submit(
 ) -> None:
     """Queue an evaluation and print its job id; refuse one that can never fit the pool.
 
+    The job's size (requests by type, tokens) is counted from its tasks and the model's
+    tokenizer, without running the model, and kept for the next submit of the same tasks.
     Results go to <store folder>/results/<job id>/results.json.
     """
-    from evalfleet.orchestrator.console import submit_job
+    from evalfleet.orchestrator.console import submit_job, submitted_size
 
     request = build_request(
         model={"path": model, "dtype": dtype},
@@ -248,7 +250,9 @@ def submit(
         batch_size=batch_size, max_batch_tokens=max_batch_tokens, log_samples=log_samples,
         use_cache=not no_cache, cache_path=cache_path,
     )
-    typer.echo(submit_job(request, db, pool))
+    job_id = submit_job(request, db, pool)
+    typer.echo(job_id)
+    typer.echo(f"size: {submitted_size(job_id, db)}", err=True)
 
 
 @app.command()

@@ -32,6 +32,19 @@ def wait_for(condition: Callable[[], object], timeout: float, what: str, interva
     raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
 
 
+def count_ahead(scratch: Path, *submits: tuple[str, ...]) -> None:
+    """Submit each of `submits` once, in this process, to a scratch store, so their job sizes are
+    counted and kept: the fleet's own submits of the same jobs then return at once (as a second
+    submit of the same tasks does), and a test's timing does not hinge on the first count."""
+    from typer.testing import CliRunner
+
+    from evalfleet.cli import app
+
+    for args in submits:
+        done = CliRunner().invoke(app, ["submit", *args, "--db", str(scratch / "count-ahead.db")])
+        assert done.exit_code == 0, (args, done.output)
+
+
 def gone(pid: int) -> bool:
     try:
         return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE

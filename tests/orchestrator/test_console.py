@@ -47,11 +47,14 @@ def test_submit_prints_only_the_job_id_and_stores_a_runnable_request(cli, tmp_pa
     monkeypatch.chdir(tmp_path)
     code, out, err = cli("submit", "--model", "demo", "--tasks", "demo_mc,demo_ppl", "--include-path", "my_tasks",
                          "--priority", "high", "--log-samples", "--batch-size", "4")
-    assert code == 0 and err == ""
     job_id = out.strip()
-    assert out == job_id + "\n" and len(job_id) == 12
+    assert code == 0 and out == job_id + "\n" and len(job_id) == 12
+    # stderr says the job's size in one line: the demo tasks' 300 x 4 choices and 80 texts, counted
+    assert err.startswith("size: 1,280 requests (loglikelihood 1,200, loglikelihood_rolling 80), ") and err.count("\n") == 1
+    assert err.endswith(" counted\n")
     with JobStore(cli.db) as store:
         record = store.get(job_id)
+    assert record.size["source"] == "counted" and record.size["requests"] == 1280
     assert record.state is JobState.QUEUED and record.priority == "high" and record.max_attempts == 5
     assert record.request["tasks"]["include_path"] == str(tasks.resolve())
     assert record.request["tasks"]["names"] == ["demo_mc", "demo_ppl"] and record.request["log_samples"]

@@ -14,7 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-from fleet import Fleet, fleet_in, gone, wait_for
+from fleet import Fleet, count_ahead, fleet_in, gone, wait_for
 from samples import compare_samples, load_samples, metric_differences
 
 from evalfleet.orchestrator import JobState
@@ -42,10 +42,12 @@ def test_priorities_kill_resume_and_cancel_on_two_slots(fleet, tiny_model, tmp_p
     assert "can never run on this pool (2 CPU slots)" in refused.stderr
 
     # Two long jobs fill both slots; then a low and a high one queue, the low one first.
-    long = fleet.submit("--model", "demo", "--tasks", LONG_TASKS, "--batch-size", "1", "--log-samples")
-    doomed = fleet.submit("--model", str(tiny_model), "--tasks", LONG_TASKS, "--batch-size", "1")
-    low = fleet.submit("--model", str(tiny_model), "--tasks", "demo_arith", "--limit", "3", "--priority", "low")
-    high = fleet.submit("--model", str(tiny_model), "--tasks", "demo_arith", "--limit", "3", "--priority", "high")
+    submits = [("--model", "demo", "--tasks", LONG_TASKS, "--batch-size", "1", "--log-samples"),
+               ("--model", str(tiny_model), "--tasks", LONG_TASKS, "--batch-size", "1"),
+               ("--model", str(tiny_model), "--tasks", "demo_arith", "--limit", "3", "--priority", "low"),
+               ("--model", str(tiny_model), "--tasks", "demo_arith", "--limit", "3", "--priority", "high")]
+    count_ahead(tmp_path, *submits)  # the doomed job must still run when the last one is queued
+    long, doomed, low, high = (fleet.submit(*args) for args in submits)
 
     # Once both run: cancel one (its worker stops, its slot goes to a queued job) while the
     # other's worker is SIGKILLed as soon as some of its requests are in the cache.
@@ -91,6 +93,9 @@ def test_priorities_kill_resume_and_cancel_on_two_slots(fleet, tiny_model, tmp_p
     document = json.loads(result_path.read_text())
     assert document["evalfleet"]["cache"]["hits"] > 0 and document["evalfleet"]["cache"]["computed"] > 0
     assert "monitoring" in document["evalfleet"]
+    # Its size, counted at submit from its tasks and tokenizer, is what the run went through.
+    assert status["size"]["source"] == "counted"
+    assert status["size"]["requests_by_type"] == document["evalfleet"]["timing"]["requests_by_type"]
 
     from evalfleet.engines.run import evaluate_request
 
@@ -117,12 +122,12 @@ def test_sigterm_requeues_running_work_and_a_new_scheduler_resumes_it(fleet):
     assert record.state is JobState.QUEUED and record.attempts == 0 and record.pid is None
     assert "scheduler stopped" in fleet.log.read_text()
 
-    # A request the worker cannot run fails at once, without retries.
-    wrong = fleet.submit("--model", "demo", "--tasks", "no_such_task")
+    # A wrong request is refused at submit, where its tasks are counted: nothing is queued.
+    # (A request a worker finds wrong fails at once, without retries: test_local_executor.py.)
+    wrong = fleet.cli("submit", "--model", "demo", "--tasks", "no_such_task", expect=2)
+    assert wrong.stdout == "" and "unknown task 'no_such_task'" in wrong.stderr
+    assert len(json.loads(fleet.cli("status", "--json").stdout)) == 1
     fleet.start("--slots", "2", "--interval", "0.2")
-    failed = fleet.wait_state(wrong, JobState.FAILED, timeout=90)
-    assert failed.attempts == 1 and "no_such_task" in failed.error
-    assert "the request itself is wrong" in fleet.events(wrong)[-1].reason  # an unknown task: no retry
     finished = fleet.wait_state(job, JobState.SUCCEEDED, timeout=90)
     document = json.loads(Path(finished.result_path).read_text())
     assert document["evalfleet"]["cache"]["hits"] > 0

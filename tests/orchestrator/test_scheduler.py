@@ -132,7 +132,7 @@ def test_a_gpu_on_which_jobs_of_several_models_crash_is_quarantined(tmp_path):
     again = orchestrator.submit_evaluation_request(_request("fail"))
     _run_until(orchestrator, lambda: _state(orchestrator, again) is JobState.FAILED)
     assert orchestrator.store.quarantined() == {}  # one model failing twice says nothing about the GPU
-    second = orchestrator.submit_evaluation_request(_request("fail", model="demo"))
+    second = orchestrator.submit_evaluation_request(_request("fail", model="mistralai/Mistral-7B-v0.1"))
     _run_until(orchestrator, lambda: _state(orchestrator, second) is JobState.FAILED)
     assert _state(orchestrator, first) is JobState.FAILED
     reason = orchestrator.store.quarantined()[(0, 0)]

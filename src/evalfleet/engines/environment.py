@@ -53,3 +53,17 @@ def gathered_environment() -> Iterator[None]:
         yield
     finally:
         evaluator.add_env_info, evaluator.get_git_commit_hash = saved
+
+
+@contextlib.contextmanager
+def no_environment() -> Iterator[None]:
+    """Within the block, `simple_evaluate` reports no environment (for a count that writes no results)."""
+    from lm_eval import evaluator
+
+    saved = evaluator.add_env_info, evaluator.get_git_commit_hash
+    evaluator.add_env_info = lambda storage: None
+    evaluator.get_git_commit_hash = lambda: None
+    try:
+        yield
+    finally:
+        evaluator.add_env_info, evaluator.get_git_commit_hash = saved

@@ -61,6 +61,38 @@ def load_dtype_and_device(request: EvaluationRequest) -> tuple[str, str]:
     return resolve_dtype(request.model.dtype, device), device
 
 
+def evaluate_tasks(request: EvaluationRequest, lm: Any, manager: Any, *, log_samples: bool) -> dict[str, Any]:
+    """lm-eval's `simple_evaluate` of the request's tasks on `lm`, with the run's settings and seeds.
+
+    Built requests are kept on disk beside the request cache (see `task_cache`); a dataset that
+    cannot be reached becomes one sentence that names it.
+    """
+    names = list(request.tasks.names)
+    built = Path(request.cache_path or default_cache_path()).parent / "lm-eval-requests"
+    settings = {"num_fewshot": request.tasks.num_fewshot, "seed": request.seed}
+    try:
+        with requests_cache(built, manager, names, request.tasks.limit, **settings) as reuse:
+            return simple_evaluate(
+                model=lm,
+                tasks=names,
+                cache_requests=reuse,
+                num_fewshot=request.tasks.num_fewshot,
+                limit=request.tasks.limit,
+                task_manager=manager,
+                log_samples=log_samples,
+                bootstrap_iters=BOOTSTRAP_ITERS,
+                random_seed=request.seed,
+                numpy_random_seed=request.seed,
+                torch_random_seed=request.seed,
+                fewshot_random_seed=request.seed,
+            ) or {}
+    except Exception as error:
+        offline = unreachable_dataset(error, names)
+        if offline is None:
+            raise
+        raise offline from None
+
+
 def run_evaluation(
     request: EvaluationRequest,
     runner: BatchRunner,
@@ -97,32 +129,11 @@ def run_evaluation(
         progress=progress,
         seed=request.seed,
     )
-    names = list(request.tasks.names)
-    built = Path(request.cache_path or default_cache_path()).parent / "lm-eval-requests"
-    settings = {"num_fewshot": request.tasks.num_fewshot, "seed": request.seed}
     silence_third_party_noise()
     started = time.perf_counter()
     try:
-        with gathered_environment(), requests_cache(built, manager, names, request.tasks.limit, **settings) as reuse:
-            output = simple_evaluate(
-                model=lm,
-                tasks=names,
-                cache_requests=reuse,
-                num_fewshot=request.tasks.num_fewshot,
-                limit=request.tasks.limit,
-                task_manager=manager,
-                log_samples=request.log_samples,
-                bootstrap_iters=BOOTSTRAP_ITERS,
-                random_seed=request.seed,
-                numpy_random_seed=request.seed,
-                torch_random_seed=request.seed,
-                fewshot_random_seed=request.seed,
-            )
-    except Exception as error:
-        offline = unreachable_dataset(error, names)
-        if offline is None:
-            raise
-        raise offline from None
+        with gathered_environment():
+            output = evaluate_tasks(request, lm, manager, log_samples=request.log_samples)
     finally:
         if cache is not None:
             cache.close()

@@ -19,18 +19,18 @@ from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
-_ABSOLUTE_PATH = re.compile(r"(/[^\s'\"]+)")
+ABSOLUTE_PATH = re.compile(r"(/[^\s'\"]+)")
 
 
-def _stat(path: Path) -> list[Any]:
+def file_stat(path: Path) -> list[Any]:
     info = path.stat()
     return [str(path), info.st_size, info.st_mtime_ns]
 
 
 def _task_files(yaml_path: Path) -> list[list[Any]]:
     files = {p for p in yaml_path.parent.iterdir() if p.is_file()}
-    files |= {Path(m) for m in _ABSOLUTE_PATH.findall(yaml_path.read_text()) if Path(m).is_file()}
-    return [_stat(p) for p in sorted(files)]
+    files |= {Path(m) for m in ABSOLUTE_PATH.findall(yaml_path.read_text()) if Path(m).is_file()}
+    return [file_stat(p) for p in sorted(files)]
 
 
 def tasks_hash(manager: Any, names: list[str], **settings: Any) -> str | None:

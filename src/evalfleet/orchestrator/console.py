@@ -71,6 +71,11 @@ def submit_job(request: EvaluationRequest, db: str | None = None, pool: str | No
         return orchestrator.submit_evaluation_request(request)
 
 
+def submitted_size(job_id: str, db: str | None = None) -> str:
+    with open_store(db) as store:
+        return describe_size(store.get(job_id).size)
+
+
 def cancel_job(job_id: str, db: str | None = None) -> JobRecord:
     with open_store(db) as store:
         return DistributedEvaluationOrchestrator(store, submission_pool(store)).cancel(job_id)
@@ -99,6 +104,7 @@ def job_document(record: JobRecord, store: JobStore, progress: TaskProgress | No
             "tokens_per_s": record.tokens_per_s, "requests_per_s": record.requests_per_s,
             "eta_s": round(progress.eta_s, 1) if progress and progress.eta_s is not None else None,
         },
+        "size": record.size,
         "devices": [list(d) for d in record.placement or ()],
         "ranks": job_ranks(store, record.id),
         "pid": record.pid,
@@ -218,6 +224,17 @@ def queue_command(db: str | None, console: Console | None = None) -> None:
             console.print(jobs_table(waiting, progress, started, now, "queued, in start order", numbered=True))
 
 
+def describe_size(size: dict[str, Any] | None) -> str:
+    """`1,480 requests (…), 23,482 tokens, counted`, or the modeled figure and why it is not counted."""
+    if not size:
+        return ""
+    if size.get("source") != "counted":
+        return f"{size['work_tokens']:,.0f} tokens, modeled ({size.get('reason', 'not counted')})"
+    kinds = ", ".join(f"{kind} {n:,}" for kind, n in size["requests_by_type"].items())
+    return (f"{size['requests']:,} requests ({kinds}), {size['work_tokens']:,} tokens "
+            f"({size['generation_tokens']:,} of them a generation budget), counted")
+
+
 def _render_job(document: dict[str, Any], console: Console) -> None:
     table = Table(title=f"job {document['id']}", show_header=False)
     table.add_column(style="bold")
@@ -228,6 +245,7 @@ def _render_job(document: dict[str, Any], console: Console) -> None:
         "model": document["model"], "tasks": ", ".join(document["tasks"]),
         "attempts": f"{document['attempts']} started, {document['failures']} failed "
                     f"(at most {document['max_attempts']})",
+        "size": describe_size(document["size"]),
         "progress": f"{progress['done']}/{progress['total']} requests" if progress["total"] else "",
         "tokens/s": f"{progress['tokens_per_s']:,.0f}" if progress["tokens_per_s"] else "",
         "ETA": _duration(progress["eta_s"]),

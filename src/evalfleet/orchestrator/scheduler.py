@@ -98,13 +98,14 @@ class DistributedEvaluationOrchestrator:
                 request = EvaluationRequest.model_validate(request)
             except ValidationError as error:
                 raise UsageError(describe_validation_error(error)) from None
-        plan, demand = size_request(request, self.inventory)
+        plan, demand, size = size_request(request, self.inventory)
         return self.store.add(
             request.model_dump(mode="json"),
             priority=request.priority,
             max_attempts=self.recovery.max_attempts,
             demand=demand.to_dict(),
             plan=plan,
+            size=size,
             now=self.clock(),
         )
 

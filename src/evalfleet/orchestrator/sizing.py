@@ -2,7 +2,9 @@
 
 The replica shape (tp x pp) and the memory each GPU needs are the planner's; the
 throughput of k replicas is the planner's estimate for the layout (tp, pp, dp=k), asked
-once per k, so the scheduler and the simulator never invent a speed of their own.
+once per k, so the scheduler and the simulator never invent a speed of their own. The work is
+the job's counted size (`engines/sizing.py`: lm-eval's requests and the model's tokenizer,
+no model run) where it can be counted here, else a modeled figure, and the size says which.
 """
 
 from __future__ import annotations
@@ -64,8 +66,9 @@ def demand_from_plan(
     )
 
 
-def size_request(request: EvaluationRequest, inventory: Inventory) -> tuple[dict, JobDemand]:
-    """The plan (as JSON) and demand of a request; refuses one that cannot fit the whole pool."""
+def size_request(request: EvaluationRequest, inventory: Inventory) -> tuple[dict, JobDemand, dict]:
+    """The plan (as JSON), demand and size of a request; refuses one that can never fit the whole
+    pool, or whose tasks are wrong (an unknown task, a malformed task folder)."""
     if request.gpus == 0 and not inventory.is_cpu_only:
         raise UsageError("the request allows 0 GPUs, so it can never run on this GPU pool")
     profile = profile_model(request.model.path)
@@ -77,7 +80,13 @@ def size_request(request: EvaluationRequest, inventory: Inventory) -> tuple[dict
     if not answer.fits:
         pool = describe_pool(inventory)
         raise EvalfleetError(f"{request.model.path} can never run on this pool ({pool}): {answer.reason}")
-    work = estimate_work_tokens(len(request.tasks.names), request.tasks.limit)
-    demand = demand_from_plan(answer, inventory, work_tokens=work, model=request.model.path,
+    from evalfleet.engines.sizing import job_size
+
+    size = job_size(request)
+    if size["source"] != "counted":
+        work = estimate_work_tokens(len(request.tasks.names), request.tasks.limit)
+        size = {**size, "work_tokens": work,
+                "model": "2,000 requests of 512 tokens per task (or --limit requests), before any count"}
+    demand = demand_from_plan(answer, inventory, work_tokens=size["work_tokens"], model=request.model.path,
                               min_replicas=request.dp or 1)
-    return answer.to_dict(), demand
+    return answer.to_dict(), demand, size

@@ -103,12 +103,17 @@ ALTER TABLE device_failures ADD COLUMN evidence TEXT;
 ALTER TABLE quarantine ADD COLUMN evidence TEXT
 """
 
+# v4: a job's size at submit (requests by type and tokens, counted or modeled; see engines/sizing.py).
+_SCHEMA_V4 = """
+ALTER TABLE jobs ADD COLUMN size TEXT
+"""
+
 MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [
-    _run_script(_SCHEMA_V1), _run_script(_SCHEMA_V2), _run_script(_SCHEMA_V3),
+    _run_script(_SCHEMA_V1), _run_script(_SCHEMA_V2), _run_script(_SCHEMA_V3), _run_script(_SCHEMA_V4),
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 
-_JSON_COLUMNS = ("request", "demand", "plan", "placement", "handle", "failure")
+_JSON_COLUMNS = ("request", "demand", "plan", "placement", "handle", "failure", "size")
 # Columns a transition may set alongside the state; everything else has its own method.
 _TRANSITION_FIELDS = frozenset(
     {"placement", "pid", "handle", "owner", "error", "not_before", "enqueued_at", "started_at",
@@ -144,6 +149,8 @@ class JobRecord:
     requests_per_s: float | None
     failure: dict[str, Any] | None
     """The worker's exit report of its last attempt (see `failures.ExitReport`), if it wrote one."""
+    size: dict[str, Any] | None = None
+    """The job's size at submit: requests by type and tokens, counted or modeled (`source`)."""
 
     @classmethod
     def from_row(cls, row: sqlite3.Row) -> JobRecord:
@@ -244,6 +251,7 @@ class JobStore:
         max_attempts: int,
         demand: dict[str, Any] | None = None,
         plan: dict[str, Any] | None = None,
+        size: dict[str, Any] | None = None,
         total: int | None = None,
         now: float | None = None,
     ) -> str:
@@ -251,10 +259,10 @@ class JobStore:
         job_id = uuid.uuid4().hex[:12]
         with self._write() as conn:
             conn.execute(
-                "INSERT INTO jobs (id, request, priority, state, max_attempts, demand, plan, total,"
-                " submitted_at, enqueued_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                "INSERT INTO jobs (id, request, priority, state, max_attempts, demand, plan, size, total,"
+                " submitted_at, enqueued_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (job_id, json.dumps(request), priority, JobState.QUEUED.value, max_attempts,
-                 _dumps(demand), _dumps(plan), total, now, now),
+                 _dumps(demand), _dumps(plan), _dumps(size), total, now, now),
             )
             _log(conn, job_id, now, None, JobState.QUEUED, 0, "submitted")
         return job_id

@@ -1,0 +1,165 @@
+"""A job's real size, counted at submit without running the model.
+
+lm-eval builds the job's requests exactly as a run builds them (same tasks, few-shot count,
+limit and seeds, through `evaluation.evaluate_tasks`), and `EvalfleetLM` turns them into
+token-level items with the model's own tokenizer, exactly as a run does; a runner that computes
+nothing records the items. So the counts are the run's: requests by type as lm-eval makes
+them, and the tokens the run will compute (each distinct item once: context and continuation
+for log-likelihoods, context plus the `max_gen_toks` budget for generation).
+
+A count is kept as a small JSON file beside the request cache (or in `$EVALFLEET_SIZES`), under a hash of everything it
+depends on: the task files (evalfleet's demo tasks and the include folder, with every absolute
+path they mention), the tokenizer's files, lm-eval's version and the settings. Submitting the
+same tasks for the same tokenizer again reads that file and imports nothing heavy.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import json
+import os
+import time
+from collections.abc import Sequence
+from importlib.metadata import version
+from pathlib import Path
+from typing import Any
+
+from evalfleet.engines.task_cache import ABSOLUTE_PATH, file_stat
+from evalfleet.runtime.backends.base import GenerationItem, Item
+from evalfleet.runtime.cache import default_cache_path
+from evalfleet.runtime.runner import BatchCallback, BatchRunner
+from evalfleet.tasks import DEMO_TASKS_DIR
+from evalfleet.types import EvaluationRequest, UsageError, resolve_model_path
+
+# Bumped when what a count holds, or how it is made, changes: older files are then not read.
+SIZE_VERSION = 1
+TOKENIZER_FILES = ("tokenizer*", "*.model", "vocab*", "merges*", "special_tokens_map*", "added_tokens*", "config.json")
+
+
+class NotCounted(Exception):
+    """The job cannot be counted here; the reason says why (its size is then modeled)."""
+
+
+class CountingRunner(BatchRunner):
+    """Computes nothing: records every item and answers with placeholders (never cached)."""
+
+    def __init__(self, max_length: int) -> None:
+        self._max_length = max_length
+        self.items: list[Item] = []
+
+    @property
+    def max_length(self) -> int:
+        return self._max_length
+
+    def run(self, batches: Sequence[Sequence[Item]], on_batch_done: BatchCallback) -> None:
+        for index, batch in enumerate(batches):
+            self.items.extend(batch)
+            on_batch_done(index, ["" if isinstance(item, GenerationItem) else (0.0, False) for item in batch])
+
+
+def _files(folder: Path) -> list[list[Any]]:
+    """Every file under `folder`, and every file its task YAMLs name by absolute path."""
+    found = {p for p in folder.rglob("*") if p.is_file()}
+    for yaml in [p for p in found if p.suffix in (".yaml", ".yml")]:
+        found |= {Path(m) for m in ABSOLUTE_PATH.findall(yaml.read_text(errors="replace")) if Path(m).is_file()}
+    return [file_stat(p) for p in sorted(found)]
+
+
+def size_key(request: EvaluationRequest) -> str:
+    """The hash a count is kept under (file names, sizes and modification times; no contents read)."""
+    folders = [DEMO_TASKS_DIR] + ([Path(request.tasks.include_path).expanduser()] if request.tasks.include_path else [])
+    model = Path(resolve_model_path(request.model.path))
+    tokenizer = sorted({p for pattern in TOKENIZER_FILES for p in model.glob(pattern) if p.is_file()})
+    described = [
+        SIZE_VERSION, version("lm_eval"), list(request.tasks.names), request.tasks.limit, request.tasks.num_fewshot,
+        request.seed, request.model.max_length, request.model.revision,
+        [_files(folder) for folder in folders if folder.is_dir()], [file_stat(p) for p in tokenizer],
+    ]
+    return hashlib.sha256(json.dumps(described, default=str).encode()).hexdigest()[:24]
+
+
+def sizes_folder(request: EvaluationRequest) -> Path:
+    """`$EVALFLEET_SIZES`, else `job-sizes/` beside the request's cache."""
+    explicit = os.environ.get("EVALFLEET_SIZES")
+    if explicit:
+        return Path(explicit).expanduser()
+    return Path(request.cache_path or default_cache_path()).parent / "job-sizes"
+
+
+def count_request(request: EvaluationRequest) -> dict[str, Any]:
+    """Count the request's requests and tokens now (lm-eval and the tokenizer, no model)."""
+    from transformers import AutoConfig
+
+    from evalfleet.engines.environment import no_environment
+    from evalfleet.engines.evaluation import evaluate_tasks
+    from evalfleet.runtime.backends.hf import load_tokenizer, model_max_length
+    from evalfleet.runtime.lm import EvalfleetLM
+    from evalfleet.tasks import build_task_manager
+    from evalfleet.tasks.noise import silence_third_party_noise
+
+    path = resolve_model_path(request.model.path)
+    if not Path(path).is_dir():
+        raise NotCounted("the model is not a local folder, so its tokenizer cannot be read here")
+    manager = build_task_manager(request.tasks.names, request.tasks.include_path)  # UsageError: unknown task
+    started = time.perf_counter()
+    try:
+        model = request.model
+        tokenizer = load_tokenizer(path, model.revision, model.trust_remote_code)
+        config = AutoConfig.from_pretrained(path, revision=model.revision, trust_remote_code=model.trust_remote_code)
+    except (OSError, ValueError) as error:
+        raise NotCounted(f"the tokenizer could not be read: {str(error).strip().splitlines()[0]}") from None
+    runner = CountingRunner(model_max_length(config, tokenizer, model.max_length))
+    lm = EvalfleetLM(runner, tokenizer, "counting", seed=request.seed)
+    silence_third_party_noise()
+    try:
+        # lm-eval's and datasets' progress bars would fill a `submit`'s terminal
+        with no_environment(), contextlib.redirect_stderr(io.StringIO()):
+            evaluate_tasks(request, lm, manager, log_samples=False)
+    except UsageError:
+        raise
+    except Exception as error:  # noqa: BLE001 - a dataset out of reach, a task that needs the network, …
+        reason = " ".join(str(error).split()) or type(error).__name__
+        raise NotCounted(f"the tasks could not be built here: {reason[:300]}") from None
+    generation = [item for item in runner.items if isinstance(item, GenerationItem)]
+    prompt = sum(item.length for item in runner.items) - sum(item.max_new_tokens for item in generation)
+    budget = sum(item.max_new_tokens for item in generation)
+    return {
+        "source": "counted",
+        "requests": lm.stats.requests,
+        "requests_by_type": dict(sorted(lm.stats.by_type.items())),
+        "token_requests": len(runner.items),
+        "prompt_tokens": prompt,
+        "generation_tokens": budget,
+        "work_tokens": prompt + budget,
+        "max_length": runner.max_length,
+        "count_seconds": round(time.perf_counter() - started, 3),
+    }
+
+
+def job_size(request: EvaluationRequest) -> dict[str, Any]:
+    """The request's counted size (from the kept count when there is one), or why it is not counted.
+
+    A wrong request (an unknown task, a malformed task folder) raises `UsageError`; anything
+    else that stops the count is given as `{"source": "modeled", "reason": …}`.
+    """
+    try:
+        key = size_key(request)
+    except OSError as error:
+        return {"source": "modeled", "reason": f"the task or model files could not be read: {error}"}
+    kept = sizes_folder(request) / f"{key}.json"
+    if kept.is_file():
+        try:
+            return {**json.loads(kept.read_text()), "kept": True}
+        except (OSError, ValueError):
+            pass  # a torn or unreadable file: count again
+    try:
+        size = count_request(request)
+    except NotCounted as reason:
+        return {"source": "modeled", "reason": str(reason)}
+    kept.parent.mkdir(parents=True, exist_ok=True)
+    partial = kept.with_suffix(f".{time.time_ns()}.tmp")
+    partial.write_text(json.dumps(size))
+    partial.replace(kept)
+    return {**size, "kept": False}
