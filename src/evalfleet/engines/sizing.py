@@ -20,6 +20,7 @@ import hashlib
 import io
 import json
 import os
+import threading
 import time
 from collections.abc import Sequence
 from importlib.metadata import version
@@ -35,6 +36,7 @@ from evalfleet.types import EvaluationRequest, UsageError, resolve_model_path
 
 # Bumped when what a count holds, or how it is made, changes: older files are then not read.
 SIZE_VERSION = 1
+_counting = threading.Lock()
 TOKENIZER_FILES = ("tokenizer*", "*.model", "vocab*", "merges*", "special_tokens_map*", "added_tokens*", "config.json")
 
 
@@ -90,6 +92,14 @@ def sizes_folder(request: EvaluationRequest) -> Path:
 
 def count_request(request: EvaluationRequest) -> dict[str, Any]:
     """Count the request's requests and tokens now (lm-eval and the tokenizer, no model)."""
+    path = resolve_model_path(request.model.path)
+    if not Path(path).is_dir():  # before any import: a hub id is answered at once
+        raise NotCounted("the model is not a local folder, so its tokenizer cannot be read here")
+    with _counting:  # one count at a time per process: lm-eval's module-level hooks are swapped
+        return _count(request, path)
+
+
+def _count(request: EvaluationRequest, path: str) -> dict[str, Any]:
     from transformers import AutoConfig
 
     from evalfleet.engines.environment import no_environment
@@ -99,9 +109,6 @@ def count_request(request: EvaluationRequest) -> dict[str, Any]:
     from evalfleet.tasks import build_task_manager
     from evalfleet.tasks.noise import silence_third_party_noise
 
-    path = resolve_model_path(request.model.path)
-    if not Path(path).is_dir():
-        raise NotCounted("the model is not a local folder, so its tokenizer cannot be read here")
     manager = build_task_manager(request.tasks.names, request.tasks.include_path)  # UsageError: unknown task
     started = time.perf_counter()
     try:
