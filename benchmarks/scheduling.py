@@ -121,13 +121,12 @@ def robustness(jobs: int, seed: int, cluster: str, work_tokens: tuple[float, flo
     document: dict = {}
     for name, policy in policies.items():
         accurate = simulate(trace, inventory, policy)
-        order = start_order(trace, inventory, policy)
+        rank = {job: i for i, job in enumerate(start_order(trace, inventory, policy))}
         rows = {}
         for case, factor in MISESTIMATES.items():
             biased = misestimated(trace, factor, seed)
             report = simulate(biased, inventory, policy)
             moved = start_order(biased, inventory, policy)
-            rank = {job: i for i, job in enumerate(order)}
             rows[case] = {
                 "makespan_over_lower_bound": round(report.makespan_over_lower_bound, 4),
                 "makespan_change": round(report.makespan_s / accurate.makespan_s - 1, 4),

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
@@ -39,16 +39,12 @@ def start_gathering() -> None:
 
 
 @contextlib.contextmanager
-def gathered_environment() -> Iterator[None]:
-    """Within the block, lm-eval's `simple_evaluate` takes the report gathered in the background."""
+def _environment_hooks(add_env_info: Callable[[dict], None], git_hash: Callable[[], str | None]) -> Iterator[None]:
+    """Within the block, `simple_evaluate` describes the environment with these two functions."""
     from lm_eval import evaluator
 
-    start_gathering()
-    assert _report is not None
-    report = _report
     saved = evaluator.add_env_info, evaluator.get_git_commit_hash
-    evaluator.add_env_info = lambda storage: storage.update({k: v for k, v in report.result().items() if k != "git_hash"})
-    evaluator.get_git_commit_hash = lambda: report.result()["git_hash"]
+    evaluator.add_env_info, evaluator.get_git_commit_hash = add_env_info, git_hash
     try:
         yield
     finally:
@@ -56,14 +52,20 @@ def gathered_environment() -> Iterator[None]:
 
 
 @contextlib.contextmanager
+def gathered_environment() -> Iterator[None]:
+    """Within the block, lm-eval's `simple_evaluate` takes the report gathered in the background."""
+    start_gathering()
+    assert _report is not None
+    report = _report
+    with _environment_hooks(
+        lambda storage: storage.update({k: v for k, v in report.result().items() if k != "git_hash"}),
+        lambda: report.result()["git_hash"],
+    ):
+        yield
+
+
+@contextlib.contextmanager
 def no_environment() -> Iterator[None]:
     """Within the block, `simple_evaluate` reports no environment (for a count that writes no results)."""
-    from lm_eval import evaluator
-
-    saved = evaluator.add_env_info, evaluator.get_git_commit_hash
-    evaluator.add_env_info = lambda storage: None
-    evaluator.get_git_commit_hash = lambda: None
-    try:
+    with _environment_hooks(lambda storage: None, lambda: None):
         yield
-    finally:
-        evaluator.add_env_info, evaluator.get_git_commit_hash = saved

@@ -27,7 +27,7 @@ from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
-from evalfleet.engines.task_cache import ABSOLUTE_PATH, file_stat
+from evalfleet.engines.task_cache import file_stat, mentioned_files
 from evalfleet.runtime.backends.base import GenerationItem, Item
 from evalfleet.runtime.cache import default_cache_path
 from evalfleet.runtime.runner import BatchCallback, BatchRunner
@@ -65,7 +65,7 @@ def _files(folder: Path) -> list[list[Any]]:
     """Every file under `folder`, and every file its task YAMLs name by absolute path."""
     found = {p for p in folder.rglob("*") if p.is_file()}
     for yaml in [p for p in found if p.suffix in (".yaml", ".yml")]:
-        found |= {Path(m) for m in ABSOLUTE_PATH.findall(yaml.read_text(errors="replace")) if Path(m).is_file()}
+        found |= mentioned_files(yaml)
     return [file_stat(p) for p in sorted(found)]
 
 
@@ -129,9 +129,8 @@ def _count(request: EvaluationRequest, path: str) -> dict[str, Any]:
     except Exception as error:  # noqa: BLE001 - a dataset out of reach, a task that needs the network, …
         reason = " ".join(str(error).split()) or type(error).__name__
         raise NotCounted(f"the tasks could not be built here: {reason[:300]}") from None
-    generation = [item for item in runner.items if isinstance(item, GenerationItem)]
-    prompt = sum(item.length for item in runner.items) - sum(item.max_new_tokens for item in generation)
-    budget = sum(item.max_new_tokens for item in generation)
+    budget = sum(item.max_new_tokens for item in runner.items if isinstance(item, GenerationItem))
+    prompt = sum(item.length for item in runner.items) - budget
     return {
         "source": "counted",
         "requests": lm.stats.requests,

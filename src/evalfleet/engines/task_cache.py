@@ -19,7 +19,7 @@ from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
-ABSOLUTE_PATH = re.compile(r"(/[^\s'\"]+)")
+_ABSOLUTE_PATH = re.compile(r"(/[^\s'\"]+)")
 
 
 def file_stat(path: Path) -> list[Any]:
@@ -27,9 +27,13 @@ def file_stat(path: Path) -> list[Any]:
     return [str(path), info.st_size, info.st_mtime_ns]
 
 
+def mentioned_files(yaml_path: Path) -> set[Path]:
+    """The existing files a task YAML names by absolute path (its data files, usually)."""
+    return {Path(m) for m in _ABSOLUTE_PATH.findall(yaml_path.read_text(errors="replace")) if Path(m).is_file()}
+
+
 def _task_files(yaml_path: Path) -> list[list[Any]]:
-    files = {p for p in yaml_path.parent.iterdir() if p.is_file()}
-    files |= {Path(m) for m in ABSOLUTE_PATH.findall(yaml_path.read_text()) if Path(m).is_file()}
+    files = {p for p in yaml_path.parent.iterdir() if p.is_file()} | mentioned_files(yaml_path)
     return [file_stat(p) for p in sorted(files)]
 
 

@@ -45,6 +45,11 @@ class RunStats:
     last_return: float | None = None
 
 
+def _keep_last(encoding: list[int], count: int | None) -> list[int]:
+    """lm-eval's left truncation: the last `count` tokens, or all of them when `count` is 0 or None."""
+    return encoding[-count:] if count else encoding
+
+
 class EvalfleetLM(TemplateLM):
     """lm-eval model whose work is done by a `BatchRunner` (one device or worker groups)."""
 
@@ -95,10 +100,7 @@ class EvalfleetLM(TemplateLM):
         self, string: str, add_special_tokens: bool | None = None, left_truncate_len: int | None = None, **kwargs: Any
     ) -> list[int]:
         special = self._special_tokens(string, add_special_tokens, self.tokenizer.decode(self.prefix_token_id))
-        encoding = self.tokenizer.encode(string, add_special_tokens=special)
-        if left_truncate_len:
-            encoding = encoding[-left_truncate_len:]
-        return encoding
+        return _keep_last(self.tokenizer.encode(string, add_special_tokens=special), left_truncate_len)
 
     def _special_tokens(self, string: str, add_special_tokens: bool | None, prefix_text: str) -> bool:
         """Whether lm-eval's hf backend adds special tokens to `string`: as asked, else not when the
@@ -187,8 +189,7 @@ class EvalfleetLM(TemplateLM):
             kwargs = normalize_gen_kwargs(dict(gen_kwargs), DEFAULT_MAX_GEN_TOKS)
             until = handle_stop_sequences(kwargs.pop("until", None), eos=eos)
             max_new = int(kwargs.pop("max_gen_toks"))
-            keep = self.max_length - max_new  # as lm-eval: the context's last tokens, room left to generate
-            context_ids = encoded[context][-keep:] if keep else encoded[context]
+            context_ids = _keep_last(encoded[context], self.max_length - max_new)  # room left to generate
             items.append(GenerationItem(tuple(context_ids), tuple(until), max_new, self._sampling(kwargs)))
         return list(self._execute("generate_until", items))
 
