@@ -33,4 +33,5 @@ def isolated_cache(tmp_path, monkeypatch, shared_job_sizes):
     monkeypatch.setenv("EVALFLEET_CACHE", str(tmp_path / "cache.sqlite"))
     monkeypatch.setenv("EVALFLEET_DB", str(tmp_path / "jobs.sqlite"))
     monkeypatch.setenv("EVALFLEET_SIZES", str(shared_job_sizes))
+    monkeypatch.setenv("EVALFLEET_CALIBRATION", str(tmp_path / "calibration.sqlite"))
     return tmp_path / "cache.sqlite"

@@ -40,8 +40,8 @@ def train_tokenizer(folder: Path, vocab_size: int = 400):
     return wrapped
 
 
-def build_tiny_model(folder: Path, family: str = "gpt_neox", seed: int = 7, max_positions: int = 128) -> Path:
-    """A random tiny causal LM of `family`, saved with save_pretrained (safetensors)."""
+def build_tiny_model(folder: Path, family: str = "gpt_neox", seed: int = 7, max_positions: int = 128, layers: int = 2) -> Path:
+    """A random tiny causal LM of `family` with `layers` blocks, saved with save_pretrained (safetensors)."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -50,22 +50,22 @@ def build_tiny_model(folder: Path, family: str = "gpt_neox", seed: int = 7, max_
     common = {"vocab_size": len(tokenizer), "eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id}
     if family == "gpt_neox":
         config = AutoConfig.for_model(
-            "gpt_neox", hidden_size=48, num_hidden_layers=2, num_attention_heads=4, intermediate_size=96,
+            "gpt_neox", hidden_size=48, num_hidden_layers=layers, num_attention_heads=4, intermediate_size=96,
             max_position_embeddings=max_positions, bos_token_id=tokenizer.eos_token_id, **common,
         )
     elif family == "qwen2":
         config = AutoConfig.for_model(
-            "qwen2", hidden_size=48, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+            "qwen2", hidden_size=48, num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
             intermediate_size=96, max_position_embeddings=max_positions, tie_word_embeddings=False, **common,
         )
     elif family == "llama-vllm":  # vLLM's CPU attention kernels take head sizes of 32 and up
         config = AutoConfig.for_model(
-            "llama", hidden_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+            "llama", hidden_size=128, num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
             intermediate_size=128, max_position_embeddings=max_positions, **common,
         )
     else:
         config = AutoConfig.for_model(
-            "llama", hidden_size=48, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+            "llama", hidden_size=48, num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
             intermediate_size=96, max_position_embeddings=max_positions, **common,
         )
     torch.manual_seed(seed)

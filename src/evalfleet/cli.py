@@ -238,7 +238,9 @@ def submit(
     """Queue an evaluation and print its job id; refuse one that can never fit the pool.
 
     The job's size (requests by type, tokens) is counted from its tasks and the model's
-    tokenizer, without running the model, and kept for the next submit of the same tasks.
+    tokenizer, without running the model, and kept for the next submit of the same tasks. Its
+    compute time is estimated from speeds measured by earlier runs of the same model shape,
+    layout and hardware where there are some, else from the cost model, and says which.
     Results go to <store folder>/results/<job id>/results.json.
     """
     from evalfleet.orchestrator.console import submit_job, submitted_size
@@ -252,7 +254,10 @@ def submit(
     )
     job_id = submit_job(request, db, pool)
     typer.echo(job_id)
-    typer.echo(f"size: {submitted_size(job_id, db)}", err=True)
+    size, estimate = submitted_size(job_id, db)
+    typer.echo(f"size: {size}", err=True)
+    if estimate:
+        typer.echo(f"estimate: {estimate}", err=True)
 
 
 @app.command()

@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from distributed_support import make_requests, run_all
+from distributed_support import single_process_reference
 from tinymodels import build_tiny_model
 
 
@@ -21,18 +21,4 @@ def llama(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def requests_and_reference(llama):
     """The requests and their results from one process on one device (the lightweight engine's runner)."""
-    import torch
-
-    from evalfleet.runtime.backends.hf import HFBackend
-    from evalfleet.runtime.runner import InProcessRunner
-
-    backend = HFBackend.load(str(llama), dtype="float32", device="cpu")
-    batches = make_requests(len(backend.tokenizer), backend.max_length)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        reference = run_all(InProcessRunner(backend, "cpu"), batches)
-    finally:
-        torch.set_num_threads(threads)
-        backend.close()
-    return batches, reference
+    return single_process_reference(llama)

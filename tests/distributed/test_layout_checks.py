@@ -44,6 +44,25 @@ def test_group_specs_travel_as_json_and_name_their_loading_path():
     ]
 
 
+@pytest.mark.parametrize(
+    ("rows", "stages", "per_stage", "expected"),
+    [
+        (1, 2, 8, (1, 1)),  # one row: nothing to pipeline
+        (3, 2, 8, (1, 3)),
+        (100, 2, 8, (10, 10)),  # 11 steps of 10 rows beat 17 of 7 (12 filler rows) and 9 of 13
+        (100, 2, 4, (13, 8)),
+        (97, 2, 8, (7, 14)),
+        (40, 3, 4, (4, 10)),
+    ],
+)
+def test_pipeline_micro_batches_are_alike_and_keep_the_pipeline_busy(rows, stages, per_stage, expected):
+    from evalfleet.planning.strategy import microbatches
+
+    size, count = microbatches(rows, stages, per_stage)
+    assert (size, count) == expected
+    assert size * count >= rows > size * (count - 1)
+
+
 def test_a_replica_token_budget_cuts_batches_into_padded_chunks():
     items = [LoglikelihoodItem((1,) * n, (2,)) for n in (9, 7, 3, 2)]  # lengths 10, 8, 4, 3
     assert first_chunk(items, None) == items

@@ -9,7 +9,7 @@ import os
 import signal
 
 import pytest
-from distributed_support import alive, differences, run_all, worker_pids_of
+from distributed_support import alive, differences, run_all, single_process_reference, worker_pids_of
 from faultenv import fault_env
 
 from evalfleet.runtime.backends.base import LoglikelihoodItem
@@ -57,6 +57,26 @@ def test_every_layout_gives_the_single_process_results(layout, runners, requests
     description = runner.describe()
     assert (description["tp"], description["pp"], description["dp"]) == LAYOUTS[layout]
     assert description["strategy"] == layout
+
+
+def test_three_micro_batched_pipeline_stages_give_the_single_process_results(tmp_path):
+    """pp=3 on a 3-layer Llama: log-likelihoods (left-padded, several lengths), rolling windows
+    and generation equal one process; every rank holds one layer."""
+    from tinymodels import build_tiny_model
+
+    model = build_tiny_model(tmp_path / "llama-3", family="llama", layers=3, seed=11)
+    batches, reference = single_process_reference(model, seed=5)
+    runner = start_runner(model, pp=3)
+    try:
+        problems = differences(reference, run_all(runner, batches), *TOLERANCE["pp"])
+        ranks = runner.info["ranks"]
+    finally:
+        runner.close()
+    assert not problems, "\n".join(problems[:10])
+    assert [r["stage"] for r in ranks] == [0, 1, 2]
+    for rank in ranks:
+        held = {name.split(".")[2] for name in rank["shapes"] if name.startswith("model.layers.")}
+        assert held == {str(rank["stage"])}
 
 
 def test_tensor_parallel_ranks_hold_half_of_each_sharded_weight(runners):
@@ -162,10 +182,11 @@ def test_a_hung_rank_times_out_and_its_replica_restarts(runners, requests_and_re
 
 
 def test_the_fault_injectors_make_the_equality_check_fail(llama, requests_and_reference):
-    """Proof that the equality tests can fail: a swapped TP shard or a missing PP mask is caught."""
+    """Proof that the equality tests can fail: a swapped TP shard, a missing PP mask or PP
+    micro-batches merged out of order is caught."""
     batches, reference = requests_and_reference
     padded = [i for i, batch in enumerate(batches) if len({item.length for item in batch}) > 1][:3]
-    for layout, fault in (("tp", "swap_tp_shards"), ("pp", "drop_pp_mask")):
+    for layout, fault in (("tp", "swap_tp_shards"), ("pp", "drop_pp_mask"), ("pp", "rotate_pp_microbatches")):
         tp, pp, _ = LAYOUTS[layout]
         runner = start_runner(llama, tp, pp, env=fault_env(fault))
         try:

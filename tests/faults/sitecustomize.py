@@ -6,6 +6,8 @@ rank's loading and computing with the fault named in `EVALFLEET_TEST_FAULT`:
 
 - `swap_tp_shards`: every TP rank takes its neighbour's shard of one weight;
 - `drop_pp_mask`: the last pipeline stage loses the padding (mask and position ids);
+- `rotate_pp_microbatches`: the last pipeline stage merges its micro-batches' outputs in the
+  wrong order (the first one last);
 - `oom_above:N`: every batch of more than N padded tokens fails as out of memory (planted);
 - `oom_at_load`: loading fails as out of memory;
 - `rlimit:RANK:MB`: once loaded, rank RANK may grow its writable memory (RLIMIT_DATA) by only
@@ -65,6 +67,22 @@ def _install() -> None:
                 return forward(*args, **kwargs)
 
             base.forward = forward_without_mask
+        elif FAULT == "rotate_pp_microbatches" and spec.pp > 1 and part.stage == spec.pp - 1:
+            backend = part.backend
+            schedule = backend._schedule
+
+            def rotating_schedule(ids, mask, keep, size, count):
+                real = schedule(ids, mask, keep, size, count)
+                step = real.step
+
+                def rotated(*args, **kwargs):
+                    chunks = step(*args, **kwargs).split(size)
+                    return torch.cat([*chunks[1:], chunks[0]])
+
+                real.step = rotated
+                return real
+
+            backend._schedule = rotating_schedule
         elif FAULT.startswith("rlimit:"):
             _, limited_rank, megabytes = FAULT.split(":")
             if int(limited_rank) == rank:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import time
 from pathlib import Path
 
@@ -50,8 +51,10 @@ def test_submit_prints_only_the_job_id_and_stores_a_runnable_request(cli, tmp_pa
     job_id = out.strip()
     assert code == 0 and out == job_id + "\n" and len(job_id) == 12
     # stderr says the job's size in one line: the demo tasks' 300 x 4 choices and 80 texts, counted
-    assert err.startswith("size: 1,280 requests (loglikelihood 1,200, loglikelihood_rolling 80), ") and err.count("\n") == 1
-    assert err.endswith(" counted\n")
+    assert err.startswith("size: 1,280 requests (loglikelihood 1,200, loglikelihood_rolling 80), ") and err.count("\n") == 2
+    # and the compute time it expects, from the cost model since nothing ran yet
+    assert re.search(r"\nestimate: [0-9.,]+ s of compute \(modeled speeds\)\n$", err), err
+    assert err.splitlines()[0].endswith(" counted")
     with JobStore(cli.db) as store:
         record = store.get(job_id)
     assert record.size["source"] == "counted" and record.size["requests"] == 1280

@@ -106,6 +106,14 @@ def test_priorities_kill_resume_and_cancel_on_two_slots(fleet, tiny_model, tmp_p
     assert compare_samples(load_samples(tmp_path / "reference"), load_samples(result_path.parent)) == []
     assert metric_differences(reference.document(), document) == []
     assert fleet.status(high)["failures"] == 0 and fleet.status(low)["attempts"] == 1
+    # Each job names the source of its estimate; the first ones were submitted before any run
+    # measured a speed, so at least one is modeled. A finished job that computed something (the
+    # resumed one did; the others found every answer in the shared cache) is set against its run.
+    estimates = [fleet.status(job)["estimate"] for job in (high, long, low)]
+    assert {estimate["source"] for estimate in estimates} <= {"modeled", "measured", "partly measured"}
+    assert any(estimate["source"] == "modeled" for estimate in estimates)
+    resumed = fleet.status(long)["estimate"]
+    assert resumed["measured_seconds"] > 0 and resumed["predicted_over_measured"] > 0, resumed
 
 
 def test_sigterm_requeues_running_work_and_a_new_scheduler_resumes_it(fleet):

@@ -29,3 +29,14 @@ def test_omp_num_threads_wins(monkeypatch):
         assert set_torch_threads() == 2
     finally:
         torch.set_num_threads(before)
+
+
+def test_a_run_started_now_gets_the_fixed_count_or_the_free_cores(monkeypatch):
+    from evalfleet.runtime.threads import run_threads
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    assert run_threads() == 3
+    monkeypatch.delenv("OMP_NUM_THREADS")
+    monkeypatch.setattr("os.getloadavg", lambda: (2.5, 0.0, 0.0))
+    monkeypatch.setattr("evalfleet.runtime.threads.usable_cores", lambda: 4)
+    assert run_threads() == 3

@@ -8,6 +8,7 @@ files on disk are the same for all of them.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import time
 from pathlib import Path
@@ -28,6 +29,8 @@ from evalfleet.tasks import build_task_manager
 from evalfleet.tasks.noise import silence_third_party_noise
 from evalfleet.tasks.reachability import unreachable_dataset
 from evalfleet.types import EvalfleetError, EvaluationRequest, EvaluationResult, resolve_model_path
+
+log = logging.getLogger("evalfleet")
 
 # lm-eval's default of 100,000 bootstrap resamples costs tens of seconds per perplexity metric;
 # 1,000 gives standard errors good to about 3% and leaves every metric itself unchanged.
@@ -113,9 +116,11 @@ def run_evaluation(
     output_dir = check_output_dir(request.output_dir)
     manager = build_task_manager(request.tasks.names, request.tasks.include_path)
     model_path = resolve_model_path(request.model.path)
-    token_budget = request.max_batch_tokens or default_token_budget(device)
+    layout = runner.describe()
+    # A pipeline fills and drains once per batch, and cuts each batch into micro-batches: its
+    # batches hold pp budgets, so each stage computes about a budget's share at a time.
+    token_budget = request.max_batch_tokens or default_token_budget(device) * max(1, layout.get("pp") or 1)
     if monitor is not None:  # its suggestions then name this run's settings, and it watches only these devices
-        layout = runner.describe()
         monitor.set_layout(tp=layout.get("tp"), pp=layout.get("pp"), dp=layout.get("dp"),
                            max_batch_tokens=token_budget, devices=layout.get("devices"))
     cache = RequestCache(request.cache_path) if request.use_cache else None
@@ -158,6 +163,11 @@ def run_evaluation(
             "requests_per_s": round(stats.requests / wall, 3) if wall > 0 else None,
             "tokens_per_s": round(stats.tokens / wall, 3) if wall > 0 else None,
             "split": time_split(stats, began, started, finished),
+            "by_kind": {
+                kind: {"tokens": int(f["tokens"]), "seconds": round(f["seconds"], 4),
+                       "tokens_per_s": round(f["tokens"] / f["seconds"], 1) if f["seconds"] > 0 else None}
+                for kind, f in stats.by_kind.items()
+            },
         },
         "cache": {
             "enabled": cache is not None,
@@ -168,10 +178,39 @@ def run_evaluation(
         },
         **(extra or {}),
     }
+    section["hardware"] = _hardware(layout)
+    section["calibration"] = _calibrate(section, model_path)
     result = EvaluationResult(results=output, evalfleet=section)
     if output_dir is not None:
         result.output_path = str(write_outputs(result, samples, output_dir))
     return result
+
+
+def _hardware(layout: dict[str, Any]) -> dict[str, Any]:
+    """What the run computed on, for its calibration key: GPU model, or CPU threads in all."""
+    import torch
+
+    devices = [str(d) for d in layout.get("devices") or ["cpu"]]
+    if any(d.startswith("cuda") for d in devices) and torch.cuda.is_available():
+        return {"gpu_name": torch.cuda.get_device_name(0)}
+    ranks = (layout.get("tp") or 1) * (layout.get("pp") or 1) * (layout.get("dp") or 1)
+    per_rank = layout.get("threads_per_rank")
+    return {"cpu_threads": per_rank * ranks if per_rank else torch.get_num_threads()}
+
+
+def _calibrate(section: dict[str, Any], model_path: str) -> dict[str, Any]:
+    """Keep this run's measured speeds for later estimates (planning/calibration.py); a run is
+    never failed by its bookkeeping, so a problem here is logged and reported only."""
+    from evalfleet.planning import profile_model
+    from evalfleet.planning.calibration import Calibration, record_run
+
+    calibration = Calibration()
+    try:
+        kept = record_run(section, profile_model(model_path), calibration)
+    except Exception as error:  # noqa: BLE001 - an unreadable config, a read-only cache folder
+        log.warning("measured speeds not kept: %s", error)
+        return {"kept": [], "error": str(error)}
+    return {"kept": kept, "path": str(calibration.path)}
 
 
 def time_split(stats: Any, began: float, started: float, finished: float) -> dict[str, float]:

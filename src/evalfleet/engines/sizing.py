@@ -35,7 +35,7 @@ from evalfleet.tasks import DEMO_TASKS_DIR
 from evalfleet.types import EvaluationRequest, UsageError, resolve_model_path
 
 # Bumped when what a count holds, or how it is made, changes: older files are then not read.
-SIZE_VERSION = 1
+SIZE_VERSION = 2  # 2: work_tokens_by_kind
 _counting = threading.Lock()
 TOKENIZER_FILES = ("tokenizer*", "*.model", "vocab*", "merges*", "special_tokens_map*", "added_tokens*", "config.json")
 
@@ -105,7 +105,7 @@ def _count(request: EvaluationRequest, path: str) -> dict[str, Any]:
     from evalfleet.engines.environment import no_environment
     from evalfleet.engines.evaluation import evaluate_tasks
     from evalfleet.runtime.backends.hf import load_tokenizer, model_max_length
-    from evalfleet.runtime.lm import EvalfleetLM
+    from evalfleet.runtime.lm import EvalfleetLM, work_kind
     from evalfleet.tasks import build_task_manager
     from evalfleet.tasks.noise import silence_third_party_noise
 
@@ -131,6 +131,9 @@ def _count(request: EvaluationRequest, path: str) -> dict[str, Any]:
         raise NotCounted(f"the tasks could not be built here: {reason[:300]}") from None
     budget = sum(item.max_new_tokens for item in runner.items if isinstance(item, GenerationItem))
     prompt = sum(item.length for item in runner.items) - budget
+    by_kind: dict[str, int] = {}
+    for item in runner.items:
+        by_kind[work_kind(item)] = by_kind.get(work_kind(item), 0) + item.length
     return {
         "source": "counted",
         "requests": lm.stats.requests,
@@ -139,6 +142,7 @@ def _count(request: EvaluationRequest, path: str) -> dict[str, Any]:
         "prompt_tokens": prompt,
         "generation_tokens": budget,
         "work_tokens": prompt + budget,
+        "work_tokens_by_kind": dict(sorted(by_kind.items())),
         "max_length": runner.max_length,
         "count_seconds": round(time.perf_counter() - started, 3),
     }

@@ -108,8 +108,8 @@ def _bubble(finding: Finding, layout: RunLayout) -> Suggestion:
     worst = max(finding.evidence["idle_fraction"].values())
     return Suggestion(
         finding=finding.kind, severity=finding.severity, change={"tp": tp, "pp": 1},
-        action=f"use tensor instead of pipeline parallelism over the same GPUs: tp={tp}, pp=1 (a batch passes "
-               f"the {pp} stages one after another, so each stage waits for the others)",
+        action=f"use tensor instead of pipeline parallelism over the same GPUs: tp={tp}, pp=1 (each batch's "
+               f"micro-batches fill and drain the {pp} stages, and the slowest stage sets the pace)",
         expected_effect=f"stage idle time of up to {worst:.0%} goes, at the cost of an all-reduce per layer; "
                         f"worth it over NVLink, less so over PCIe",
     )

@@ -71,9 +71,11 @@ def submit_job(request: EvaluationRequest, db: str | None = None, pool: str | No
         return orchestrator.submit_evaluation_request(request)
 
 
-def submitted_size(job_id: str, db: str | None = None) -> str:
+def submitted_size(job_id: str, db: str | None = None) -> tuple[str, str]:
+    """The job's size and its compute estimate, as `submit` prints them."""
     with open_store(db) as store:
-        return describe_size(store.get(job_id).size)
+        record = store.get(job_id)
+        return describe_size(record.size), describe_estimate(job_estimate_document(record))
 
 
 def cancel_job(job_id: str, db: str | None = None) -> JobRecord:
@@ -105,6 +107,7 @@ def job_document(record: JobRecord, store: JobStore, progress: TaskProgress | No
             "eta_s": round(progress.eta_s, 1) if progress and progress.eta_s is not None else None,
         },
         "size": record.size,
+        "estimate": job_estimate_document(record),
         "devices": [list(d) for d in record.placement or ()],
         "ranks": job_ranks(store, record.id),
         "pid": record.pid,
@@ -224,6 +227,43 @@ def queue_command(db: str | None, console: Console | None = None) -> None:
             console.print(jobs_table(waiting, progress, started, now, "queued, in start order", numbered=True))
 
 
+def job_estimate_document(record: JobRecord) -> dict[str, Any] | None:
+    """The compute time estimated at submit (measured or modeled speeds, `calibration.py`), and
+    for a finished job the compute time its results.json measured, with the ratio of predicted
+    to measured for the tokens its last attempt computed (a resumed job computes only the rest)."""
+    estimate = (record.plan or {}).get("estimate")
+    if not estimate:
+        return None
+    document = dict(estimate)
+    if record.state is JobState.SUCCEEDED and record.result_path:
+        try:
+            timing = json.loads(Path(record.result_path).read_text())["evalfleet"]["timing"]
+        except (OSError, ValueError, KeyError):
+            return document
+        computed = timing.get("by_kind") or {}
+        measured = sum(kind["seconds"] for kind in computed.values())
+        speeds = estimate.get("by_kind") or {}
+        if measured > 0 and all(kind in speeds for kind in computed):
+            predicted = sum(kind["tokens"] / speeds[name]["tokens_per_s"] for name, kind in computed.items())
+            document["measured_seconds"] = round(measured, 3)
+            document["predicted_over_measured"] = round(predicted / measured, 3)
+    return document
+
+
+def describe_estimate(estimate: dict[str, Any] | None) -> str:
+    """`12.3 s of compute (measured speeds); the cost model says 20.1 s; the run computed for 11.8 s,
+    predicted/measured 1.04`."""
+    if not estimate:
+        return ""
+    text = f"{estimate['seconds']:,.1f} s of compute ({estimate['source']} speeds)"
+    if estimate["source"] != "modeled":
+        text += f"; the cost model says {estimate['modeled_seconds']:,.1f} s"
+    if "measured_seconds" in estimate:
+        text += (f"; the run computed for {estimate['measured_seconds']:,.1f} s, predicted/measured "
+                 f"{estimate['predicted_over_measured']:.2f}")
+    return text
+
+
 def describe_size(size: dict[str, Any] | None) -> str:
     """`1,480 requests (…), 23,482 tokens, counted`, or the modeled figure and why it is not counted."""
     if not size:
@@ -246,6 +286,7 @@ def _render_job(document: dict[str, Any], console: Console) -> None:
         "attempts": f"{document['attempts']} started, {document['failures']} failed "
                     f"(at most {document['max_attempts']})",
         "size": describe_size(document["size"]),
+        "estimate": describe_estimate(document.get("estimate")),
         "progress": f"{progress['done']}/{progress['total']} requests" if progress["total"] else "",
         "tokens/s": f"{progress['tokens_per_s']:,.0f}" if progress["tokens_per_s"] else "",
         "ETA": _duration(progress["eta_s"]),

@@ -5,13 +5,30 @@ throughput of k replicas is the planner's estimate for the layout (tp, pp, dp=k)
 once per k, so the scheduler and the simulator never invent a speed of their own. The work is
 the job's counted size (`engines/sizing.py`: lm-eval's requests and the model's tokenizer,
 no model run) where it can be counted here, else a modeled figure, and the size says which.
+
+The speed is the measured one where a finished run of the same model shape, backend, dtype,
+layout and hardware left one (`planning/calibration.py`), else the cost model's, and the
+job's `estimate` (kept in its plan) says which, with both figures: the planner's rates per
+replica count are scaled by the measured-over-modeled ratio of the job's own layout.
 """
 
 from __future__ import annotations
 
+from dataclasses import replace
+from typing import Any
+
 from evalfleet.orchestrator.demand import JobDemand, estimate_work_tokens, startup_seconds
 from evalfleet.planning import GPU, Inventory, Node, Plan, plan, profile_model
-from evalfleet.planning.hardware import CPU_SPEC
+from evalfleet.planning.calibration import (
+    CalibrationKey,
+    cpu_hardware,
+    inventory_hardware,
+    job_estimate,
+    kind_estimates,
+    model_shape,
+    modeled_rates,
+)
+from evalfleet.planning.hardware import CPU_SPEC, CPU_TFLOPS_PER_CORE
 from evalfleet.types import EvalfleetError, EvaluationRequest, UsageError
 
 
@@ -89,4 +106,84 @@ def size_request(request: EvaluationRequest, inventory: Inventory) -> tuple[dict
                 "model": "2,000 requests of 512 tokens per task (or --limit requests), before any count"}
     demand = demand_from_plan(answer, inventory, work_tokens=size["work_tokens"], model=request.model.path,
                               min_replicas=request.dp or 1)
-    return answer.to_dict(), demand, size
+    estimate = estimate_request(request, inventory, answer, size)
+    if estimate["modeled_seconds"] > 0 and estimate["seconds"] > 0:
+        factor = estimate["modeled_seconds"] / estimate["seconds"]  # measured over modeled speed
+        demand = replace(demand, tokens_per_s=tuple(rate * factor for rate in demand.tokens_per_s))
+    return {**answer.to_dict(), "estimate": estimate}, demand, size
+
+
+def estimate_for(request: EvaluationRequest, inventory: Inventory) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(estimate, size) of a request run outside the scheduler: on the CPU its layout comes from
+    its hints, as the distributed engine makes them concrete (the planner never splits a model
+    on the CPU), so only the model's fit is planned here."""
+    from evalfleet.engines.sizing import job_size
+
+    profile = profile_model(request.model.path)
+    cpu_hints = inventory.is_cpu_only
+    answer = plan(
+        profile, inventory, dtype=request.model.dtype, max_length=request.model.max_length or 2048,
+        strategy="auto" if cpu_hints else request.strategy.value, tp=None if cpu_hints else request.tp,
+        pp=None if cpu_hints else request.pp, dp=None if cpu_hints else request.dp, backend=request.backend,
+    )
+    if not answer.fits:
+        raise EvalfleetError(f"{request.model.path} does not fit {describe_pool(inventory)}: {answer.reason}")
+    size = job_size(request)
+    if size["source"] != "counted":
+        size = {**size, "work_tokens": estimate_work_tokens(len(request.tasks.names), request.tasks.limit)}
+    return estimate_request(request, inventory, answer, size), size
+
+
+def _run_layout(request: EvaluationRequest, inventory: Inventory, answer: Plan) -> tuple[int, int, int, str, float]:
+    """(tp, pp, dp, hardware key, TFLOP/s per rank) of the run this request will be: the plan's
+    layout on GPUs; on the CPU the hints made concrete as the distributed engine does, with the
+    threads each rank gets."""
+    if not inventory.is_cpu_only:
+        device = inventory.nodes[0].gpus[0]
+        layout = answer.layout
+        return layout.tp, layout.pp, layout.dp, inventory_hardware(inventory), device.spec.bf16_tflops
+    from evalfleet.engines.router import wants_distribution
+
+    if wants_distribution(request):
+        from evalfleet.engines.distributed.loader import cpu_layout
+
+        worker = cpu_layout(request.strategy, request.tp, request.pp, request.dp)
+        ranks = worker.tp * worker.pp * worker.dp
+        return (worker.tp, worker.pp, worker.dp, cpu_hardware(worker.threads * ranks),
+                worker.threads * CPU_TFLOPS_PER_CORE)
+    slots = sum(len(node.gpus) for node in inventory.nodes)
+    if slots > 1:  # a scheduler slot: the cores its jobs are given
+        hardware = inventory_hardware(inventory)
+    else:  # the lightweight engine takes the cores free now (runtime/threads.py)
+        from evalfleet.runtime.threads import run_threads
+
+        hardware = cpu_hardware(run_threads())
+    threads = int(hardware.rsplit("x", 1)[1])
+    return 1, 1, 1, hardware, threads * CPU_TFLOPS_PER_CORE
+
+
+def estimate_request(request: EvaluationRequest, inventory: Inventory, answer: Plan, size: dict[str, Any]) -> dict[str, Any]:
+    """The job's compute seconds: measured speeds of its key where there are some, else modeled."""
+    from evalfleet.runtime.batching import DEFAULT_TOKEN_BUDGET
+
+    tp, pp, dp, hardware, tflops = _run_layout(request, inventory, answer)
+    node = inventory.nodes[0]
+    work = dict(size.get("work_tokens_by_kind") or {"loglikelihood": size["work_tokens"]})
+    # The job's own sequences where they were counted (attention over half of one, on average),
+    # and as many rows per batch as the token budget holds (pp budgets for a pipeline).
+    length = size["work_tokens"] / size["token_requests"] if size.get("token_requests") else answer.max_length
+    budget = request.max_batch_tokens or DEFAULT_TOKEN_BUDGET["cpu" if inventory.is_cpu_only else "cuda"] * pp
+    rates = modeled_rates(
+        answer.profile, tp, pp, dp, tflops=tflops, bandwidth_gbps=node.gpus[0].spec.memory_bandwidth_gbps,
+        link_gbps=node.intra_bandwidth_gbps or 1.0, dtype=answer.dtype, max_length=max(1, round(length)),
+        batch_size=max(1, int(budget // max(length, 1))),
+    )
+    generated = float(size.get("generation_tokens") or 0)
+    generation = float(work.get("generation", 0))
+    modeled = {"loglikelihood": rates["prefill"], "generation": rates["decode"]}
+    if generation > 0:  # its prompts at prefill speed, its budget at decode speed
+        modeled["generation"] = generation / ((generation - generated) / rates["prefill"] + generated / rates["decode"])
+    # the dtype the run will load in: on the CPU "auto" is float32 (runtime.backends.hf.resolve_dtype)
+    dtype = "float32" if inventory.is_cpu_only and request.model.dtype == "auto" else answer.dtype
+    key = CalibrationKey(model_shape(answer.profile), answer.backend, dtype, tp, pp, dp, hardware)
+    return {**job_estimate(work, kind_estimates(key, modeled)), "key": key.describe()}

@@ -56,8 +56,10 @@ GPU_SPECS: dict[str, GPUSpec] = {
         GPUSpec("T4", 16, 65, 320, 0, (7, 5)),
     )
 }
-CPU_SPEC = GPUSpec("cpu", 0, 0.05, 50)
-CPU_TFLOPS_PER_CORE = 0.05
+# float32 matmul peak of one core: 196 GFLOP/s on this project's 2-core machine, measured by
+# benchmarks/vs_lmeval.py (`matmul_peak_gflops`); runs replace it by measured speeds anyway.
+CPU_TFLOPS_PER_CORE = 0.098
+CPU_SPEC = GPUSpec("cpu", 0, CPU_TFLOPS_PER_CORE, 50)
 UNKNOWN_GPU = GPUSpec("unknown", 0, 100, 1000)
 PCIE_GBPS = 25.0
 UNKNOWN_NVLINK_GBPS = 300.0

@@ -24,6 +24,7 @@ from evalfleet.planning.strategy import (
     DistributionStrategy,
     ParallelLayout,
     layout_problem,
+    microbatches,
     replica_tokens_per_s,
     shape_allowed,
     to_strategy,
@@ -263,7 +264,7 @@ def _plan_gpus(profile: ModelProfile, inventory: Inventory, ask: _Ask) -> Plan:
             if problem:
                 rejections.append(problem)
                 break
-            micro = ask.batch_size if p > 1 else 1
+            micro = microbatches(ask.batch_size, p)[1]
             if best and pool.budget * per_gpu_rate * micro / (micro + p - 1) < best:
                 break  # even perfect scaling of a deeper pipeline cannot beat the best so far
             candidate = _Candidate(t, p, memory_of(t, p))

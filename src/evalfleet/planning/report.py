@@ -9,6 +9,7 @@ from rich.console import Console
 from rich.table import Table
 
 from evalfleet.planning.backends import LABELS
+from evalfleet.planning.calibration import describe_speed, plan_speeds
 from evalfleet.planning.hardware import Inventory, parse_gpus
 from evalfleet.planning.model_profile import profile_model
 from evalfleet.planning.planner import Plan, plan
@@ -44,17 +45,18 @@ def plan_command(
         dp=dp,
         backend=backend,
     )
+    speeds = plan_speeds(result, inventory) if result.fits else None
     if as_json:
-        document = {**result.to_dict(), "gpus": inventory.describe()}
+        document = {**result.to_dict(), "gpus": inventory.describe(), "speeds": speeds}
         sys.stdout.write(json.dumps(document, indent=2) + "\n")
     else:
-        render(result, inventory, Console())
+        render(result, inventory, Console(), speeds)
     if not result.fits:
         raise EvalfleetError(result.reason)
     return result
 
 
-def render(result: Plan, inventory: Inventory, console: Console) -> None:
+def render(result: Plan, inventory: Inventory, console: Console, speeds: dict | None = None) -> None:
     profile, dtype = result.profile, result.dtype
     model = Table(title=f"{profile.name} ({profile.architecture})", show_header=False, box=None)
     model.add_row("parameters", f"{profile.params:,} ({profile.count_method})")
@@ -74,8 +76,12 @@ def render(result: Plan, inventory: Inventory, console: Console) -> None:
         console.print(
             f"\n[green]fits[/green]: {result.strategy.value} tp={layout.tp} pp={layout.pp} dp={layout.dp}, "
             f"engine {result.engine} on {LABELS[result.backend]}, {result.gpus_used} GPU(s) on {result.nodes_used} node(s), "
-            f"~{result.estimated_tokens_per_s:,.0f} tokens/s\n{result.reason}"
+            f"~{result.estimated_tokens_per_s:,.0f} tokens/s (modeled)\n{result.reason}"
         )
+        if speeds:
+            console.print(f"speeds for {speeds['key']}:")
+            for kind, figures in speeds["by_kind"].items():
+                console.print(f"  {describe_speed(kind, figures)}")
     else:
         console.print(
             f"\n[red]does not fit[/red] on {LABELS[result.backend]}: {result.reason}\n"

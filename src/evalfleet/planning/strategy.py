@@ -1,8 +1,9 @@
 """Parallel layouts, the rules a layout must obey, and the cost model that ranks them.
 
 Cost model, for one replica (a tp x pp group) evaluating a batch of B sequences of S tokens:
-the batch is cut into m micro-batches (m = B when pp > 1, else 1) that flow through the stages,
-so the batch takes (m + pp - 1) micro-steps, each as long as one stage's share of a micro-batch:
+the batch is cut into m micro-batches of ceil(B / m) rows that flow through the stages, as the
+runtime does (`microbatches`: m about 8 per stage, m = 1 when pp = 1), so the batch takes
+(m + pp - 1) micro-steps, each as long as one stage's share of a micro-batch:
 
     compute   = FLOPs(micro-batch) / (tp * pp * peak bf16 FLOP/s * efficiency)
     floor     = stage weights / memory bandwidth        (each micro-step reads its weights once)
@@ -12,19 +13,55 @@ so the batch takes (m + pp - 1) micro-steps, each as long as one stage's share o
     tokens/s  = B * S / ((m + pp - 1) * (max(compute, floor) + all-reduce + p2p))
 
 The job's throughput is dp times a replica's; AUTO picks the layout that maximises it.
+
+Decoding (the generation budget) is a second term: each step adds one token to each of the B
+rows, the stages run one after another (generation keeps transformers' own pp forward), and a
+step reads every weight once, so
+
+    decode step = max(FLOPs(B tokens) / (tp * peak * efficiency), weights / (tp * bandwidth))
+                  + layers * host seconds per layer call + all-reduces (tp) + p2p (pp)
+    decode tokens/s = B / decode step
+
+Both are models: `planning/calibration.py` replaces them by measured speeds once a run of the
+same shape, layout and hardware has finished, and reports the model's error against them.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from evalfleet.planning.model_profile import ModelProfile, PlanningError
 from evalfleet.types import DistributionStrategy
 
-__all__ = ["DistributionStrategy", "ParallelLayout", "layout_problem", "replica_tokens_per_s", "to_strategy"]
+__all__ = [
+    "DistributionStrategy", "ParallelLayout", "layout_problem", "microbatches", "replica_speeds", "replica_tokens_per_s", "to_strategy",
+]
 
 COMPUTE_EFFICIENCY = 0.45
 COLLECTIVE_LATENCY_S = 10e-6
+# Python and kernel-launch time per decoder layer per forward call in eager transformers; it
+# bounds decoding of small models (measured by benchmarks/calibration.py, which reports it).
+HOST_SECONDS_PER_LAYER = 1.5e-4
+# Micro-batches per stage in a pipelined batch: the schedule's idle share ("bubble") is
+# (stages - 1) / (micro-batches + stages - 1), 1/17 of a 2-stage pipeline at 8 per stage. On the
+# CPU benchmark (benchmarks/distributed_cpu.py) 8 beat 4 by 5-15%.
+MICROBATCHES_PER_STAGE = 8
+
+
+def microbatches(rows: int, stages: int, per_stage: int = MICROBATCHES_PER_STAGE) -> tuple[int, int]:
+    """(rows per micro-batch, micro-batches) for a batch of `rows` over `stages`, as the
+    pipelined runtime cuts it (`runtime.parallel.PipelinedHFBackend`).
+
+    All micro-batches have one size (a pipeline stage has one shape), so a batch that does not
+    divide evenly gets repeated filler rows. Between `per_stage` x `stages` and half that, the
+    count with the least pipeline time wins: (count + stages - 1) steps of `size` rows each.
+    """
+    wanted = min(rows, per_stage * stages) if stages > 1 else 1
+    if wanted < 2:
+        return rows, 1
+    count = min(range(wanted, max(2, wanted // 2) - 1, -1), key=lambda n: (n + stages - 1) * -(-rows // n))
+    return -(-rows // count), count
 
 
 @dataclass(frozen=True)
@@ -98,7 +135,12 @@ def layout_problem(profile: ModelProfile, tp: int, pp: int) -> str | None:
     return None
 
 
-def replica_tokens_per_s(
+def replica_tokens_per_s(profile: ModelProfile, tp: int, pp: int, **figures: Any) -> float:
+    """Evaluation (prompt) tokens per second of one replica (see the module docstring)."""
+    return replica_speeds(profile, tp, pp, **figures)[0]
+
+
+def replica_speeds(
     profile: ModelProfile,
     tp: int,
     pp: int,
@@ -110,19 +152,35 @@ def replica_tokens_per_s(
     memory_bandwidth_gbps: float,
     intra_gbps: float,
     stage_link_gbps: float,
-) -> float:
-    """Evaluation tokens per second of one replica (see the module docstring)."""
+) -> tuple[float, float]:
+    """(prompt tokens/s, generated tokens/s) of one replica, B rows of S tokens (module docstring)."""
     b = profile.bytes_per_param(dtype)
-    micro = batch_size if pp > 1 else 1
-    micro_tokens = batch_size * max_length / micro
-    flops = profile.flops_per_token(context=max_length // 2) * micro_tokens
-    compute = flops / (tp * pp * tflops * 1e12 * COMPUTE_EFFICIENCY)
+    peak = tp * tflops * 1e12 * COMPUTE_EFFICIENCY
+
+    def ring(activation_bytes: float) -> float:  # one all-reduce over the tp group
+        return 2 * (tp - 1) / tp * activation_bytes / (intra_gbps * 1e9) + COLLECTIVE_LATENCY_S
+
+    def hop(activation_bytes: float) -> float:  # one stage boundary
+        return activation_bytes / (stage_link_gbps * 1e9) + COLLECTIVE_LATENCY_S
+
+    size, micro = microbatches(batch_size, pp)
+    micro_tokens = size * max_length
+    compute = profile.flops_per_token(context=max_length // 2) * micro_tokens / (pp * peak)
     floor = profile.params * b / (tp * pp) / (memory_bandwidth_gbps * 1e9)
     activation_bytes = micro_tokens * profile.hidden_size * max(b, 2.0)
     step = max(compute, floor)
     if tp > 1:
-        ring = 2 * (tp - 1) / tp * activation_bytes / (intra_gbps * 1e9) + COLLECTIVE_LATENCY_S
-        step += 2 * -(-profile.num_layers // pp) * ring
+        step += 2 * -(-profile.num_layers // pp) * ring(activation_bytes)
     if pp > 1:
-        step += activation_bytes / (stage_link_gbps * 1e9) + COLLECTIVE_LATENCY_S
-    return batch_size * max_length / ((micro + pp - 1) * step)
+        step += hop(activation_bytes)
+    prefill = batch_size * max_length / ((micro + pp - 1) * step)
+
+    decode_compute = profile.flops_per_token(context=max_length // 2) * batch_size / peak
+    weights = profile.params * b / tp / (memory_bandwidth_gbps * 1e9)
+    decode_step = max(decode_compute, weights) + profile.num_layers * HOST_SECONDS_PER_LAYER
+    row_bytes = batch_size * profile.hidden_size * max(b, 2.0)
+    if tp > 1:
+        decode_step += 2 * profile.num_layers * ring(row_bytes)
+    if pp > 1:
+        decode_step += (pp - 1) * hop(row_bytes)
+    return prefill, batch_size / decode_step

@@ -40,9 +40,17 @@ class RunStats:
     tokens: int = 0
     compute_seconds: float = 0.0
     by_type: dict[str, int] = field(default_factory=dict)
+    # Computed tokens and the runner's seconds per kind of work ("loglikelihood": scored prompts,
+    # rolling windows included; "generation": prompt plus generation budget), for calibration.
+    by_kind: dict[str, dict[str, float]] = field(default_factory=dict)
     # perf_counter() when lm-eval first asked for results, and when the last answer went back
     first_call: float | None = None
     last_return: float | None = None
+
+
+def work_kind(item: Item) -> str:
+    """"generation" or "loglikelihood": the two kinds of work whose speeds are measured apart."""
+    return "generation" if isinstance(item, GenerationItem) else "loglikelihood"
 
 
 def _keep_last(encoding: list[int], count: int | None) -> list[int]:
@@ -244,6 +252,10 @@ class EvalfleetLM(TemplateLM):
             self.runner.run(batch_items, on_batch_done)
         self.stats.last_return = time.perf_counter()
         self.stats.compute_seconds += self.stats.last_return - started
+        if todo:
+            kind = self.stats.by_kind.setdefault(work_kind(todo[0]), {"tokens": 0, "seconds": 0.0})
+            kind["tokens"] += sum(item.length for item in todo)
+            kind["seconds"] += self.stats.last_return - started
         return [results[item] for item in items]
 
     def _report(self, phase: str, done: int, total: int) -> None:

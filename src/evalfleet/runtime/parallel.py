@@ -7,7 +7,11 @@ Which path each layout takes (checked on transformers 5.24, torch 2.13):
   only its shards and the model's own `base_model_tp_plan` adds the all-reduces.
 - pp > 1: `DistributedConfig(pp_size=pp)`; every rank keeps only its stage's layers, and the
   hidden states go to the next stage by send/recv. Only Llama-style models (`embed_tokens`,
-  `layers`, `norm`) can be split. Generation needs `StageCache` (below).
+  `layers`, `norm`) can be split. Generation needs `StageCache` (below). transformers' own
+  pp forward sends a whole batch through one stage after the other, so the other stages
+  wait; log-likelihood batches instead go through `PipelinedHFBackend`, which splits each
+  batch into micro-batches that flow through the stages under torch's GPipe schedule
+  (forward only): stage 1 works on micro-batch k + 1 while stage 2 works on k.
 - tp > 1 and pp > 1: transformers 5.24 cannot combine them (it expands the TP plan before the
   stage split removes layers, then fails on the missing ones), so we load the whole model,
   split it with transformers' own `apply_pipeline_parallelism` over the pp sub-mesh, and shard
@@ -26,8 +30,10 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from torch import nn
 from transformers import DynamicCache
 
+from evalfleet.planning.strategy import MICROBATCHES_PER_STAGE, microbatches
 from evalfleet.runtime.backends.hf import HFBackend
 from evalfleet.runtime.group import PATHS, GroupSpec, check_layout, torch_styles
 
@@ -62,6 +68,71 @@ def _generate_with_stage_cache(model: Any, first_layer: int) -> None:
     model.generate = generate
 
 
+class _StageModule(nn.Module):
+    """This rank's stage as a module torch's pipelining can drive: ids or hidden states in,
+    hidden states (or, on the last stage, the last `keep` positions' logits) out."""
+
+    def __init__(self, model: Any, first: bool, last: bool, keep: int) -> None:
+        super().__init__()
+        self.model, self.first, self.last, self.keep = model, first, last, keep
+
+    def forward(self, inputs: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+        base = getattr(self.model, self.model.base_model_prefix)
+        given = {"input_ids" if self.first else "inputs_embeds": inputs}
+        hidden = base(**given, attention_mask=attention_mask, position_ids=position_ids, use_cache=False).last_hidden_state
+        return self.model.lm_head(hidden[:, -self.keep :, :]) if self.last else hidden
+
+
+class PipelinedHFBackend(HFBackend):
+    """A pipeline stage's backend whose log-likelihood batches go through the stages in
+    micro-batches (torch's `ScheduleGPipe`, forward only; module docstring).
+
+    Every rank builds the same padded batch (the driver sends it to all), so the attention
+    mask and positions are given to every stage and split alongside the ids; only the hidden
+    states travel. The last stage's logits are broadcast to the others, as transformers' own
+    pp forward does, so the rest of `HFBackend` (scoring, the packed-mask check) runs as is.
+    A batch with a reused prefix cache, or of one row, takes transformers' own pp forward.
+    """
+
+    microbatches_per_stage = MICROBATCHES_PER_STAGE
+
+    def _forward_last(
+        self, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, keep: int, past: Any = None
+    ) -> torch.Tensor:
+        stage = self.model._pp_stage
+        rows = ids.shape[0]
+        size, count = microbatches(rows, stage.pp_size, self.microbatches_per_stage)
+        if past is not None or count < 2:
+            return super()._forward_last(ids, mask, positions, keep, past)
+        extra = size * count - rows  # micro-batches must be alike: repeat the last row, drop its results
+        if extra:
+            ids, mask, positions = (torch.cat([t, t[-1:].expand(extra, *t.shape[1:])]) for t in (ids, mask, positions))
+        logits = self._schedule(ids, mask, keep, size, count).step(
+            *((ids,) if stage.pp_is_first_stage else ()), attention_mask=mask, position_ids=positions
+        )
+        if logits is not None:
+            logits = logits[:rows]
+        return stage.broadcast_from_last(logits, dtype=self.model.dtype, device=self.device)
+
+    def _schedule(self, ids: torch.Tensor, mask: torch.Tensor, keep: int, size: int, count: int) -> Any:
+        """A GPipe schedule for micro-batches of `size` rows (stages are fixed to one shape)."""
+        from torch.distributed.pipelining import PipelineStage, ScheduleGPipe
+
+        stage = self.model._pp_stage
+        width, hidden = ids.shape[1], self.model.config.hidden_size
+        dtype = self.model.dtype
+        states = torch.empty((size, width, hidden), dtype=dtype, device="meta")
+        inputs = torch.empty((size, width), dtype=torch.long, device="meta") if stage.pp_is_first_stage else states
+        last = stage.pp_is_last_stage
+        vocab = self.model.config.vocab_size
+        outputs = torch.empty((size, keep, vocab), dtype=dtype, device="meta") if last else states
+        module = _StageModule(self.model, stage.pp_is_first_stage, last, keep)
+        pipeline_stage = PipelineStage(
+            module, stage.pp_rank, stage.pp_size, self.device, input_args=inputs, output_args=outputs, group=stage.pp_group
+        )
+        return ScheduleGPipe(pipeline_stage, count)
+
+
 @dataclass
 class LoadedPart:
     """This rank's part of the model, and where it sits in the group."""
@@ -89,7 +160,7 @@ def load_part(spec: GroupSpec) -> LoadedPart:
     if spec.path == "torch-hybrid":
         return _load_hybrid(spec, device, common)
     config = DistributedConfig(tp_size=spec.tp, pp_size=spec.pp)
-    backend = HFBackend.load(spec.model_path, device=device, distributed_config=config, **common)
+    backend = (PipelinedHFBackend if spec.pp > 1 else HFBackend).load(spec.model_path, device=device, distributed_config=config, **common)
     model = backend.model
     if spec.pp > 1:
         stage = model._pp_stage
@@ -120,7 +191,7 @@ def _load_hybrid(spec: GroupSpec, device: str, common: dict[str, Any]) -> Loaded
     for index in range(first, last):
         parallelize_module(layers[index], mesh["tp"], plan)
     _generate_with_stage_cache(model, first)
-    backend = HFBackend(model, whole.tokenizer, device, spec.max_length, spec.share_prefixes)
+    backend = PipelinedHFBackend(model, whole.tokenizer, device, spec.max_length, spec.share_prefixes)
     tp_mesh = mesh["tp"]
     return LoadedPart(backend, tp_rank=tp_mesh.get_local_rank(), stage=stage.pp_rank, tp_group=tp_mesh.get_group())
 
@@ -158,4 +229,4 @@ def rank_report(part: LoadedPart, rank: int) -> dict[str, Any]:
     }
 
 
-__all__ = ["PATHS", "GroupSpec", "LoadedPart", "StageCache", "check_layout", "load_part", "local_tensor", "rank_report"]
+__all__ = ["PATHS", "GroupSpec", "LoadedPart", "PipelinedHFBackend", "StageCache", "check_layout", "load_part", "local_tensor", "rank_report"]

@@ -26,10 +26,15 @@ def choose_threads(cores: int | None = None, load: float | None = None) -> int:
     return max(1, min(cores, cores - busy))
 
 
+def run_threads() -> int:
+    """The threads a run started now gets: OMP_NUM_THREADS when set, else `choose_threads()`."""
+    fixed = os.environ.get("OMP_NUM_THREADS", "")
+    return max(1, int(fixed)) if fixed.isdigit() else choose_threads()
+
+
 def set_torch_threads() -> int:
-    """Apply `choose_threads()` to torch unless OMP_NUM_THREADS fixes it; returns the count in use."""
+    """Apply `run_threads()` to torch; returns the count in use."""
     import torch
 
-    if not os.environ.get("OMP_NUM_THREADS"):
-        torch.set_num_threads(choose_threads())
+    torch.set_num_threads(run_threads())
     return torch.get_num_threads()
