@@ -58,6 +58,24 @@ def test_demand_from_plan_uses_the_planner_speed_for_every_replica_count():
     assert job.need_gb == pytest.approx(layout_plan.per_gpu.total)
 
 
+def test_a_plan_demand_runs_at_the_speed_measured_for_its_key():
+    from evalfleet.orchestrator.sizing import plan_demand
+    from evalfleet.planning.calibration import Calibration, CalibrationKey, inventory_hardware, model_shape
+
+    cluster = Inventory.from_spec("2x8xH100-80GB")
+    layout_plan = plan("meta-llama/Llama-3.1-8B", cluster)
+    modeled = demand_from_plan(layout_plan, cluster, work_tokens=1e8, model="llama8")
+    assert plan_demand(layout_plan, cluster, work_tokens=1e8, model="llama8") == modeled  # nothing measured yet
+    layout = layout_plan.layout
+    key = CalibrationKey(model_shape(layout_plan.profile), layout_plan.backend, layout_plan.dtype, layout.tp, layout.pp,
+                         layout.dp, inventory_hardware(cluster))
+    assert key.hardware == "H100"
+    Calibration().record(key, "loglikelihood", int(layout_plan.estimated_tokens_per_s * 10), 20.0)  # half as fast
+    measured = plan_demand(layout_plan, cluster, work_tokens=1e8, model="llama8")
+    assert measured.tokens_per_s == pytest.approx(tuple(rate / 2 for rate in modeled.tokens_per_s))
+    assert measured.runtime(1) - measured.startup_s == pytest.approx(2 * (modeled.runtime(1) - modeled.startup_s))
+
+
 def test_slot_inventory():
     slots = slot_inventory(3, memory_gb=8)
     assert slots.is_cpu_only and len(slots.nodes[0].gpus) == 3

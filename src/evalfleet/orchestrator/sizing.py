@@ -27,6 +27,7 @@ from evalfleet.planning.calibration import (
     kind_estimates,
     model_shape,
     modeled_rates,
+    plan_speeds,
 )
 from evalfleet.planning.hardware import CPU_SPEC, CPU_TFLOPS_PER_CORE
 from evalfleet.types import EvalfleetError, EvaluationRequest, UsageError
@@ -107,10 +108,25 @@ def size_request(request: EvaluationRequest, inventory: Inventory) -> tuple[dict
     demand = demand_from_plan(answer, inventory, work_tokens=size["work_tokens"], model=request.model.path,
                               min_replicas=request.dp or 1)
     estimate = estimate_request(request, inventory, answer, size)
-    if estimate["modeled_seconds"] > 0 and estimate["seconds"] > 0:
-        factor = estimate["modeled_seconds"] / estimate["seconds"]  # measured over modeled speed
-        demand = replace(demand, tokens_per_s=tuple(rate * factor for rate in demand.tokens_per_s))
+    if estimate["seconds"] > 0:
+        demand = calibrated(demand, estimate["modeled_seconds"] / estimate["seconds"])
     return {**answer.to_dict(), "estimate": estimate}, demand, size
+
+
+def calibrated(demand: JobDemand, measured_over_modeled: float) -> JobDemand:
+    """The demand with the planner's speed for every replica count scaled by how fast runs of
+    its key really were (1.0: nothing measured)."""
+    if measured_over_modeled <= 0 or measured_over_modeled == 1.0:
+        return demand
+    return replace(demand, tokens_per_s=tuple(rate * measured_over_modeled for rate in demand.tokens_per_s))
+
+
+def plan_demand(layout_plan: Plan, inventory: Inventory, *, work_tokens: float, model: str) -> JobDemand:
+    """A job sized from a plan alone (the simulator's synthetic jobs: log-likelihood work): the
+    planner's speeds, calibrated by measured runs of the plan's key as a submitted job's are."""
+    demand = demand_from_plan(layout_plan, inventory, work_tokens=work_tokens, model=model)
+    speed = plan_speeds(layout_plan, inventory)["by_kind"]["loglikelihood"]
+    return calibrated(demand, speed.get("measured_over_modeled", 1.0))
 
 
 def estimate_for(request: EvaluationRequest, inventory: Inventory) -> tuple[dict[str, Any], dict[str, Any]]:

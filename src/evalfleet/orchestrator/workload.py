@@ -2,7 +2,8 @@
 
 Model sizes run from 1B to 180B (real configs: the planner's shipped ones plus two small
 Llama-3.2-shaped configs), each job sized by the planner on the simulated cluster, so a
-job's speed on any number of GPUs is the planner's estimate for that layout.
+job's speed on any number of GPUs is the planner's estimate for that layout, calibrated by
+measured runs of the same key as a submitted job's is (`sizing.plan_demand`).
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import random
 from dataclasses import dataclass
 
 from evalfleet.orchestrator.demand import JobDemand
-from evalfleet.orchestrator.sizing import demand_from_plan
+from evalfleet.orchestrator.sizing import plan_demand
 from evalfleet.planning import Inventory, plan, profile_model
 
 
@@ -65,7 +66,7 @@ def model_demands(inventory: Inventory) -> list[tuple[JobDemand, float]]:
         profile = profile_model(source)
         answer = plan(profile, inventory, backend="any")  # a synthetic fleet: every backend is assumed
         if answer.fits:
-            sized.append((demand_from_plan(answer, inventory, work_tokens=0.0, model=profile.name), weight))
+            sized.append((plan_demand(answer, inventory, work_tokens=0.0, model=profile.name), weight))
     return sized
 
 
