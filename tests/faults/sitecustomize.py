@@ -71,8 +71,8 @@ def _install() -> None:
             backend = part.backend
             schedule = backend._schedule
 
-            def rotating_schedule(ids, mask, keep, size, count):
-                real = schedule(ids, mask, keep, size, count)
+            def rotating_schedule(ids, keep, size, count):
+                real = schedule(ids, keep, size, count)
                 step = real.step
 
                 def rotated(*args, **kwargs):

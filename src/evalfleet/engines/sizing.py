@@ -133,7 +133,8 @@ def _count(request: EvaluationRequest, path: str) -> dict[str, Any]:
     prompt = sum(item.length for item in runner.items) - budget
     by_kind: dict[str, int] = {}
     for item in runner.items:
-        by_kind[work_kind(item)] = by_kind.get(work_kind(item), 0) + item.length
+        kind = work_kind(item)
+        by_kind[kind] = by_kind.get(kind, 0) + item.length
     return {
         "source": "counted",
         "requests": lm.stats.requests,

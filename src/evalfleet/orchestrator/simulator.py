@@ -140,7 +140,7 @@ def simulate(
 ) -> SimulationReport:
     """Play `trace` on `inventory` under `scheduler` until every job succeeded or failed for good."""
     jobs = {spec.id: _Job(spec) for spec in trace}
-    gpus = sum(len(node.gpus) for node in inventory.nodes)
+    gpus = inventory.device_count
     events: list[tuple[float, int, str, str]] = []
     serial = 0
 

@@ -28,6 +28,7 @@ from evalfleet.planning.calibration import (
     model_shape,
     modeled_rates,
     plan_speeds,
+    slot_threads,
 )
 from evalfleet.planning.hardware import CPU_SPEC, CPU_TFLOPS_PER_CORE
 from evalfleet.types import EvalfleetError, EvaluationRequest, UsageError
@@ -51,7 +52,7 @@ def describe_pool(inventory: Inventory) -> str:
     """`4xA10G-24GB`, or `2 CPU slots` for a slot pool."""
     if not inventory.is_cpu_only:
         return inventory.describe()
-    slots = sum(len(node.gpus) for node in inventory.nodes)
+    slots = inventory.device_count
     return f"{slots} CPU slot{'s' if slots != 1 else ''}"
 
 
@@ -167,15 +168,13 @@ def _run_layout(request: EvaluationRequest, inventory: Inventory, answer: Plan) 
         ranks = worker.tp * worker.pp * worker.dp
         return (worker.tp, worker.pp, worker.dp, cpu_hardware(worker.threads * ranks),
                 worker.threads * CPU_TFLOPS_PER_CORE)
-    slots = sum(len(node.gpus) for node in inventory.nodes)
-    if slots > 1:  # a scheduler slot: the cores its jobs are given
-        hardware = inventory_hardware(inventory)
+    if inventory.device_count > 1:  # a scheduler slot: the cores its jobs are given
+        threads = slot_threads(inventory)
     else:  # the lightweight engine takes the cores free now (runtime/threads.py)
         from evalfleet.runtime.threads import run_threads
 
-        hardware = cpu_hardware(run_threads())
-    threads = int(hardware.rsplit("x", 1)[1])
-    return 1, 1, 1, hardware, threads * CPU_TFLOPS_PER_CORE
+        threads = run_threads()
+    return 1, 1, 1, cpu_hardware(threads), threads * CPU_TFLOPS_PER_CORE
 
 
 def estimate_request(request: EvaluationRequest, inventory: Inventory, answer: Plan, size: dict[str, Any]) -> dict[str, Any]:

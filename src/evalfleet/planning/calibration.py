@@ -78,11 +78,15 @@ def gpu_hardware(name: str) -> str:
     return spec.name if spec is not None else name
 
 
+def slot_threads(inventory: Any) -> int:
+    """The CPU threads one job of a CPU pool gets: the cores over its slots."""
+    return max(1, (os.cpu_count() or 1) // max(1, inventory.device_count))
+
+
 def inventory_hardware(inventory: Any) -> str:
     """The hardware key of a pool: its first GPU's model, or the CPU threads one job gets."""
     if inventory.is_cpu_only:
-        slots = sum(len(node.gpus) for node in inventory.nodes)
-        return cpu_hardware((os.cpu_count() or 1) // max(1, slots))
+        return cpu_hardware(slot_threads(inventory))
     return gpu_hardware(inventory.nodes[0].gpus[0].spec.name)
 
 

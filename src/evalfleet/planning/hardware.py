@@ -111,6 +111,11 @@ class Inventory:
         return sum(1 for node in self.nodes for gpu in node.gpus if not gpu.is_cpu)
 
     @property
+    def device_count(self) -> int:
+        """Every device, GPUs and CPU slots alike."""
+        return sum(len(node.gpus) for node in self.nodes)
+
+    @property
     def is_cpu_only(self) -> bool:
         return all(gpu.is_cpu for node in self.nodes for gpu in node.gpus)
 

@@ -107,14 +107,14 @@ class PipelinedHFBackend(HFBackend):
         extra = size * count - rows  # micro-batches must be alike: repeat the last row, drop its results
         if extra:
             ids, mask, positions = (torch.cat([t, t[-1:].expand(extra, *t.shape[1:])]) for t in (ids, mask, positions))
-        logits = self._schedule(ids, mask, keep, size, count).step(
+        logits = self._schedule(ids, keep, size, count).step(
             *((ids,) if stage.pp_is_first_stage else ()), attention_mask=mask, position_ids=positions
         )
         if logits is not None:
             logits = logits[:rows]
         return stage.broadcast_from_last(logits, dtype=self.model.dtype, device=self.device)
 
-    def _schedule(self, ids: torch.Tensor, mask: torch.Tensor, keep: int, size: int, count: int) -> Any:
+    def _schedule(self, ids: torch.Tensor, keep: int, size: int, count: int) -> Any:
         """A GPipe schedule for micro-batches of `size` rows (stages are fixed to one shape)."""
         from torch.distributed.pipelining import PipelineStage, ScheduleGPipe
 
