@@ -136,6 +136,18 @@ def test_each_rank_sees_its_own_gpu_counted_among_the_drivers_visible_ones(monke
     assert group._environment(0, "cpu", 9)["CUDA_VISIBLE_DEVICES"] == ""
 
 
+def test_a_group_given_its_own_visible_gpus_counts_among_those_not_the_drivers(monkeypatch):
+    """A replica added on GPUs the driver does not see: env={"CUDA_VISIBLE_DEVICES": "4,5"}, cuda:0 and cuda:1."""
+    from types import SimpleNamespace
+
+    from evalfleet.runtime.transport import WorkerGroup
+
+    group = WorkerGroup(GroupSpec("m", tp=2, device="cuda"), ["cuda:0", "cuda:1"], env={"CUDA_VISIBLE_DEVICES": "4,5"})
+    group._store = SimpleNamespace(port=1234)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "1,3")
+    assert [group._environment(rank, f"cuda:{rank}", None)["CUDA_VISIBLE_DEVICES"] for rank in (0, 1)] == ["4", "5"]
+
+
 def test_the_planner_sees_only_the_gpus_this_job_was_given(monkeypatch):
     import torch
 

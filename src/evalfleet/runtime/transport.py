@@ -200,10 +200,11 @@ class WorkerGroup:
             }
         )
         # One GPU per rank, which the rank sees as cuda:0; a CPU rank sees none. "cuda:N" counts
-        # among the GPUs this driver may use (its own CUDA_VISIBLE_DEVICES), in PCI order as NVML does.
+        # among the GPUs this group may use: its own CUDA_VISIBLE_DEVICES (a replica added on GPUs
+        # the driver does not see), else the driver's; in PCI order as NVML does.
         if device.startswith("cuda:"):
             indices = [int(name.split(":", 1)[1]) for name in device.split(",")]
-            visible = [v.strip() for v in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if v.strip()]
+            visible = [v.strip() for v in env.get("CUDA_VISIBLE_DEVICES", "").split(",") if v.strip()]
             env["CUDA_VISIBLE_DEVICES"] = ",".join(visible[i] if visible else str(i) for i in indices)
             env.setdefault("CUDA_DEVICE_ORDER", "PCI_BUS_ID")
         elif device.startswith("cpu"):

@@ -6,6 +6,11 @@ no port has to be guessed. Rank 0 talks to the driver over an inherited socket p
 broadcasts each batch to the other ranks (`rank.serve`). Replicas pull batches from one
 shared queue, so a slow replica never holds the others back.
 
+Replicas can join and leave a run in progress: `add_replica` loads a new one (on devices, an
+environment and a thread count of its own) and sets it pulling from the running job's queue;
+`retire_replica` lets one finish the batch in hand and then stops it. A job never drops to zero
+replicas that way, and a retired replica does not count as a failed one.
+
 Faults: a rank that dies, or a batch that outlives `batch_timeout`, fails its replica; the
 replica is killed and restarted (at most `max_restarts` times) and the batch it had in flight
 goes back on the queue. A batch that runs out of memory halves that replica's token budget
@@ -16,6 +21,7 @@ driver kills every group it started at exit.
 
 from __future__ import annotations
 
+import dataclasses
 import queue
 import threading
 import time
@@ -52,24 +58,49 @@ EngineStatsCallback = Callable[[str, dict[str, float]], None]
 class _Replica:
     index: int
     devices: list[str]
+    # Its own, so a replica added with other threads or another environment restarts the same way.
+    spec: GroupSpec
+    env: dict[str, str]
     group: WorkerGroup | None = None
     token_budget: int | None = None
     restarts: int = 0
     oom_halvings: int = 0
     oom_restarts: int = 0
-    batches: int = 0
+    requests: int = 0  # sent to rank 0, pieces of batches included: one in `time_every` is timed
+    batches: int = 0  # computed and reported
     failures: list[str] = field(default_factory=list)
+    pulling: bool = False  # a puller of the run in progress drives it
+    leaving: bool = False  # retired: takes no further batch, then stops
+    on_left: Callable[[], None] | None = None
 
     @property
     def name(self) -> str:
         return f"replica-{self.index}"
+
+    @property
+    def live(self) -> bool:
+        return self.group is not None and not self.leaving
+
+
+@dataclass
+class _Run:
+    """What the pullers of one `run` share. It sits on the runner while the run is in progress,
+    so that a replica added meanwhile can join it."""
+
+    batches: Sequence[Sequence[Item]]
+    todo: queue.Queue[int] = field(default_factory=queue.Queue)
+    events: queue.Queue[tuple[Any, ...]] = field(default_factory=queue.Queue)
+    finished: threading.Event = field(default_factory=threading.Event)
+    threads: list[threading.Thread] = field(default_factory=list)
+    pullers: int = 0  # still pulling: the run fails when none is left, not when each has failed once
 
 
 class WorkerGroupRunner(BatchRunner):
     """Batches computed by `dp` worker groups of `tp * pp` ranks each.
 
     `replicas` gives each replica's devices, one per rank in rank order ("cpu" or "cuda:N");
-    `env` is added to the workers' environment.
+    `env` is added to the workers' environment. `add_replica` and `retire_replica` change the
+    replicas, during a run or between runs.
     """
 
     def __init__(
@@ -88,26 +119,31 @@ class WorkerGroupRunner(BatchRunner):
         on_engine_stats: EngineStatsCallback | None = None,
     ) -> None:
         self.spec = spec
+        self.env = dict(env or {})
         self.on_engine_stats = on_engine_stats
-        self.replicas = [_Replica(i, list(devices)) for i, devices in enumerate(replicas)]
+        self.replicas = [_Replica(i, list(devices), spec, self.env) for i, devices in enumerate(replicas)]
+        self._initial_dp = len(self.replicas)  # what describe() calls dp, however many join or leave
         self.max_restarts = max_restarts
         self.batch_timeout = batch_timeout
         self.load_timeout = load_timeout
         self.on_communication = on_communication
         self.on_step = on_step
         self.placement = placement
-        self.env = dict(env or {})
         self.time_every = max(1, time_every)
         self.communication = CommunicationSummary(sample_every=self.time_every)
         self.load_seconds = 0.0
         self._lock = threading.Lock()
         self._info: dict[str, Any] = {}
         self._closing = False
+        self._run: _Run | None = None
+        self._next_index = len(self.replicas)
+        self._started = time.perf_counter()
+        self._changes: list[dict[str, Any]] = []
 
     def start(self) -> WorkerGroupRunner:
         """Start every replica at once; on any failure stop them all and raise."""
         check_layout(self.spec)
-        began = time.perf_counter()
+        began = self._started = time.perf_counter()
         errors: list[BaseException] = []
 
         def start_one(replica: _Replica) -> None:
@@ -128,14 +164,96 @@ class WorkerGroupRunner(BatchRunner):
         self.load_seconds = time.perf_counter() - began
         if errors:
             self.close()
-            error = errors[0]
-            if isinstance(error, ReplicaFailed):
-                raise InfrastructureError(f"could not start the worker group: {error}") from error
-            raise error
+            raise _start_error(errors[0])
         return self
 
+    def add_replica(
+        self, devices: Sequence[str], *, env: dict[str, str] | None = None, threads: int | None = None
+    ) -> str:
+        """Start one more replica on `devices` and return its name; blocks while it loads the model.
+
+        `env` is added to the runner's for this replica's ranks only (say, the
+        CUDA_VISIBLE_DEVICES of GPUs this process does not see); `threads` replaces the spec's.
+        A run in progress gets the new replica at once, so a job can grow while it runs.
+        If the replica cannot start, whatever it started is stopped and the runner is left as it was.
+        """
+        spec = self.spec if threads is None else dataclasses.replace(self.spec, threads=threads)
+        with self._lock:
+            if self._closing:
+                raise InfrastructureError("the worker group was closed; no replica can join it")
+            replica = _Replica(self._next_index, list(devices), spec, {**self.env, **(env or {})})
+            self._next_index += 1
+        try:
+            self._start_replica(replica)
+        except BaseException as error:
+            self._discard(replica)
+            raise _start_error(error)
+        with self._lock:
+            if not self._closing:
+                self.replicas.append(replica)
+                self._note_change(replica, "added")
+                if self._run is not None:
+                    self._join(self._run, replica)
+                return replica.name
+        self._discard(replica)
+        raise InfrastructureError(f"the worker group was closed while {replica.name} was loading the model")
+
+    def _discard(self, replica: _Replica) -> None:
+        """Undo a replica that never joined: stop its ranks, and give back its index if no later one took the next."""
+        if replica.group is not None:
+            replica.group.kill()
+        with self._lock:
+            if self._next_index == replica.index + 1:
+                self._next_index = replica.index
+
+    def retire_replica(self, name: str, on_left: Callable[[], None] | None = None) -> None:
+        """Let replica `name` finish the batch in hand (its results count), take no other, stop its
+        group and call `on_left`: from its puller's thread during a run, before returning otherwise.
+
+        Refused for an unknown name, a replica already leaving, and the last live one, so that a
+        job shrinks this way but never stops: `close` does that.
+        """
+        with self._lock:
+            replica = self._retirable(name)
+            replica.leaving = True
+            replica.on_left = on_left
+            now = not replica.pulling
+        if now:
+            self._leave(replica)
+
+    def _retirable(self, name: str) -> _Replica:
+        replica = next((r for r in self.replicas if r.name == name), None)
+        if replica is None:
+            raise EvalfleetError(f"there is no replica named {name!r}; the live ones are {self.replica_names}")
+        if replica.leaving:
+            raise EvalfleetError(f"{name} is already leaving the job")
+        if replica.group is None:
+            raise EvalfleetError(f"{name} is not running: it failed or the worker group was closed")
+        if not any(other.live for other in self.replicas if other is not replica):
+            raise EvalfleetError(f"{name} is the job's last live replica; close the runner to stop the job instead")
+        return replica
+
+    def _leave(self, replica: _Replica) -> None:
+        """Stop a retired replica, note when it left, and tell whoever retired it."""
+        group, replica.group = replica.group, None
+        if group is not None:
+            group.stop()
+        with self._lock:
+            self._note_change(replica, "retired")
+        if replica.on_left is not None:
+            replica.on_left()
+
+    def _note_change(self, replica: _Replica, change: str) -> None:
+        """For results.json (under the lock): when the set of replicas changed, and how."""
+        self._changes.append({
+            "at_s": round(time.perf_counter() - self._started, 3),
+            "change": change,
+            "replica": replica.name,
+            "devices": list(replica.devices),
+        })
+
     def _start_replica(self, replica: _Replica) -> None:
-        group = WorkerGroup(self.spec, replica.devices, replica.name, self.env)
+        group = WorkerGroup(replica.spec, replica.devices, replica.name, replica.env)
         replica.group = group
         info = group.start(self.load_timeout)
         with self._lock:
@@ -158,29 +276,31 @@ class WorkerGroupRunner(BatchRunner):
     def samples(self) -> bool:
         return self.spec.backend == "vllm"
 
+    @property
+    def replica_names(self) -> list[str]:
+        """The replicas that compute batches now: neither retired nor failed, in index order."""
+        return [replica.name for replica in sorted(self.replicas, key=lambda r: r.index) if replica.live]
+
     def worker_pids(self) -> list[list[int]]:
         return [replica.group.pids if replica.group else [] for replica in self.replicas]
 
     def run(self, batches: Sequence[Sequence[Item]], on_batch_done: BatchCallback) -> None:
-        todo: queue.Queue[int] = queue.Queue()
+        run = _Run(batches)
         for index in range(len(batches)):
-            todo.put(index)
-        events: queue.Queue[tuple[Any, ...]] = queue.Queue()
-        finished = threading.Event()
-        live = [replica for replica in self.replicas if replica.group is not None]
-        if batches and not live:
-            state = "was closed" if self._closing else "has no replica left; every one failed earlier"
-            raise InfrastructureError(f"the worker group {state}")
-        threads = [
-            threading.Thread(target=self._pull, args=(r, batches, todo, events, finished), daemon=True) for r in live
-        ]
-        for thread in threads:
-            thread.start()
-        remaining, lost = len(batches), 0
+            run.todo.put(index)
+        with self._lock:
+            live = [replica for replica in self.replicas if replica.live]
+            if batches and not live:
+                state = "was closed" if self._closing else "has no replica left; every one failed earlier"
+                raise InfrastructureError(f"the worker group {state}")
+            self._run = run
+            for replica in live:
+                self._join(run, replica)
+        remaining, failure = len(batches), ""
         try:
             while remaining:
                 try:
-                    kind, *payload = events.get(timeout=0.5)
+                    kind, *payload = run.events.get(timeout=0.5)
                 except queue.Empty:
                     continue
                 if kind == "done":
@@ -188,12 +308,14 @@ class WorkerGroupRunner(BatchRunner):
                     remaining -= 1
                 elif kind == "fatal":
                     raise payload[0]
-                else:
-                    lost += 1
-                    if self._closing:
-                        raise InfrastructureError("the worker groups were stopped before the job finished")
-                    if lost == len(threads):
-                        raise InfrastructureError(f"every replica failed; last: {payload[0]}")
+                else:  # a puller ended: its replica was lost, or retired
+                    if kind == "lost":
+                        failure = payload[0]
+                        if self._closing:
+                            raise InfrastructureError("the worker groups were stopped before the job finished")
+                    with self._lock:
+                        if not run.pullers:
+                            raise InfrastructureError(f"every replica failed; last: {failure}")
         except BaseException as error:
             if not isinstance(error, Exception):  # Ctrl-C or exit: stop at once
                 for replica in self.replicas:
@@ -203,37 +325,66 @@ class WorkerGroupRunner(BatchRunner):
         finally:
             # Each replica finishes the batch in hand (bounded by batch_timeout), so none is
             # left talking to its group when the next run starts.
-            finished.set()
-            for thread in threads:
+            with self._lock:
+                self._run = None  # no replica added from now on joins this run
+            run.finished.set()
+            for thread in run.threads:
                 thread.join()
 
-    def _pull(
-        self,
-        replica: _Replica,
-        batches: Sequence[Sequence[Item]],
-        todo: queue.Queue[int],
-        events: queue.Queue[tuple[Any, ...]],
-        finished: threading.Event,
-    ) -> None:
-        """One replica's loop: take a batch, compute it, report it; restart on failure."""
-        while not finished.is_set():
+    def _join(self, run: _Run, replica: _Replica) -> None:
+        """Set `replica` pulling from `run` (under the lock, so the count of pullers stays right)."""
+        thread = threading.Thread(target=self._pull, args=(replica, run), daemon=True)
+        run.threads.append(thread)
+        run.pullers += 1
+        replica.pulling = True
+        thread.start()
+
+    def _pull(self, replica: _Replica, run: _Run) -> None:
+        """One replica's puller: its batches, then, if it was retired, its leaving."""
+        ending = self._pull_batches(replica, run)
+        with self._lock:  # retire_replica stops a replica itself once nothing pulls for it
+            run.pullers -= 1
+            replica.pulling = False
+            leaving = replica.leaving
+        if leaving:
+            self._leave(replica)
+            ending = ending or ("left",)
+        if ending is not None:
+            run.events.put(ending)
+
+    def _pull_batches(self, replica: _Replica, run: _Run) -> tuple[Any, ...] | None:
+        """Take a batch, compute it, report it, until the run ends or the replica retires;
+        restart on failure. Returns the event that ends this puller early, if any."""
+        while (index := self._take(replica, run)) is not None:
             try:
-                index = todo.get(timeout=0.1)
+                results = self._compute(replica, index, run.batches[index])
+            except ReplicaFailed as failure:
+                run.todo.put(index)
+                if replica.leaving:
+                    return None
+                if run.finished.is_set() or self._closing or not self._restart(replica, str(failure)):
+                    return ("lost", str(failure))
+                continue
+            except EvalfleetError as error:
+                return ("fatal", error)
+            except Exception as error:  # a bug must fail the job, not leave it waiting
+                return ("fatal", EvalfleetError(f"{replica.name} failed: {type(error).__name__}: {error}"))
+            replica.batches += 1
+            run.events.put(("done", index, results))
+        return None
+
+    @staticmethod
+    def _take(replica: _Replica, run: _Run) -> int | None:
+        """The next batch for `replica`, or None once the run is over or the replica retired."""
+        while not run.finished.is_set() and not replica.leaving:
+            try:
+                index = run.todo.get(timeout=0.1)
             except queue.Empty:
                 continue
-            try:
-                events.put(("done", index, self._compute(replica, index, batches[index])))
-            except ReplicaFailed as failure:
-                todo.put(index)
-                if finished.is_set() or self._closing or not self._restart(replica, str(failure)):
-                    events.put(("lost", str(failure)))
-                    return
-            except EvalfleetError as error:
-                events.put(("fatal", error))
-                return
-            except Exception as error:  # a bug must fail the job, not leave it waiting
-                events.put(("fatal", EvalfleetError(f"{replica.name} failed: {type(error).__name__}: {error}")))
-                return
+            if not replica.leaving:
+                return index
+            run.todo.put(index)  # retired while waiting: the batch is another replica's
+        return None
 
     def _compute(self, replica: _Replica, index: int, batch: Sequence[Item]) -> list[Any]:
         """One batch on one replica, in pieces that fit its token budget.
@@ -245,8 +396,8 @@ class WorkerGroupRunner(BatchRunner):
         start = 0
         while start < len(batch):
             chunk = first_chunk(batch[start:], replica.token_budget)
-            timed = replica.batches % self.time_every == 0
-            replica.batches += 1
+            timed = replica.requests % self.time_every == 0
+            replica.requests += 1
             began = time.perf_counter()
             try:
                 status, _, values, reports = replica.group.request(("batch", index, chunk, timed), self.batch_timeout)
@@ -311,27 +462,43 @@ class WorkerGroupRunner(BatchRunner):
         return False
 
     def describe(self) -> dict[str, Any]:
+        """The layout the job started with (`dp` replicas), and how its replicas changed since."""
+        initial = self.replicas[: self._initial_dp]
         return describe_layout(
-            self.spec, len(self.replicas), self._info.get("ranks", []), self.load_seconds,
-            devices=[device for replica in self.replicas for device in replica.devices],
-            placement=self.placement or [list(replica.devices) for replica in self.replicas],
+            self.spec, self._initial_dp, self._info.get("ranks", []), self.load_seconds,
+            devices=[device for replica in initial for device in replica.devices],
+            placement=self.placement or [list(replica.devices) for replica in initial],
         ) | {
             "restarts": sum(replica.restarts for replica in self.replicas),
             "oom_halvings": sum(replica.oom_halvings for replica in self.replicas),
             "oom_restarts": sum(replica.oom_restarts for replica in self.replicas),
             "token_budgets": [replica.token_budget for replica in self.replicas],
             "communication": self.communication.as_dict(),
+            "replica_changes": list(self._changes),
+            "replicas_at_end": len(self.replica_names),
+            "batches_per_replica": {replica.name: replica.batches for replica in self.replicas},
             **{key: self._info[key] for key in ("backend_version", "vllm") if key in self._info},
         }
 
     def close(self, grace: float = 5.0) -> None:
         """Stop every group (killing what is still running after `grace` seconds); a `run` in
         progress in another thread then fails instead of restarting them. Safe to call twice."""
-        self._closing = True
-        for replica in self.replicas:
+        with self._lock:  # a replica still loading sees this and does not join
+            self._closing = True
+            replicas = list(self.replicas)
+        for replica in replicas:
             if replica.group is not None:
                 replica.group.stop(grace)
                 replica.group = None
+
+
+def _start_error(error: BaseException) -> BaseException:
+    """What a failed start raises: a lost replica becomes an infrastructure error, the rest stay as they are."""
+    if not isinstance(error, ReplicaFailed):
+        return error
+    wrapped = InfrastructureError(f"could not start the worker group: {error}")
+    wrapped.__cause__ = error
+    return wrapped
 
 
 def describe_layout(spec: GroupSpec, dp: int, ranks: Sequence[dict[str, Any]], load_seconds: float, *,
