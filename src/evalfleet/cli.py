@@ -187,6 +187,7 @@ def scheduler(
     slots: int | None = typer.Option(None, "--slots", min=1, help="Pool of N CPU slots: N jobs side by side, each with cores/N threads."),
     db: str | None = typer.Option(None, "--db", help=_DB_HELP),
     preempt: bool = typer.Option(False, "--preempt/--no-preempt", help="Let long-waiting jobs stop lower-priority ones (they resume from the cache)."),
+    resize: bool = typer.Option(True, "--resize/--no-resize", help="Widen running data-parallel jobs onto idle devices and narrow them for higher-priority jobs (local jobs)."),
     max_attempts: int = typer.Option(3, "--max-attempts", min=1, help="Attempts per job before it fails for good."),
     backoff: float = typer.Option(30.0, "--backoff", min=0, help="Seconds before the first retry; doubles each time."),
     heartbeat_timeout: float = typer.Option(120.0, "--heartbeat-timeout", min=1, help="Restart a job silent this long."),
@@ -198,7 +199,7 @@ def scheduler(
     from evalfleet.orchestrator.pool import pool_from_options
     from evalfleet.orchestrator.store import resolve_db_path
 
-    options = SchedulerOptions(preempt=preempt, max_attempts=max_attempts, backoff_s=backoff,
+    options = SchedulerOptions(preempt=preempt, resize=resize, max_attempts=max_attempts, backoff_s=backoff,
                                interval_s=interval, heartbeat_timeout_s=heartbeat_timeout)
     db_path = resolve_db_path(db)
     if ray_address is None:

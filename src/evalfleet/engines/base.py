@@ -29,6 +29,9 @@ class EvaluationEngine(ABC):
     progress: Any = None
     # A MultiGPUPerformanceMonitor watching the run, if any: engines feed it communication events.
     monitor: Any = None
+    # Called with the runner once it is loaded and about to run (None once the run is over), by
+    # engines whose runner can add and drop replicas while it runs; set by the caller.
+    on_runner: Any = None
 
     @abstractmethod
     def can_handle_request(self, request: EvaluationRequest) -> bool:

@@ -204,6 +204,8 @@ def _calibrate(section: dict[str, Any], model_path: str) -> dict[str, Any]:
     from evalfleet.planning import profile_model
     from evalfleet.planning.calibration import Calibration, record_run
 
+    if section["layout"].get("replica_changes"):  # its speed belongs to no single layout
+        return {"kept": [], "skipped": "replicas joined or left during the run"}
     calibration = Calibration()
     try:
         kept = record_run(section, profile_model(model_path), calibration)

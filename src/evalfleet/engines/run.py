@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import psutil
 
@@ -49,7 +51,8 @@ def check_request(request: EvaluationRequest) -> EvaluationRequest:
 
 
 def evaluate_request(
-    request: EvaluationRequest, progress: ProgressCallback | None = None, report: bool = False
+    request: EvaluationRequest, progress: ProgressCallback | None = None, report: bool = False,
+    on_runner: Callable[[Any], None] | None = None,
 ) -> EvaluationResult:
     global _first_request
     note_request_start(_start_of(_first_request))
@@ -65,6 +68,7 @@ def evaluate_request(
             f"it can place at most {capabilities.max_model_gb:.1f} GB here"
         )
     engine.progress = progress
+    engine.on_runner = on_runner
     with MultiGPUPerformanceMonitor(interval=MONITOR_INTERVAL) as monitor:
         engine.monitor = monitor
         result = asyncio.run(engine.evaluate(request))

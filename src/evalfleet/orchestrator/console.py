@@ -108,6 +108,7 @@ def job_document(record: JobRecord, store: JobStore, progress: TaskProgress | No
         },
         "size": record.size,
         "estimate": job_estimate_document(record),
+        "width": job_width(record),
         "devices": [list(d) for d in record.placement or ()],
         "ranks": job_ranks(store, record.id),
         "pid": record.pid,
@@ -120,6 +121,18 @@ def job_document(record: JobRecord, store: JobStore, progress: TaskProgress | No
         "events": [{"at": e.at, "from": e.from_state.value if e.from_state else None, "to": e.to_state.value,
                     "attempt": e.attempt, "reason": e.reason} for e in events],
     }
+
+
+def job_width(record: JobRecord) -> dict[str, Any] | None:
+    """Its replicas now, the fewest and most it may have, and whether they can change while it runs."""
+    if not record.demand:
+        return None
+    size = record.demand["tp"] * record.demand["pp"]
+    replicas = len(record.placement or ()) // size if record.state in (JobState.PLACED, JobState.RUNNING) else 0
+    resize = record.resize or {}
+    return {"replicas": replicas, "fewest": record.demand["min_replicas"], "most": len(record.demand["tokens_per_s"]),
+            "live": record.resize is not None, "joining": len(resize.get("joining", []) + resize.get("grow", [])),
+            "leaving": len(resize.get("leaving", []) + resize.get("shrink", []))}
 
 
 def _progress_by_job(store: JobStore) -> dict[str, TaskProgress]:
@@ -275,6 +288,15 @@ def describe_size(size: dict[str, Any] | None) -> str:
             f"({size['generation_tokens']:,} of them a generation budget), counted")
 
 
+def describe_width(width: dict[str, Any] | None) -> str:
+    """`2 now (1 to 2, resized while it runs; 1 leaving)`; nothing for a job that can use one replica only."""
+    if not width or width["most"] == 1:
+        return ""
+    live = ", resized while it runs" if width["live"] else ""
+    moving = "; ".join(f"{width[k]} {k}" for k in ("joining", "leaving") if width[k])
+    return f"{width['replicas']} now ({width['fewest']} to {width['most']}{live}{'; ' + moving if moving else ''})"
+
+
 def _render_job(document: dict[str, Any], console: Console) -> None:
     table = Table(title=f"job {document['id']}", show_header=False)
     table.add_column(style="bold")
@@ -291,6 +313,7 @@ def _render_job(document: dict[str, Any], console: Console) -> None:
         "tokens/s": f"{progress['tokens_per_s']:,.0f}" if progress["tokens_per_s"] else "",
         "ETA": _duration(progress["eta_s"]),
         "devices": ", ".join(f"node {n} device {g}" for n, g in document["devices"]),
+        "replicas": describe_width(document.get("width")),
         "ranks": describe_ranks(document["ranks"]),
         "result": document["result_path"] or "", "error": document["error"] or "",
     }

@@ -33,6 +33,8 @@ from evalfleet.types import EvalfleetError
 @dataclass(frozen=True)
 class SchedulerOptions:
     preempt: bool = False
+    resize: bool = True
+    """Grow and shrink running jobs whose workers can (`policy`: live elastic width)."""
     max_attempts: int = 3
     backoff_s: float = 30.0
     """Delay before the first retry; it doubles with each failed attempt."""
@@ -84,7 +86,7 @@ def run_scheduler(
         executor = executor or LocalExecutor(store.path, inventory, grace_s=options.grace_s)
         orchestrator = DistributedEvaluationOrchestrator(
             store, inventory, executor,
-            policy=PolicyOptions(preemption=options.preempt),
+            policy=PolicyOptions(preemption=options.preempt, resize=options.resize),
             recovery=RecoveryOptions(max_attempts=options.max_attempts, backoff_base_s=options.backoff_s),
             heartbeat_timeout_s=options.heartbeat_timeout_s,
         )

@@ -14,9 +14,13 @@ simulator and the live scheduler run exactly the same decisions. It combines:
   backlog's horizon (narrow under a deep queue, wide when it is short, so no job straggles
   at the end); it starts with fewer when that finishes sooner than waiting for more, and
   GPUs nobody else can use widen the jobs that start;
+- live elastic width: a running job whose worker can add and drop replicas grows by one
+  when GPUs are idle that no waiting job can use, if it then finishes sooner despite the
+  new replica's load time; it gives one back (keeping its other replicas working) when a
+  job of a higher class would otherwise wait longer than such a replica takes to load;
 - model affinity: replicas prefer GPUs that last ran the same model (warm page cache);
 - optional preemption: a job kept waiting long enough may stop lower-class jobs, which
-  later resume from the request cache.
+  later resume from the request cache; never one whose restart costs more than the wait.
 """
 
 from __future__ import annotations
@@ -45,6 +49,28 @@ class RunningJob:
     expected_end: float
     priority: str = "normal"
     preemptible: bool = True
+    demand: JobDemand | None = None
+    """Its remaining work, at the speed measured so far where there is one."""
+    resizable: bool = False
+    """Its worker adds and drops replicas while it runs."""
+    leaving: tuple[Device, ...] = ()
+    """Devices of replicas it was asked to give back and still holds (free once its batch in hand ends)."""
+    load_s: float | None = None
+    """Measured seconds to load one of its replicas, if its worker reported it."""
+
+    @property
+    def replicas(self) -> int:
+        """Replicas it keeps (not counting those leaving)."""
+        if self.demand is None:
+            return 1
+        return (len(self.devices) - len(self.leaving)) // self.demand.replica_gpus
+
+    @property
+    def replica_load_s(self) -> float:
+        """What one more replica (or one given back and later reloaded) costs: measured, else the planner's."""
+        if self.load_s:
+            return self.load_s
+        return self.demand.startup_s if self.demand is not None else 60.0
 
 
 @dataclass(frozen=True)
@@ -57,6 +83,10 @@ class PolicyOptions:
     preemption: bool = False
     preempt_after_s: float = 600.0
     """A reserved job whose start is further away than this may preempt lower classes."""
+    resize: bool = True
+    """Grow and shrink running jobs whose workers can (live elastic data parallelism)."""
+    min_growth_gain: float = 0.1
+    """A growth must cut the job's remaining time by this share at least (no churn for crumbs)."""
 
 
 @dataclass(frozen=True)
@@ -77,11 +107,22 @@ class Reservation:
 
 
 @dataclass(frozen=True)
+class Resize:
+    """One replica (its devices) that a running job gains (`grows`) or gives back (`shrinks`)."""
+
+    job_id: str
+    devices: tuple[Device, ...]
+    reason: str = ""
+
+
+@dataclass(frozen=True)
 class AllocationPlan:
     starts: tuple[Start, ...] = ()
     preempt: tuple[str, ...] = ()
     reservation: Reservation | None = None
     waiting: Mapping[str, str] = field(default_factory=dict)
+    grows: tuple[Resize, ...] = ()
+    shrinks: tuple[Resize, ...] = ()
 
 
 Scheduler = Callable[..., AllocationPlan]
@@ -159,13 +200,16 @@ def create_allocation_plan(
     warm: Mapping[Device, str] | None = None,
 ) -> AllocationPlan:
     placer = ReplicaPlacer(inventory, warm or {}, options.affinity)
-    occupied = [(_assumed_end(r, now), frozenset(r.devices)) for r in running]
+    # A replica being given back frees its devices as soon as its batch in hand ends.
+    occupied = [(_assumed_end(r, now), frozenset(r.devices) - frozenset(r.leaving)) for r in running]
+    occupied += [(now, frozenset(r.leaving)) for r in running if r.leaving]
     free = placer.all - frozenset(quarantined) - frozenset(d for _, devs in occupied for d in devs)
     blocked = frozenset(quarantined)
     starts: list[Start] = []
     waiting: dict[str, str] = {}
     reservation: Reservation | None = None
     preempt: tuple[str, ...] = ()
+    shrinks: list[Resize] = []
 
     def begin(job: QueuedJob, replicas: list[tuple[Device, ...]], backfilled: bool) -> None:
         nonlocal free
@@ -198,8 +242,15 @@ def create_allocation_plan(
                 continue
             reservation = Reservation(job.id, frozenset(d for r in replicas for d in r), at)
             waiting[job.id] = f"reserved to start at t={at:.0f} with {len(replicas)} replica(s)"
+            if options.resize:
+                shrinks, devices = _shrink_for(placer, job, target, free, running, blocked, at - now)
+                if shrinks:
+                    reservation = Reservation(job.id, devices, now)
+                    victims = sorted({s.job_id for s in shrinks})
+                    waiting[job.id] = f"waiting for {', '.join(victims)} to give back {len(shrinks)} replica(s)"
+                    continue
             if options.preemption and at - now > options.preempt_after_s:
-                preempt, devices = _victims(placer, job, target, free, running, blocked)
+                preempt, devices = _victims(placer, job, target, free, running, blocked, at - now)
                 if preempt:
                     reservation = Reservation(job.id, devices, now)
                     waiting[job.id] = f"preempting {', '.join(preempt)}"
@@ -219,7 +270,11 @@ def create_allocation_plan(
         for i, start in enumerate(starts):
             starts[i] = _widen(placer, start, demands[start.job_id], usable, now)
             usable = usable - frozenset(starts[i].devices)
-    return AllocationPlan(tuple(starts), preempt, reservation, waiting)
+    grows: list[Resize] = []
+    if options.resize:
+        usable = free if reservation is None else free - reservation.devices
+        grows = _grow(placer, running, usable, options.min_growth_gain)
+    return AllocationPlan(tuple(starts), preempt, reservation, waiting, tuple(grows), tuple(shrinks))
 
 
 def _assumed_end(job: RunningJob, now: float) -> float:
@@ -290,11 +345,17 @@ def _victims(
     free: frozenset[Device],
     running: Sequence[RunningJob],
     blocked: frozenset[Device],
+    wait_s: float,
 ) -> tuple[tuple[str, ...], frozenset[Device]]:
-    """Lower-class preemptible jobs whose GPUs, added to the free ones, let `job` start now."""
+    """Lower-class preemptible jobs whose GPUs, added to the free ones, let `job` start now.
+
+    A job whose restart (process start and model load, the planner's estimate) would cost
+    more than `job` saves by not waiting is not stopped.
+    """
     rank = PRIORITY_RANK[job.priority]
     candidates = sorted(
-        (r for r in running if r.preemptible and PRIORITY_RANK[r.priority] < rank),
+        (r for r in running if r.preemptible and PRIORITY_RANK[r.priority] < rank
+         and (r.demand is None or r.demand.startup_s < wait_s)),
         key=lambda r: (PRIORITY_RANK[r.priority], -r.expected_end, r.id),
     )
     need = max(job.demand.min_replicas, 1)
@@ -324,3 +385,76 @@ def _widen(placer: ReplicaPlacer, start: Start, demand: JobDemand, usable: froze
     warm = start.warm and placer.is_warm(demand, devices)
     end = now + demand.runtime(start.replicas + len(extra), warm=warm)
     return Start(start.job_id, devices, start.replicas + len(extra), end, warm, start.backfilled)
+
+
+def _replica_devices(job: RunningJob) -> list[tuple[Device, ...]]:
+    """A running job's replicas that are not leaving, in placement order (the newest last)."""
+    assert job.demand is not None
+    kept = [d for d in job.devices if d not in frozenset(job.leaving)]
+    size = job.demand.replica_gpus
+    return [tuple(kept[i:i + size]) for i in range(0, len(kept) - size + 1, size)]
+
+
+def _shrink_for(placer: ReplicaPlacer, job: QueuedJob, replicas: int, free: frozenset[Device],
+                running: Sequence[RunningJob], blocked: frozenset[Device],
+                wait_s: float) -> tuple[list[Resize], frozenset[Device]]:
+    """Replicas that lower-class running jobs can give back (keeping their fewest) so `job` starts now.
+
+    Giving one back costs its job no reload, only speed, but taking it back later costs a
+    replica load; so a job is asked only when `job` would otherwise wait longer than that.
+    The newest replicas go first, from the lowest class and the latest-ending job.
+    """
+    rank = PRIORITY_RANK[job.priority]
+    donors = sorted(
+        (r for r in running if r.resizable and r.demand is not None and PRIORITY_RANK[r.priority] < rank
+         and r.replicas > r.demand.min_replicas and r.replica_load_s < wait_s),
+        key=lambda r: (PRIORITY_RANK[r.priority], -r.expected_end, r.id),
+    )
+    avail, given = free, []
+    for donor in donors:
+        assert donor.demand is not None
+        spare = donor.replicas - donor.demand.min_replicas
+        for devices in reversed(_replica_devices(donor)[-spare:]):
+            avail = avail | (frozenset(devices) - blocked)
+            given.append(Resize(donor.id, devices, f"{job.id} ({job.priority}) would wait {wait_s:.0f}s"))
+            found = placer.replicas(job.demand, avail, replicas)
+            if len(found) >= job.demand.min_replicas:
+                used = frozenset(d for r in found for d in r)
+                return [g for g in given if used & frozenset(g.devices)], used
+    return [], frozenset()
+
+
+def growth_pays(demand: JobDemand, replicas: int, load_s: float, min_gain: float) -> bool:
+    """Whether one more replica, contributing only after `load_s`, cuts the remaining time by `min_gain`.
+
+    Meanwhile the job's `replicas` keep working, so a job that ends before the new replica
+    is loaded gains nothing.
+    """
+    if replicas >= demand.max_replicas:
+        return False
+    now_rate, grown_rate = demand.tokens_per_s[replicas - 1], demand.tokens_per_s[replicas]
+    alone = demand.work_tokens / now_rate
+    if alone <= load_s or grown_rate <= now_rate:
+        return False
+    grown = load_s + (demand.work_tokens - load_s * now_rate) / grown_rate
+    return grown <= alone * (1 - min_gain)
+
+
+def _grow(placer: ReplicaPlacer, running: Sequence[RunningJob], usable: frozenset[Device],
+          min_gain: float) -> list[Resize]:
+    """Idle GPUs that no waiting job can use go to running jobs that finish sooner with them.
+
+    One replica per job per round (the next round sees its measured speed), higher classes first.
+    """
+    grows = []
+    for job in sorted(running, key=lambda r: (-PRIORITY_RANK[r.priority], r.expected_end, r.id)):
+        if not job.resizable or job.demand is None or job.leaving or not usable:
+            continue
+        if not growth_pays(job.demand, job.replicas, job.replica_load_s, min_gain):
+            continue
+        devices = placer.one(job.demand, usable)
+        if devices is None:
+            continue
+        grows.append(Resize(job.id, devices, f"{len(usable)} idle device(s) no waiting job can use"))
+        usable = usable - frozenset(devices)
+    return grows

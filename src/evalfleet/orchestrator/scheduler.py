@@ -16,7 +16,7 @@ import os
 import socket
 import time
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from signal import Signals
 from typing import Any
@@ -38,7 +38,7 @@ from evalfleet.orchestrator.pool import record_pool
 from evalfleet.orchestrator.recovery import RecoveryDecision, RecoveryOptions, recover
 from evalfleet.orchestrator.sizing import size_request
 from evalfleet.orchestrator.states import JobState
-from evalfleet.orchestrator.store import JobRecord, JobStore
+from evalfleet.orchestrator.store import JobRecord, JobStore, Resize
 from evalfleet.planning import Inventory
 from evalfleet.types import EvalfleetError, EvaluationRequest, NodeLost, UsageError, describe_validation_error
 
@@ -137,13 +137,24 @@ class DistributedEvaluationOrchestrator:
             if record.state is JobState.QUEUED:
                 queue.append(QueuedJob(record.id, demand, record.priority, record.submitted_at, record.not_before))
             elif record.placement:
-                running.append(RunningJob(record.id, tuple(record.placement), self._expected_end(record, demand, now),
-                                          record.priority, preemptible=record.state is JobState.RUNNING))
+                running.append(self._running_view(record, demand, now))
         running += [RunningJob(job_id, devices, now, "high", False)
                     for job_id, (_, devices) in self._draining.items() if devices]
         return create_allocation_plan(
             queue, self.inventory, running, now,
             options=self.policy, quarantined=self.store.quarantined(), warm=self._warm,
+        )
+
+    def _running_view(self, record: JobRecord, demand: JobDemand, now: float) -> RunningJob:
+        """A placed or running job as the policy sees it, its remaining work at its measured speed."""
+        resize = Resize.load(record.resize, record.placement or ()) if record.resize is not None else None
+        leaving = () if resize is None else tuple(d for devices in (*resize.leaving, *resize.shrink) for d in devices)
+        replicas = max(1, (len(record.placement or ()) - len(leaving)) // demand.replica_gpus)
+        return RunningJob(
+            record.id, tuple(record.placement or ()), self._expected_end(record, demand, now), record.priority,
+            preemptible=record.state is JobState.RUNNING, demand=_at_measured_speed(record, demand, replicas),
+            resizable=resize is not None and self.executor is not None, leaving=leaving,
+            load_s=resize.load_s if resize is not None else None,
         )
 
     def monitor_running_tasks(self) -> list[TaskProgress]:
@@ -218,6 +229,7 @@ class DistributedEvaluationOrchestrator:
             self._preempt(job_id)
         for start in plan.starts:
             self._launch(start)
+        self._resize(plan)
         return plan
 
     async def run_forever(self, interval_s: float = 2.0, stop: asyncio.Event | None = None) -> None:
@@ -250,6 +262,7 @@ class DistributedEvaluationOrchestrator:
                 # itself; anything else (cancel, requeue) means its process must stop.
                 self._stop(job_id, signal=record.state not in (JobState.SUCCEEDED, JobState.FAILED))
                 continue
+            self._live[job_id] = (handle, tuple(record.placement or ()))  # replicas may have joined or left
             status = self.executor.poll(handle)
             if isinstance(status, Exited):
                 del self._live[job_id]
@@ -319,6 +332,19 @@ class DistributedEvaluationOrchestrator:
             (self.executor.preempt if preempt else self.executor.cancel)(handle)
         self._draining[job_id] = (handle, devices)
 
+    def _resize(self, plan: AllocationPlan) -> None:
+        """Hand the policy's replica orders to the running jobs' workers (through the store)."""
+        now = self.clock()
+        for order in plan.shrinks:
+            with contextlib.suppress(EvalfleetError):  # it ended meanwhile: its devices are free anyway
+                self.store.order_shrink(order.job_id, list(order.devices), order.reason, now=now)
+        for order in plan.grows:
+            with contextlib.suppress(EvalfleetError):
+                self.store.order_growth(order.job_id, list(order.devices), self.executor.replica_env(order.devices),
+                                        now=now)
+                record = self.store.get(order.job_id)
+                self._warm.update({device: JobDemand.from_dict(record.demand).model for device in order.devices})
+
     def _preempt(self, job_id: str) -> None:
         self.store.transition(job_id, JobState.PREEMPTED, reason="preempted by a higher-priority job",
                               now=self.clock())
@@ -360,6 +386,17 @@ def describe_exit(code: int | None) -> str:
         with contextlib.suppress(ValueError):
             return f"killed by {Signals(-code).name}"
     return f"exited with code {code}"
+
+
+def _at_measured_speed(record: JobRecord, demand: JobDemand, replicas: int) -> JobDemand:
+    """The demand with its speeds scaled so its `replicas` finish when the worker's measured rate says."""
+    if not (record.requests_per_s and record.total) or demand.work_tokens <= 0:
+        return demand
+    measured_s = max(0, record.total - record.done) / record.requests_per_s
+    modeled_s = demand.work_tokens / demand.tokens_per_s[min(replicas, demand.max_replicas) - 1]
+    if measured_s <= 0:
+        return demand
+    return replace(demand, tokens_per_s=tuple(rate * modeled_s / measured_s for rate in demand.tokens_per_s))
 
 
 def _remaining(record: JobRecord) -> JobDemand:

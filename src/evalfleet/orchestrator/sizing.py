@@ -31,7 +31,7 @@ from evalfleet.planning.calibration import (
     slot_threads,
 )
 from evalfleet.planning.hardware import CPU_SPEC, CPU_TFLOPS_PER_CORE
-from evalfleet.types import EvalfleetError, EvaluationRequest, UsageError
+from evalfleet.types import DistributionStrategy, EvalfleetError, EvaluationRequest, UsageError
 
 
 def slot_inventory(slots: int, memory_gb: float | None = None) -> Inventory:
@@ -91,10 +91,12 @@ def size_request(request: EvaluationRequest, inventory: Inventory) -> tuple[dict
     if request.gpus == 0 and not inventory.is_cpu_only:
         raise UsageError("the request allows 0 GPUs, so it can never run on this GPU pool")
     profile = profile_model(request.model.path)
+    slots = _slot_replicas(request, inventory)
+    hints = {"strategy": "auto"} if slots else {"strategy": request.strategy.value, "tp": request.tp,
+                                                "pp": request.pp, "dp": request.dp}
     answer = plan(
         profile, inventory, dtype=request.model.dtype, max_length=request.model.max_length or 2048,
-        strategy=request.strategy.value, tp=request.tp, pp=request.pp, dp=request.dp, max_gpus=request.gpus,
-        backend=request.backend,
+        max_gpus=request.gpus, backend=request.backend, **hints,
     )
     if not answer.fits:
         pool = describe_pool(inventory)
@@ -108,10 +110,30 @@ def size_request(request: EvaluationRequest, inventory: Inventory) -> tuple[dict
                 "model": "2,000 requests of 512 tokens per task (or --limit requests), before any count"}
     demand = demand_from_plan(answer, inventory, work_tokens=size["work_tokens"], model=request.model.path,
                               min_replicas=request.dp or 1)
+    if slots:  # each replica on a slot of its own, as fast as the plan's one
+        rate = demand.tokens_per_s[0]
+        demand = replace(demand, tokens_per_s=tuple(rate * k for k in range(1, slots + 1)),
+                         min_replicas=min(request.dp or 1, slots))
     estimate = estimate_request(request, inventory, answer, size)
     if estimate["seconds"] > 0:
         demand = calibrated(demand, estimate["modeled_seconds"] / estimate["seconds"])
     return {**answer.to_dict(), "estimate": estimate}, demand, size
+
+
+def _slot_replicas(request: EvaluationRequest, inventory: Inventory) -> int:
+    """On a pool of CPU slots, the most replicas a data-parallel job may run, one per slot (0: not one).
+
+    With `dp` it runs exactly that many; without, between one and every slot (or `gpus` of them),
+    and the scheduler widens and narrows it while it runs.
+    """
+    if not inventory.is_cpu_only or request.strategy is not DistributionStrategy.DATA_PARALLEL:
+        return 0
+    if request.tp not in (None, 1) or request.pp not in (None, 1):
+        raise UsageError("on CPU slots a data-parallel job runs one whole model per slot; drop --tp and --pp")
+    most = request.dp or min(inventory.device_count, request.gpus or inventory.device_count)
+    if most > inventory.device_count:
+        raise UsageError(f"--dp {most} needs {most} slots; the pool has {inventory.device_count}")
+    return most
 
 
 def calibrated(demand: JobDemand, measured_over_modeled: float) -> JobDemand:
@@ -161,6 +183,9 @@ def _run_layout(request: EvaluationRequest, inventory: Inventory, answer: Plan) 
         return layout.tp, layout.pp, layout.dp, inventory_hardware(inventory), device.spec.bf16_tflops
     from evalfleet.engines.router import wants_distribution
 
+    if _slot_replicas(request, inventory):  # one replica on a slot (it may widen while it runs)
+        threads = slot_threads(inventory)
+        return 1, 1, 1, cpu_hardware(threads), threads * CPU_TFLOPS_PER_CORE
     if wants_distribution(request):
         from evalfleet.engines.distributed.loader import cpu_layout
 

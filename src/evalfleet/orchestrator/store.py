@@ -16,7 +16,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -108,16 +108,22 @@ _SCHEMA_V4 = """
 ALTER TABLE jobs ADD COLUMN size TEXT
 """
 
+# v5: a running job's live replicas and the scheduler's orders to add or drop one (see `Resize`).
+_SCHEMA_V5 = """
+ALTER TABLE jobs ADD COLUMN resize TEXT
+"""
+
 MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [
     _run_script(_SCHEMA_V1), _run_script(_SCHEMA_V2), _run_script(_SCHEMA_V3), _run_script(_SCHEMA_V4),
+    _run_script(_SCHEMA_V5),
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 
-_JSON_COLUMNS = ("request", "demand", "plan", "placement", "handle", "failure", "size")
+_JSON_COLUMNS = ("request", "demand", "plan", "placement", "handle", "failure", "size", "resize")
 # Columns a transition may set alongside the state; everything else has its own method.
 _TRANSITION_FIELDS = frozenset(
     {"placement", "pid", "handle", "owner", "error", "not_before", "enqueued_at", "started_at",
-     "finished_at", "heartbeat_at", "result_path", "attempts", "failure"}
+     "finished_at", "heartbeat_at", "result_path", "attempts", "failure", "resize"}
 )
 
 
@@ -151,6 +157,8 @@ class JobRecord:
     """The worker's exit report of its last attempt (see `failures.ExitReport`), if it wrote one."""
     size: dict[str, Any] | None = None
     """The job's size at submit: requests by type and tokens, counted or modeled (`source`)."""
+    resize: dict[str, Any] | None = None
+    """Set by a worker whose replicas can join and leave while it runs (see `Resize`); None otherwise."""
 
     @classmethod
     def from_row(cls, row: sqlite3.Row) -> JobRecord:
@@ -162,6 +170,45 @@ class JobRecord:
             values["placement"] = [tuple(device) for device in values["placement"]]
         values["state"] = JobState(values["state"])
         return cls(**values)
+
+
+@dataclass
+class Resize:
+    """A running job's live replicas, as its worker and the scheduler share them in the store.
+
+    `replicas` maps each replica's name to its devices; `grow` and `shrink` are the
+    scheduler's orders not yet taken by the worker; `joining` and `leaving` the devices of
+    replicas being started or given back. A growth order adds its devices to the job's
+    placement at once (so no other job takes them); a replica's devices leave the placement
+    only when the worker says it is gone. `load_s` is how long a replica took to load here.
+    """
+
+    placement: list[Device] = field(default_factory=list)
+    replicas: dict[str, list[Device]] = field(default_factory=dict)
+    grow: list[dict[str, Any]] = field(default_factory=list)
+    shrink: list[list[Any]] = field(default_factory=list)
+    joining: list[list[Any]] = field(default_factory=list)
+    leaving: list[list[Any]] = field(default_factory=list)
+    load_s: float = 0.0
+
+    @classmethod
+    def load(cls, data: dict[str, Any], placement: list[Any]) -> Resize:
+        def devices(listed: list[Any]) -> list[Device]:
+            return [tuple(d) for d in listed]
+
+        return cls(placement=devices(placement),
+                   replicas={name: devices(d) for name, d in data.get("replicas", {}).items()},
+                   grow=data.get("grow", []), shrink=data.get("shrink", []),
+                   joining=[devices(d) for d in data.get("joining", [])],
+                   leaving=[devices(d) for d in data.get("leaving", [])], load_s=data.get("load_s", 0.0))
+
+    def dump(self) -> dict[str, Any]:
+        def listed(devices: list[Device]) -> list[list[int]]:
+            return [list(d) for d in devices]
+
+        return {"replicas": {n: listed(d) for n, d in self.replicas.items()}, "grow": self.grow,
+                "shrink": self.shrink, "joining": [listed(d) for d in self.joining],
+                "leaving": [listed(d) for d in self.leaving], "load_s": self.load_s}
 
 
 @dataclass(frozen=True)
@@ -316,6 +363,8 @@ class JobStore:
                 fields.setdefault("finished_at", now)
             if target is JobState.QUEUED:
                 fields.setdefault("enqueued_at", now)
+            if target is not JobState.RUNNING:  # replicas live only while their worker runs
+                fields.setdefault("resize", None)
             columns = {"state": target.value, **{k: _encode(k, v) for k, v in fields.items()}}
             conn.execute(
                 f"UPDATE jobs SET {', '.join(f'{c} = ?' for c in columns)} WHERE id = ?",
@@ -370,6 +419,100 @@ class JobStore:
                   r["attempt"], r["reason"], r["id"])
             for r in rows
         ]
+
+    # live replicas ---------------------------------------------------------------------------
+
+    def open_resize(self, job_id: str, replicas: dict[str, list[Device]], load_s: float,
+                    now: float | None = None) -> None:
+        """A running worker says it can add and drop replicas, and which devices each one has."""
+        def change(resize: Resize) -> str:
+            resize.replicas = {name: [tuple(d) for d in devices] for name, devices in replicas.items()}
+            resize.load_s = load_s
+            return f"{len(replicas)} replica(s) that can grow and shrink (a replica loaded in {load_s:.1f}s)"
+
+        self._resize(job_id, change, now, opening=True)
+
+    def order_growth(self, job_id: str, devices: list[Device], env: dict[str, str], now: float | None = None) -> None:
+        """The scheduler gives a running job one more replica: its devices are the job's from now on."""
+        def change(resize: Resize) -> str:
+            resize.placement.extend(tuple(d) for d in devices)
+            resize.grow.append({"devices": [list(d) for d in devices], "env": env})
+            return f"grows by a replica on {_devices_text(devices)}"
+
+        self._resize(job_id, change, now)
+
+    def order_shrink(self, job_id: str, devices: list[Device], reason: str, now: float | None = None) -> None:
+        """The scheduler asks a running job to give back the replica on `devices` after its batch in hand."""
+        def change(resize: Resize) -> str:
+            resize.shrink.append([list(d) for d in devices])
+            return f"asked to give back its replica on {_devices_text(devices)}: {reason}"
+
+        self._resize(job_id, change, now)
+
+    def take_orders(self, job_id: str) -> tuple[list[dict[str, Any]], list[list[Device]]]:
+        """The worker takes the pending orders: (replicas to add with their env, replicas to drop)."""
+        taken: tuple[list[dict[str, Any]], list[list[Device]]] = ([], [])
+
+        def change(resize: Resize) -> None:
+            nonlocal taken
+            taken = ([{**g, "devices": [tuple(d) for d in g["devices"]]} for g in resize.grow],
+                     [[tuple(d) for d in devices] for devices in resize.shrink])
+            resize.joining.extend(order["devices"] for order in taken[0])
+            resize.leaving.extend(taken[1])
+            resize.grow, resize.shrink = [], []
+
+        self._resize(job_id, change, None, log=False)
+        return taken
+
+    def replica_joined(self, job_id: str, name: str, devices: list[Device], now: float | None = None) -> None:
+        def change(resize: Resize) -> str:
+            joined = [tuple(d) for d in devices]
+            resize.joining = [d for d in resize.joining if d != joined]
+            resize.replicas[name] = joined
+            return f"{name} joined on {_devices_text(devices)}; {len(resize.replicas)} replica(s)"
+
+        self._resize(job_id, change, now)
+
+    def replica_kept(self, job_id: str, devices: list[Device], reason: str, now: float | None = None) -> None:
+        """An order to give back the replica on `devices` was not carried out; the job keeps it."""
+        kept = [tuple(d) for d in devices]
+
+        def change(resize: Resize) -> str:
+            resize.leaving = [d for d in resize.leaving if d != kept]
+            return f"keeps its replica on {_devices_text(devices)}: {reason}"
+
+        self._resize(job_id, change, now)
+
+    def replica_left(self, job_id: str, devices: list[Device], reason: str, now: float | None = None) -> None:
+        """The replica on `devices` is gone (given back, or it failed to join): the devices are free."""
+        gone = [tuple(d) for d in devices]
+
+        def change(resize: Resize) -> str:
+            resize.placement[:] = [d for d in resize.placement if d not in gone]
+            resize.joining = [d for d in resize.joining if d != gone]
+            resize.leaving = [d for d in resize.leaving if d != gone]
+            resize.replicas = {n: d for n, d in resize.replicas.items() if d != gone}
+            return f"gave back {_devices_text(devices)}: {reason}"
+
+        self._resize(job_id, change, now)
+
+    def _resize(self, job_id: str, change: Callable[[Resize], str | None], now: float | None, *,
+                opening: bool = False, log: bool = True) -> None:
+        """Read-modify-write of a running job's replicas and placement in one transaction."""
+        now = time.time() if now is None else now
+        with self._write() as conn:
+            row = conn.execute("SELECT state, attempts, placement, resize FROM jobs WHERE id = ?", (job_id,)).fetchone()
+            if row is None:
+                raise UsageError(f"no job with id '{job_id}' in {self.path}")
+            if row["state"] != JobState.RUNNING.value or (row["resize"] is None and not opening):
+                raise EvalfleetError(f"job {job_id} is {row['state']} without live replicas; it cannot be resized")
+            resize = Resize.load(json.loads(row["resize"]) if row["resize"] else {},
+                                 json.loads(row["placement"]) if row["placement"] else [])
+            reason = change(resize)
+            conn.execute("UPDATE jobs SET resize = ?, placement = ? WHERE id = ?",
+                         (json.dumps(resize.dump()), json.dumps([list(d) for d in resize.placement]), job_id))
+            if log and reason:
+                _log(conn, job_id, now, JobState.RUNNING, JobState.RUNNING, row["attempts"], reason)
 
     # settings shared between processes ------------------------------------------------------
 
@@ -431,6 +574,10 @@ class JobStore:
     def quarantined(self) -> dict[Device, str]:
         rows = self._conn.execute("SELECT node, gpu, reason FROM quarantine").fetchall()
         return {(r["node"], r["gpu"]): r["reason"] for r in rows}
+
+
+def _devices_text(devices: list[Device]) -> str:
+    return ", ".join(f"{n}:{g}" for n, g in devices)
 
 
 def _dumps(value: Any) -> str | None:

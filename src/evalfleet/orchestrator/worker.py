@@ -23,6 +23,7 @@ from pathlib import Path
 
 from evalfleet.orchestrator.executors.local import THREADS_VARIABLE
 from evalfleet.orchestrator.failures import DeviceWatch, exit_report
+from evalfleet.orchestrator.live_replicas import LiveReplicas
 from evalfleet.orchestrator.states import JobState
 from evalfleet.orchestrator.store import JobRecord, JobStore
 from evalfleet.types import EvalfleetError, EvaluationRequest, EvaluationResult, UsageError
@@ -46,6 +47,11 @@ def job_request(record: JobRecord, db_path: str | os.PathLike[str]) -> Evaluatio
         tp, pp = record.demand["tp"], record.demand["pp"]
         fields.update(tp=tp, pp=pp, dp=max(1, len(record.placement) // (tp * pp)))
     return EvaluationRequest.model_validate(fields)
+
+
+def resizable(record: JobRecord) -> bool:
+    """Whether the job can use more than one replica, so its width may change while it runs."""
+    return bool(record.demand) and len(record.demand["tokens_per_s"]) > 1
 
 
 @dataclass(frozen=True)
@@ -167,8 +173,12 @@ def describe_error(error: Exception) -> str:
     return text.splitlines()[0]
 
 
-def _evaluate(request: EvaluationRequest, store: JobStore, job_id: str, reporter: ProgressReporter) -> EvaluationResult:
-    """Here, or with the ranks on a Ray cluster when the Ray executor launched this worker."""
+def _evaluate(request: EvaluationRequest, store: JobStore, record: JobRecord, reporter: ProgressReporter) -> EvaluationResult:
+    """Here, or with the ranks on a Ray cluster when the Ray executor launched this worker.
+
+    Here, a job that can change width follows the scheduler's replica orders while it runs.
+    """
+    job_id = record.id
     from evalfleet.orchestrator.executors.ray import ADDRESS_VARIABLE, NODES_VARIABLE
 
     address = os.environ.get(ADDRESS_VARIABLE)
@@ -180,7 +190,17 @@ def _evaluate(request: EvaluationRequest, store: JobStore, job_id: str, reporter
                                on_ranks=lambda ranks: record_ranks(store, job_id, ranks))
     from evalfleet.engines.run import evaluate_request
 
-    return evaluate_request(request, progress=reporter)
+    if not resizable(record):
+        return evaluate_request(request, progress=reporter)
+    # Worker groups even for one replica, so that replicas can join it.
+    tp, pp = record.demand["tp"], record.demand["pp"]
+    request = request.model_copy(update={"engine": "distributed", "strategy": "auto", "tp": tp, "pp": pp,
+                                         "dp": max(1, len(record.placement or ()) // (tp * pp))})
+    live = LiveReplicas(store.path, job_id, record.placement or (), tp * pp)
+    try:
+        return evaluate_request(request, progress=reporter, on_runner=live.attach)
+    finally:
+        live.close()
 
 
 def run_worker(job_id: str, db_path: str | os.PathLike[str], *, heartbeat_s: float = 5.0) -> EvaluationResult:
@@ -193,7 +213,7 @@ def run_worker(job_id: str, db_path: str | os.PathLike[str], *, heartbeat_s: flo
             try:
                 request = job_request(record, store.path)
                 limit_threads()
-                result = _evaluate(request, store, job_id, reporter)
+                result = _evaluate(request, store, record, reporter)
             except Exception as error:
                 message = describe_error(error)
                 report = exit_report(error, message, watch.evidence())

@@ -259,6 +259,8 @@ class DistributedEvaluationEngine(EvaluationEngine):
         if self.monitor is not None:
             for pid in (pid for group in info.runner.worker_pids() for pid in group):
                 self.monitor.register_pid(pid)
+        if self.on_runner is not None:
+            self.on_runner(info.runner)
         try:
             return run_evaluation(
                 request,
@@ -280,6 +282,8 @@ class DistributedEvaluationEngine(EvaluationEngine):
                 },
             )
         finally:
+            if self.on_runner is not None:
+                self.on_runner(None)
             self._release(request.model, layout, backend)
 
     async def evaluate(self, request: EvaluationRequest) -> EvaluationResult:

@@ -97,6 +97,10 @@ class DistributedModelInfo:
 
 
 def _cpu_cores() -> int:
+    """The cores this run may use: its share when a scheduler's slot gave it one, else its affinity."""
+    share = os.environ.get("EVALFLEET_THREADS", "")
+    if share.isdigit():
+        return max(1, int(share))
     try:
         return len(os.sched_getaffinity(0))
     except AttributeError:  # pragma: no cover - not Linux

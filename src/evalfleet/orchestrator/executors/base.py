@@ -70,6 +70,11 @@ class Executor(abc.ABC):
     def reattach(self, job: JobRecord) -> Handle | None:
         """A handle for a job launched by an earlier scheduler, or None if its process is gone."""
 
+    def replica_env(self, devices: Sequence[Device]) -> dict[str, str]:
+        """Variables for one more replica of a running job on `devices` (`EVALFLEET_THREADS`: its
+        CPU threads; `CUDA_VISIBLE_DEVICES`: its GPUs), which the job's worker starts itself."""
+        return {}
+
     def current_pool(self) -> Inventory | None:
         """The pool as it is now, for mechanisms whose pool changes (a Ray cluster); None if fixed."""
         return None

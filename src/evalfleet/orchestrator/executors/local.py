@@ -60,6 +60,10 @@ class LocalExecutor(SubprocessExecutor):
         """A job's share of the CPU cores: in proportion to its share of the pool, at least one."""
         return max(1, self.cores * devices // self.pool_size)
 
+    def replica_env(self, devices: Sequence[Device]) -> dict[str, str]:
+        visible = "" if self.cpu_slots else ",".join(str(gpu) for _, gpu in devices)
+        return {THREADS_VARIABLE: str(self.threads_for(len(devices))), "CUDA_VISIBLE_DEVICES": visible}
+
     def job_env(self, job: JobRecord, placement: Sequence[Device]) -> dict[str, str]:
         env = super().job_env(job, placement)
         threads = str(self.threads_for(len(placement)))
