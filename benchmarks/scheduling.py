@@ -3,8 +3,10 @@
 Simulates a 500-job seeded trace (models 1B-180B, tasks of 1e6-1e8 tokens, three priority
 classes, injected crashes) on 8 nodes x 8 H100-80GB, under:
 
-- evalfleet's policy (priorities with aging, gangs, EASY backfill, elastic data parallelism,
-  model affinity), and the same with preemption;
+- evalfleet's policy (priorities with aging, gangs, EASY backfill, elastic data parallelism
+  with live width: running jobs widen onto idle GPUs and give replicas back to higher classes,
+  model affinity), the same with preemption, and the same with each job's width fixed at its
+  start (`--no-resize`);
 - FIFO where each job takes the whole pool (lm-eval launched data-parallel over every GPU);
 - FIFO with a fixed 8 GPUs per job (OpenCompass-style partitioning).
 
@@ -53,6 +55,7 @@ def _policies(fixed_gpus: int) -> dict:
         "evalfleet_preemption": functools.partial(
             create_allocation_plan, options=PolicyOptions(preemption=True, preempt_after_s=300.0)
         ),
+        "evalfleet_fixed_width": functools.partial(create_allocation_plan, options=PolicyOptions(resize=False)),
         "fifo_whole_pool": fifo_whole_pool,
         f"fifo_fixed_{fixed_gpus}": fifo_fixed(fixed_gpus),
     }

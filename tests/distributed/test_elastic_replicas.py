@@ -64,14 +64,18 @@ def test_a_replica_added_mid_run_takes_batches_and_changes_no_result(llama, scor
             errors.append(error)
 
     adder = threading.Thread(target=add)
+    told: list[int] = []
+    runner.on_new_pids = told.extend  # the monitor's hook: it watches the new replica's processes too
     try:
         results = run_all(AfterFirstBatch(runner, adder.start), batches)
         adder.join()
         description = runner.describe()
         names = runner.replica_names
+        new_pids = runner.worker_pids()[1]
     finally:
         runner.close()
     assert not errors, errors
+    assert told == new_pids and told
     problems = differences(reference, results, *TOLERANCE)
     assert not problems, "\n".join(problems[:10])
     assert names == ["replica-0", "replica-1"] and description["replicas_at_end"] == 2 and description["dp"] == 1

@@ -95,3 +95,26 @@ def test_lower_bound_and_percentile():
     job = TraceJob("a", 100.0, "normal", small.with_work(1e9), 1e9)
     fastest = min(small.with_work(1e9).runtime(k, warm=True) for k in range(1, small.max_replicas + 1))
     assert lower_bound([job], 16) >= fastest
+
+
+def test_live_width_follows_the_policy_and_keeps_the_accounting(trace):
+    """A dp job that starts narrow widens when GPUs free up, and narrows for a high-priority arrival."""
+    from sample_jobs import demand
+
+    node = Inventory.from_spec("4xH100-80GB")
+    elastic = demand("dp", replicas=4, seconds=4000.0, startup=60.0)
+    small = TraceJob("blocker", 0.0, "normal", demand("b", replicas=1, seconds=300.0, startup=10.0), 300.0 * 1000)
+    jobs = [TraceJob("big", 0.0, "normal", demand("b", tp=2, replicas=1, seconds=600.0, startup=10.0), 600.0 * 1000),
+            small, TraceJob("dp", 1.0, "low", elastic, elastic.work_tokens),
+            TraceJob("urgent", 900.0, "high", demand("u", tp=2, seconds=100.0, startup=10.0), 100.0 * 1000)]
+    live = simulate(jobs, node, OURS)
+    fixed = simulate(jobs, node, functools.partial(create_allocation_plan, options=PolicyOptions(resize=False)))
+    assert live.unfinished == fixed.unfinished == 0
+    assert live.grows >= 2 and live.shrinks >= 1 and fixed.grows == fixed.shrinks == 0
+    assert live.per_priority["high"].mean_wait_s < fixed.per_priority["high"].mean_wait_s  # a replica given back
+    assert live.makespan_s < fixed.makespan_s
+    assert 0 < live.gpu_utilization <= 1.0
+    # the whole trace too: every job ends, and each start is a first start, a retry or a resumption
+    report = simulate(trace, CLUSTER, OURS)
+    assert report.unfinished == 0
+    assert report.starts == len(trace) + report.failures + report.preemptions - report.failed_jobs

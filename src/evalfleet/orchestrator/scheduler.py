@@ -153,7 +153,9 @@ class DistributedEvaluationOrchestrator:
         return RunningJob(
             record.id, tuple(record.placement or ()), self._expected_end(record, demand, now), record.priority,
             preemptible=record.state is JobState.RUNNING, demand=_at_measured_speed(record, demand, replicas),
-            resizable=resize is not None and self.executor is not None, leaving=leaving,
+            # not while a replica it grew by is still loading: one change at a time
+            resizable=resize is not None and self.executor is not None and not (resize.joining or resize.grow),
+            leaving=leaving,
             load_s=resize.load_s if resize is not None else None,
         )
 

@@ -4,8 +4,11 @@ It calls the same pure `create_allocation_plan` the live scheduler calls (or a b
 with its signature), and plays out the consequences: jobs start after their start-up time
 (shorter when the node holds the model warm), compute at the planner's speed for the
 replicas they were given, crash where the trace says, back off and resume from the request
-cache (finished work is kept), and get preempted if the policy says so. The policy only
-ever sees estimates; the simulator knows the truth.
+cache (finished work is kept), and get preempted if the policy says so. A running job that
+the policy widens holds the new replica's GPUs at once and computes faster once the replica
+has loaded (its warm start-up, the model being on the node already); one it narrows gives
+the GPUs back at once (the batch in hand is a rounding error here). The policy only ever
+sees estimates; the simulator knows the truth.
 
 With `NodeFailures`, a node is lost every `every_s` seconds (nodes in turn) and comes back
 `repair_s` later; the jobs on it are requeued at once. evalfleet resumes them from the
@@ -22,7 +25,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from evalfleet.orchestrator.demand import Device
-from evalfleet.orchestrator.policy import QueuedJob, RunningJob, Scheduler, Start
+from evalfleet.orchestrator.policy import QueuedJob, Resize, RunningJob, Scheduler, Start
 from evalfleet.orchestrator.recovery import RecoveryOptions, backoff_seconds
 from evalfleet.orchestrator.workload import TraceJob
 from evalfleet.planning import Inventory
@@ -50,6 +53,22 @@ class _Attempt:
     expected_end: float
     end: float
     serial: int
+    devices: list[Device] | None = None
+    """The GPUs it holds now (its start's, plus replicas joined, less replicas given back)."""
+    crash_after: float | None = None
+    """True tokens it computes before the trace's crash, if it crashes."""
+    replicas: int = 0
+    counted_to: float = 0.0
+    """Its compute and GPU time are counted up to here (its width may change later)."""
+
+    def __post_init__(self) -> None:
+        self.devices = list(self.start.devices) if self.devices is None else self.devices
+        self.replicas = self.replicas or self.start.replicas
+        self.counted_to = self.counted_to or self.began
+
+    @property
+    def computing_from(self) -> float:
+        return max(self.compute_from, self.counted_to)
 
     def eta(self, now: float) -> float:
         """What the live scheduler would know: the estimate until the worker reports progress,
@@ -89,6 +108,10 @@ class SimulationReport:
     failures: int = 0
     failed_jobs: int = 0
     preemptions: int = 0
+    grows: int = 0
+    """Replicas that running jobs gained (live elastic width)."""
+    shrinks: int = 0
+    """Replicas that running jobs gave back to a higher-priority job."""
     unfinished: int = 0
     warm_starts: int = 0
     starts: int = 0
@@ -159,20 +182,55 @@ def simulate(
     running: dict[str, _Attempt] = {}
     warm: dict[Device, str] = {}
     busy_gpu_s = 0.0
-    counts = {"failures": 0, "preemptions": 0, "warm": 0, "starts": 0, "rounds": 0, "nodes_lost": 0, "hit": 0}
+    counts = {"failures": 0, "preemptions": 0, "warm": 0, "starts": 0, "rounds": 0, "nodes_lost": 0, "hit": 0,
+              "grows": 0, "shrinks": 0}
     losses = {"lost_gpu_s": 0.0, "restart_gpu_s": 0.0}
 
-    def stop(attempt: _Attempt, now: float) -> None:
+    def bank(attempt: _Attempt, now: float) -> None:
+        """Count what it computed and the GPUs it held up to `now` (before its width changes)."""
         nonlocal busy_gpu_s
-        del running[attempt.job.spec.id]
-        busy_gpu_s += len(attempt.start.devices) * (now - attempt.began)
-        computed = max(0.0, now - attempt.compute_from) * attempt.rate
+        busy_gpu_s += len(attempt.devices) * (now - attempt.counted_to)
+        computed = max(0.0, now - attempt.computing_from) * attempt.rate
+        attempt.counted_to = now
         job = attempt.job
         job.done = min(1.0, job.done + computed / job.spec.true_work_tokens) if job.spec.true_work_tokens else 1.0
+        if attempt.crash_after is not None:
+            attempt.crash_after = max(0.0, attempt.crash_after - computed)
+
+    def stop(attempt: _Attempt, now: float) -> None:
+        del running[attempt.job.spec.id]
+        bank(attempt, now)
+
+    def schedule_end(attempt: _Attempt) -> None:
+        """Its finish (or crash) at its current rate, replacing any earlier one."""
+        spec = attempt.job.spec
+        left = spec.true_work_tokens * (1 - attempt.job.done)
+        attempt.end = attempt.computing_from + left / attempt.rate
+        if attempt.crash_after is not None:
+            attempt.serial = push(attempt.computing_from + attempt.crash_after / attempt.rate, "crash", spec.id)
+        else:
+            attempt.serial = push(attempt.end, "finish", spec.id)
+
+    def resize(order: Resize, now: float, grow: bool) -> None:
+        """A replica joins (computing after its warm load) or leaves (at once) a running job."""
+        attempt = running[order.job_id]
+        demand = attempt.job.spec.demand
+        bank(attempt, now)
+        if grow:
+            attempt.devices += order.devices
+            warm.update({d: demand.model for d in order.devices})
+            push(now + demand.warm_startup_s, "joined", order.job_id)
+            counts["grows"] += 1
+            return
+        attempt.devices = [d for d in attempt.devices if d not in order.devices]
+        attempt.replicas -= 1
+        attempt.rate = demand.tokens_per_s[attempt.replicas - 1]
+        counts["shrinks"] += 1
+        schedule_end(attempt)
 
     def lose_node(attempt: _Attempt, now: float, failures: NodeFailures) -> None:
         """Stop a job whose node died; keep what the cache holds (or nothing, restarting from zero)."""
-        job, gpus_used = attempt.job, len(attempt.start.devices)
+        job, gpus_used = attempt.job, len(attempt.devices)
         stop(attempt, now)
         losses["restart_gpu_s"] += gpus_used * (min(now, attempt.compute_from) - attempt.began)
         if failures.restart_from_zero:  # every token so far, at this attempt's speed
@@ -183,6 +241,16 @@ def simulate(
             job.done = max(0.0, job.done - lost_s * attempt.rate / job.spec.true_work_tokens)
         losses["lost_gpu_s"] += gpus_used * lost_s
         job.not_before = now
+
+    def running_view(attempt: _Attempt, now: float) -> RunningJob:
+        """What the live scheduler would see: its estimated work left, at its estimated speed."""
+        spec, job = attempt.job.spec, attempt.job
+        computed = max(0.0, now - attempt.computing_from) * attempt.rate
+        done = min(1.0, job.done + computed / spec.true_work_tokens) if spec.true_work_tokens else 1.0
+        joining = (len(attempt.devices) // spec.demand.replica_gpus) > attempt.replicas
+        return RunningJob(spec.id, tuple(attempt.devices), attempt.eta(now), spec.priority,
+                          demand=spec.demand.with_work(spec.demand.work_tokens * (1 - done)),
+                          resizable=not joining, load_s=spec.demand.warm_startup_s)
 
     def queue_view(now: float) -> list[QueuedJob]:
         waiting = [j for j in arrived if j not in running and jobs[j].finished is None and not jobs[j].failed]
@@ -204,12 +272,10 @@ def simulate(
         expected = now + spec.demand.with_work(spec.demand.work_tokens * (1 - job.done)).runtime(start.replicas)
         job.first_start = now if job.first_start is None else job.first_start
         warm.update({d: spec.demand.model for d in start.devices})
-        end = now + startup + left / rate
-        if job.failures < len(spec.failures):
-            event = push(now + startup + spec.failures[job.failures] * left / rate, "crash", spec.id)
-        else:
-            event = push(end, "finish", spec.id)
-        running[spec.id] = _Attempt(job, start, now, now + startup, rate, expected, end, event)
+        crash_after = spec.failures[job.failures] * left if job.failures < len(spec.failures) else None
+        attempt = _Attempt(job, start, now, now + startup, rate, expected, 0.0, 0, crash_after=crash_after)
+        running[spec.id] = attempt
+        schedule_end(attempt)
 
     now = 0.0
     while events:
@@ -232,6 +298,11 @@ def simulate(
                         lose_node(victim, now, node_failures)
             elif kind == "node_up":
                 down.pop(int(job_id), None)
+            elif kind == "joined" and attempt is not None:  # a replica it grew by has loaded
+                bank(attempt, now)
+                attempt.replicas += 1
+                attempt.rate = attempt.job.spec.demand.tokens_per_s[attempt.replicas - 1]
+                schedule_end(attempt)
             elif kind in ("finish", "crash") and attempt is not None and attempt.serial == event_serial:
                 stop(attempt, now)
                 job = jobs[job_id]
@@ -247,8 +318,7 @@ def simulate(
                     push(job.not_before, "retry", job_id)
         for _ in range(3):  # a preemption frees GPUs that the same instant's next round can use
             counts["rounds"] += 1
-            views = [RunningJob(a.job.spec.id, a.start.devices, a.eta(now), a.job.spec.priority)
-                     for a in running.values()]
+            views = [running_view(a, now) for a in running.values()]
             gone = [(n, g) for n in down for g in range(len(inventory.nodes[n].gpus))]
             plan = scheduler(queue_view(now), inventory, views, now, warm=warm, quarantined=gone)
             for victim in plan.preempt:
@@ -256,7 +326,11 @@ def simulate(
                 stop(running[victim], now)
             for start in plan.starts:
                 begin(start, now)
-            if not plan.preempt:
+            for order in getattr(plan, "shrinks", ()):
+                resize(order, now, grow=False)
+            for order in getattr(plan, "grows", ()):
+                resize(order, now, grow=True)
+            if not plan.preempt and not getattr(plan, "shrinks", ()):
                 break
 
     finished = [j for j in jobs.values() if j.finished is not None]
@@ -277,6 +351,7 @@ def simulate(
         gpu_utilization=busy_gpu_s / (gpus * makespan) if makespan else 0.0,
         per_priority=per_priority, failures=counts["failures"],
         failed_jobs=sum(j.failed for j in jobs.values()), preemptions=counts["preemptions"],
+        grows=counts["grows"], shrinks=counts["shrinks"],
         unfinished=sum(j.finished is None for j in jobs.values()),
         warm_starts=counts["warm"], starts=counts["starts"], rounds=counts["rounds"],
         nodes_lost=counts["nodes_lost"], jobs_hit_by_node_loss=counts["hit"], **losses,

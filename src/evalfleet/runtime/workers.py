@@ -139,6 +139,8 @@ class WorkerGroupRunner(BatchRunner):
         self._next_index = len(self.replicas)
         self._started = time.perf_counter()
         self._changes: list[dict[str, Any]] = []
+        self.on_new_pids: Callable[[list[int]], None] | None = None
+        """Told the worker pids of each replica added by `add_replica` (the monitor watches them too)."""
 
     def start(self) -> WorkerGroupRunner:
         """Start every replica at once; on any failure stop them all and raise."""
@@ -194,6 +196,8 @@ class WorkerGroupRunner(BatchRunner):
                 self._note_change(replica, "added")
                 if self._run is not None:
                     self._join(self._run, replica)
+                if self.on_new_pids is not None:
+                    self.on_new_pids(replica.group.pids)
                 return replica.name
         self._discard(replica)
         raise InfrastructureError(f"the worker group was closed while {replica.name} was loading the model")

@@ -99,6 +99,11 @@ class DistributedEvaluationEngine(EvaluationEngine):
         if self.monitor is not None:
             self.monitor.record_step(seconds, stage=stage, busy_seconds=busy_seconds)
 
+    def _watch_pids(self, pids: list[int]) -> None:
+        if self.monitor is not None:
+            for pid in pids:
+                self.monitor.register_pid(pid)
+
     def _on_engine_stats(self, replica: str, stats: dict[str, float]) -> None:
         if self.monitor is not None:
             self.monitor.record_engine_stats(replica, stats)
@@ -259,6 +264,7 @@ class DistributedEvaluationEngine(EvaluationEngine):
         if self.monitor is not None:
             for pid in (pid for group in info.runner.worker_pids() for pid in group):
                 self.monitor.register_pid(pid)
+            info.runner.on_new_pids = self._watch_pids  # replicas that join while it runs
         if self.on_runner is not None:
             self.on_runner(info.runner)
         try:
