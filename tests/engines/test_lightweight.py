@@ -88,7 +88,11 @@ def test_sigkill_mid_run_then_rerun_gives_identical_results(tiny_model, tmp_path
     args = ["--model", str(tiny_model), "--tasks", TASKS, "--limit", "40", "--device", "cpu", "--dtype", "float32",
             "--batch-size", "1", "--log-samples", "--cache", str(cache)]
     command = [sys.executable, "-m", "evalfleet.cli", "run", *args]
-    victim = subprocess.Popen([*command, "--output", str(tmp_path / "killed")], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    # One thread in every run: a run otherwise takes the cores free at its start, and float sums
+    # over another thread count differ in the last bits, which the exact comparison below would see.
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    victim = subprocess.Popen([*command, "--output", str(tmp_path / "killed")], stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL, env=env)
     deadline = time.time() + 120
     while _cached_rows(cache) < 20 and time.time() < deadline and victim.poll() is None:
         time.sleep(0.05)
@@ -98,13 +102,14 @@ def test_sigkill_mid_run_then_rerun_gives_identical_results(tiny_model, tmp_path
     committed = _cached_rows(cache)
     assert committed >= 20
 
-    resumed = subprocess.run([*command, "--output", str(tmp_path / "resumed")], capture_output=True, text=True)
+    resumed = subprocess.run([*command, "--output", str(tmp_path / "resumed")], capture_output=True, text=True, env=env)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     section = json.loads((tmp_path / "resumed" / "results.json").read_text())["evalfleet"]["cache"]
     assert section["hits"] >= committed
     assert section["computed"] == section["misses"] > 0
 
-    fresh = subprocess.run([*command, "--output", str(tmp_path / "fresh"), "--no-cache", "--report"], capture_output=True, text=True)
+    fresh = subprocess.run([*command, "--output", str(tmp_path / "fresh"), "--no-cache", "--report"], capture_output=True,
+                           text=True, env=env)
     assert fresh.returncode == 0, fresh.stderr[-2000:]
     assert (tmp_path / "fresh" / "monitoring.png").stat().st_size > 1000
     assert compare_samples(load_samples(tmp_path / "fresh"), load_samples(tmp_path / "resumed"), 0, 0) == []
