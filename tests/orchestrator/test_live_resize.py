@@ -173,3 +173,24 @@ def test_status_shows_the_width_now_and_its_range(tmp_path):
         assert width == {"replicas": 2, "fewest": 1, "most": 3, "live": True, "joining": 1, "leaving": 0}
         assert describe_width(width) == "2 now (1 to 3, resized while it runs; 1 joining)"
     assert describe_width({**width, "most": 1}) == ""
+
+
+def test_a_running_job_never_grows_onto_gpus_a_starting_job_was_widened_to():
+    running = [_running(devices=((0, 0),))]
+    plan = create_allocation_plan([queued("q", replicas=4, seconds=100.0)], FOUR, running, now=0.0)
+    started = {d for s in plan.starts for d in s.devices}
+    assert started == {(0, 1), (0, 2), (0, 3)}  # widened onto every idle GPU
+    assert plan.grows == ()
+
+
+def test_no_gpus_are_taken_for_a_job_that_would_rather_wait_for_a_wider_start():
+    """Preempting (or narrowing) for a start that the next round would not make only churns."""
+    low = RunningJob("low", ((0, 0), (0, 1)), 1000.0, "low", demand=demand(seconds=1000.0, startup=10.0))
+    other = RunningJob("other", ((0, 2), (0, 3)), 1000.0, "high", preemptible=False)
+    options = PolicyOptions(preemption=True, preempt_after_s=300.0)
+    wide = queued("high", "high", replicas=4, seconds=40_000.0)  # 4 at t=1000 end at 11,000; 2 now at 20,000
+    plan = create_allocation_plan([wide], FOUR, [low, other], now=0.0, options=options)
+    assert plan.preempt == () and plan.reservation.start_at == 1000.0
+    narrow = queued("high", "high", replicas=4, seconds=1500.0)  # 2 now end at 750; 4 at t=1000 at 1375
+    plan = create_allocation_plan([narrow], FOUR, [low, other], now=0.0, options=options)
+    assert plan.preempt == ("low",)

@@ -23,9 +23,14 @@ def scenarios(draw):
         size = draw(st.integers(1, 4))
         chunk = tuple(taken[cursor:cursor + size])
         cursor += size
+        resizable = draw(st.booleans())  # one replica per device, and room to grow
+        need = demand(replicas=draw(st.integers(len(chunk), 6)), min_replicas=draw(st.integers(1, len(chunk))),
+                      seconds=draw(st.floats(1, 5000)), startup=draw(st.floats(0, 100))) if resizable else None
+        leaving = chunk[-1:] if resizable and len(chunk) > 1 and draw(st.booleans()) else ()
         running.append(RunningJob(
             f"run{len(running)}", chunk, expected_end=draw(st.floats(0, 3000)),
             priority=draw(st.sampled_from(["high", "normal", "low"])), preemptible=draw(st.booleans()),
+            demand=need, resizable=resizable, leaving=leaving, load_s=draw(st.sampled_from([None, 5.0, 500.0])),
         ))
     rest = [d for d in devices if d not in taken]
     quarantined = draw(st.lists(st.sampled_from(rest), unique=True, max_size=2)) if rest else []
@@ -47,7 +52,7 @@ def scenarios(draw):
     options = PolicyOptions(
         aging_s=draw(st.sampled_from([60.0, 3600.0])), backfill=draw(st.booleans()), elastic=draw(st.booleans()),
         affinity=draw(st.booleans()), preemption=draw(st.booleans()),
-        preempt_after_s=draw(st.sampled_from([0.0, 500.0])),
+        preempt_after_s=draw(st.sampled_from([0.0, 500.0])), resize=draw(st.booleans()),
     )
     return inventory, queue, running, now, set(quarantined), warm, options
 
@@ -69,6 +74,18 @@ def test_never_over_allocates_and_always_places_whole_gangs(scenario):
     used = [d for s in plan.starts for d in s.devices]
     assert len(used) == len(set(used)), "a GPU was given to two starting jobs"
     assert not set(used) & set(held), "a GPU that is busy or quarantined was given out"
+    grown = [d for g in plan.grows for d in g.devices]
+    assert len(grown) == len(set(grown)) and not set(grown) & (set(used) | set(held)), "a grown replica's GPU was taken"
+    by_id = {r.id: r for r in running}
+    for job_id in {g.job_id for g in plan.grows}:
+        job = by_id[job_id]
+        assert job.resizable and not job.leaving and options.resize
+        assert job.replicas + sum(g.job_id == job_id for g in plan.grows) <= job.demand.max_replicas
+    for shrink in plan.shrinks:
+        donor = by_id[shrink.job_id]
+        assert donor.resizable and set(shrink.devices) <= set(donor.devices) - set(donor.leaving)
+        given = sum(s.job_id == donor.id for s in plan.shrinks)
+        assert donor.replicas - given >= donor.demand.min_replicas, "a job was shrunk below its fewest replicas"
     assert len({s.job_id for s in plan.starts}) == len(plan.starts)
     for start in plan.starts:
         job = jobs[start.job_id]
@@ -94,8 +111,10 @@ def test_backfill_never_delays_the_reserved_job(scenario):
     for start in plan.starts:
         if set(start.devices) & reservation.devices:
             assert start.expected_end <= reservation.start_at, f"{start.job_id} holds reserved GPUs too long"
-    for job in running:
-        if set(job.devices) & reservation.devices and job.id not in plan.preempt:
+    given_back = {d for shrink in plan.shrinks for d in shrink.devices}
+    for job in running:  # a replica leaving or given back frees its devices at once; others must end first
+        kept = set(job.devices) - set(job.leaving) - given_back
+        if kept & reservation.devices and job.id not in plan.preempt:
             assert _assumed_end(job, now) <= reservation.start_at
 
 

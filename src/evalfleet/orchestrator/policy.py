@@ -17,7 +17,8 @@ simulator and the live scheduler run exactly the same decisions. It combines:
 - live elastic width: a running job whose worker can add and drop replicas grows by one
   when GPUs are idle that no waiting job can use, if it then finishes sooner despite the
   new replica's load time; it gives one back (keeping its other replicas working) when a
-  job of a higher class would otherwise wait longer than such a replica takes to load;
+  job of a higher class would otherwise wait longer than such a replica takes to load and
+  finishes sooner for starting at once;
 - model affinity: replicas prefer GPUs that last ran the same model (warm page cache);
 - optional preemption: a job kept waiting long enough may stop lower-class jobs, which
   later resume from the request cache; never one whose restart costs more than the wait.
@@ -242,16 +243,21 @@ def create_allocation_plan(
                 continue
             reservation = Reservation(job.id, frozenset(d for r in replicas for d in r), at)
             waiting[job.id] = f"reserved to start at t={at:.0f} with {len(replicas)} replica(s)"
+            # Taking GPUs from running jobs must let this one finish sooner than waiting would, or
+            # the next round, seeing the GPUs free, would still choose to wait (and they would churn).
+            waited = at + demand.runtime(len(replicas))
             if options.resize:
                 shrinks, devices = _shrink_for(placer, job, target, free, running, blocked, at - now)
-                if shrinks:
+                if shrinks and now + demand.runtime(len(devices) // demand.replica_gpus) < waited:
                     reservation = Reservation(job.id, devices, now)
                     victims = sorted({s.job_id for s in shrinks})
                     waiting[job.id] = f"waiting for {', '.join(victims)} to give back {len(shrinks)} replica(s)"
                     continue
+                shrinks = []
             if options.preemption and at - now > options.preempt_after_s:
-                preempt, devices = _victims(placer, job, target, free, running, blocked, at - now)
-                if preempt:
+                victims, devices = _victims(placer, job, target, free, running, blocked, at - now)
+                if victims and now + demand.runtime(len(devices) // demand.replica_gpus) < waited:
+                    preempt = victims
                     reservation = Reservation(job.id, devices, now)
                     waiting[job.id] = f"preempting {', '.join(preempt)}"
             continue
@@ -264,15 +270,15 @@ def create_allocation_plan(
         else:
             waiting[job.id] = f"no GPUs free without delaying {reservation.job_id}"
 
+    # Idle devices no waiting job can use: first to the jobs starting now, then to running ones.
+    usable = free if reservation is None else free - reservation.devices
     if options.elastic:
         demands = {j.id: j.demand for j in queue}
-        usable = free if reservation is None else free - reservation.devices
         for i, start in enumerate(starts):
             starts[i] = _widen(placer, start, demands[start.job_id], usable, now)
             usable = usable - frozenset(starts[i].devices)
     grows: list[Resize] = []
     if options.resize:
-        usable = free if reservation is None else free - reservation.devices
         grows = _grow(placer, running, usable, options.min_growth_gain)
     return AllocationPlan(tuple(starts), preempt, reservation, waiting, tuple(grows), tuple(shrinks))
 
