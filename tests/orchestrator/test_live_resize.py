@@ -194,3 +194,19 @@ def test_no_gpus_are_taken_for_a_job_that_would_rather_wait_for_a_wider_start():
     narrow = queued("high", "high", replicas=4, seconds=1500.0)  # 2 now end at 750; 4 at t=1000 at 1375
     plan = create_allocation_plan([narrow], FOUR, [low, other], now=0.0, options=options)
     assert plan.preempt == ("low",)
+
+
+def test_the_scheduler_sees_a_shrink_order_not_yet_taken_as_devices_leaving(tmp_path):
+    """The order sits in the store until the worker's next poll; a round in between must read it."""
+    from evalfleet.orchestrator.scheduler import DistributedEvaluationOrchestrator
+
+    with JobStore(tmp_path / "jobs.db") as store:
+        job = store.add({"model": "m"}, priority="low", max_attempts=1, demand=demand(replicas=2, seconds=4000.0).to_dict())
+        store.transition(job, JobState.PLACED, placement=[(0, 0), (0, 1)])
+        store.transition(job, JobState.RUNNING)
+        store.open_resize(job, {"replica-0": [(0, 0)], "replica-1": [(0, 1)]}, load_s=1.0)
+        store.order_shrink(job, [(0, 1)], "a high job waits")
+        scheduler = DistributedEvaluationOrchestrator(store, Inventory.from_spec("2xH100-80GB"))
+        store.add({"model": "m"}, priority="high", max_attempts=1, demand=demand(seconds=50.0).to_dict())
+        plan = scheduler.create_allocation_plan(now=0.0)
+        assert plan.reservation.devices == frozenset({(0, 1)}) and plan.shrinks == ()

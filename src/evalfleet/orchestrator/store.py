@@ -186,7 +186,7 @@ class Resize:
     placement: list[Device] = field(default_factory=list)
     replicas: dict[str, list[Device]] = field(default_factory=dict)
     grow: list[dict[str, Any]] = field(default_factory=list)
-    shrink: list[list[Any]] = field(default_factory=list)
+    shrink: list[list[Device]] = field(default_factory=list)
     joining: list[list[Any]] = field(default_factory=list)
     leaving: list[list[Any]] = field(default_factory=list)
     load_s: float = 0.0
@@ -198,7 +198,7 @@ class Resize:
 
         return cls(placement=devices(placement),
                    replicas={name: devices(d) for name, d in data.get("replicas", {}).items()},
-                   grow=data.get("grow", []), shrink=data.get("shrink", []),
+                   grow=data.get("grow", []), shrink=[devices(d) for d in data.get("shrink", [])],
                    joining=[devices(d) for d in data.get("joining", [])],
                    leaving=[devices(d) for d in data.get("leaving", [])], load_s=data.get("load_s", 0.0))
 
@@ -207,7 +207,7 @@ class Resize:
             return [list(d) for d in devices]
 
         return {"replicas": {n: listed(d) for n, d in self.replicas.items()}, "grow": self.grow,
-                "shrink": self.shrink, "joining": [listed(d) for d in self.joining],
+                "shrink": [listed(d) for d in self.shrink], "joining": [listed(d) for d in self.joining],
                 "leaving": [listed(d) for d in self.leaving], "load_s": self.load_s}
 
 
@@ -444,7 +444,7 @@ class JobStore:
     def order_shrink(self, job_id: str, devices: list[Device], reason: str, now: float | None = None) -> None:
         """The scheduler asks a running job to give back the replica on `devices` after its batch in hand."""
         def change(resize: Resize) -> str:
-            resize.shrink.append([list(d) for d in devices])
+            resize.shrink.append([tuple(d) for d in devices])
             return f"asked to give back its replica on {_devices_text(devices)}: {reason}"
 
         self._resize(job_id, change, now)
@@ -455,8 +455,7 @@ class JobStore:
 
         def change(resize: Resize) -> None:
             nonlocal taken
-            taken = ([{**g, "devices": [tuple(d) for d in g["devices"]]} for g in resize.grow],
-                     [[tuple(d) for d in devices] for devices in resize.shrink])
+            taken = ([{**g, "devices": [tuple(d) for d in g["devices"]]} for g in resize.grow], list(resize.shrink))
             resize.joining.extend(order["devices"] for order in taken[0])
             resize.leaving.extend(taken[1])
             resize.grow, resize.shrink = [], []
