@@ -40,6 +40,11 @@ def test_orders_that_cannot_be_carried_out_leave_the_job_as_it_was(tmp_path, tin
         runner = WorkerGroupRunner(GroupSpec(str(tiny_model)), [["cpu"]]).start()
         live = LiveReplicas(db, job, [(0, 0)], 1, poll_s=0.05)
         try:
+            # A job that stopped running before its runner was ready keeps its width, and runs on.
+            queued = store.add({"model": "m"}, priority="normal", max_attempts=1)
+            LiveReplicas(db, queued, [(0, 0)], 1).attach(runner)
+            assert store.get(queued).resize is None
+
             live.attach(runner)
             record = store.get(job)
             assert record.resize["replicas"] == {"replica-0": [[0, 0]]} and record.resize["load_s"] > 0

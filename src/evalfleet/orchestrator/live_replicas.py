@@ -63,8 +63,12 @@ class LiveReplicas:
         size = self.replica_gpus
         chunks = [tuple(self.placement[i:i + size]) for i in range(0, len(self.placement), size)]
         self._names = dict(zip(chunks, runner.replica_names, strict=False))
-        self._store.open_resize(self.job_id, {name: list(devices) for devices, name in self._names.items()},
-                                load_s=round(runner.load_seconds, 3))
+        try:
+            self._store.open_resize(self.job_id, {name: list(devices) for devices, name in self._names.items()},
+                                    load_s=round(runner.load_seconds, 3))
+        except EvalfleetError:  # cancelled or requeued meanwhile: the job keeps its width and ends soon
+            self.close()
+            return
         self._thread = threading.Thread(target=self._follow, name="evalfleet-replicas", daemon=True)
         self._thread.start()
 
