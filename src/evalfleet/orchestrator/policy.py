@@ -28,6 +28,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 from evalfleet.orchestrator.demand import PRIORITY_RANK, Device, JobDemand
 from evalfleet.planning import Inventory, ParallelLayout, PlacementError, place
@@ -126,6 +127,7 @@ class AllocationPlan:
     shrinks: tuple[Resize, ...] = ()
 
 
+T = TypeVar("T")
 Scheduler = Callable[..., AllocationPlan]
 """`create_allocation_plan`'s signature: (queue, inventory, running, now, *, quarantined, warm)."""
 
@@ -364,17 +366,23 @@ def _victims(
          and (r.demand is None or r.demand.startup_s < wait_s)),
         key=lambda r: (PRIORITY_RANK[r.priority], -r.expected_end, r.id),
     )
-    need = max(job.demand.min_replicas, 1)
-    avail, chosen = free, []
-    for victim in candidates:
-        avail = avail | (frozenset(victim.devices) - blocked)
-        chosen.append(victim.id)
+    needed, used = _first_fit(placer, job, replicas, free, blocked, ((v.id, v.devices) for v in candidates))
+    return tuple(needed), used
+
+
+def _first_fit(placer: ReplicaPlacer, job: QueuedJob, replicas: int, free: frozenset[Device],
+               blocked: frozenset[Device], offers: Iterable[tuple[T, Sequence[Device]]]) -> tuple[list[T], frozenset[Device]]:
+    """Offers of devices (a victim's, a replica given back) taken in order until `job` can start
+    now with its fewest replicas: the offers whose devices that start uses, and those devices."""
+    avail, taken = free, []
+    for offer, devices in offers:
+        avail = avail | (frozenset(devices) - blocked)
+        taken.append((offer, frozenset(devices)))
         found = placer.replicas(job.demand, avail, replicas)
-        if len(found) >= need:
+        if len(found) >= max(job.demand.min_replicas, 1):
             used = frozenset(d for r in found for d in r)
-            needed = tuple(v.id for v in candidates if v.id in chosen and used & frozenset(v.devices))
-            return needed, used
-    return (), frozenset()
+            return [offer for offer, devices in taken if used & devices], used
+    return [], frozenset()
 
 
 def _widen(placer: ReplicaPlacer, start: Start, demand: JobDemand, usable: frozenset[Device], now: float) -> Start:
@@ -416,18 +424,13 @@ def _shrink_for(placer: ReplicaPlacer, job: QueuedJob, replicas: int, free: froz
          and r.replicas > r.demand.min_replicas and r.replica_load_s < wait_s),
         key=lambda r: (PRIORITY_RANK[r.priority], -r.expected_end, r.id),
     )
-    avail, given = free, []
-    for donor in donors:
-        assert donor.demand is not None
-        spare = donor.replicas - donor.demand.min_replicas
-        for devices in reversed(_replica_devices(donor)[-spare:]):
-            avail = avail | (frozenset(devices) - blocked)
-            given.append(Resize(donor.id, devices, f"{job.id} ({job.priority}) would wait {wait_s:.0f}s"))
-            found = placer.replicas(job.demand, avail, replicas)
-            if len(found) >= job.demand.min_replicas:
-                used = frozenset(d for r in found for d in r)
-                return [g for g in given if used & frozenset(g.devices)], used
-    return [], frozenset()
+    reason = f"{job.id} ({job.priority}) would wait {wait_s:.0f}s"
+    offers = (
+        (Resize(donor.id, devices, reason), devices)
+        for donor in donors
+        for devices in reversed(_replica_devices(donor)[-(donor.replicas - donor.demand.min_replicas):])
+    )
+    return _first_fit(placer, job, replicas, free, blocked, offers)
 
 
 def growth_pays(demand: JobDemand, replicas: int, load_s: float, min_gain: float) -> bool:

@@ -149,15 +149,15 @@ class DistributedEvaluationOrchestrator:
         """A placed or running job as the policy sees it, its remaining work at its measured speed."""
         resize = Resize.load(record.resize, record.placement or ()) if record.resize is not None else None
         leaving = () if resize is None else tuple(d for devices in (*resize.leaving, *resize.shrink) for d in devices)
-        replicas = max(1, (len(record.placement or ()) - len(leaving)) // demand.replica_gpus)
-        return RunningJob(
+        view = RunningJob(
             record.id, tuple(record.placement or ()), self._expected_end(record, demand, now), record.priority,
-            preemptible=record.state is JobState.RUNNING, demand=_at_measured_speed(record, demand, replicas),
+            preemptible=record.state is JobState.RUNNING, demand=demand,
             # not while a replica it grew by is still loading: one change at a time
             resizable=resize is not None and self.executor is not None and not (resize.joining or resize.grow),
             leaving=leaving,
             load_s=resize.load_s if resize is not None else None,
         )
+        return replace(view, demand=_at_measured_speed(record, demand, max(1, view.replicas)))
 
     def monitor_running_tasks(self) -> list[TaskProgress]:
         """Per placed or running job: requests done of total, tokens/s, ETA and current attempt."""

@@ -326,11 +326,11 @@ def simulate(
                 stop(running[victim], now)
             for start in plan.starts:
                 begin(start, now)
-            for order in getattr(plan, "shrinks", ()):
+            for order in plan.shrinks:
                 resize(order, now, grow=False)
-            for order in getattr(plan, "grows", ()):
+            for order in plan.grows:
                 resize(order, now, grow=True)
-            if not plan.preempt and not getattr(plan, "shrinks", ()):
+            if not plan.preempt and not plan.shrinks:
                 break
 
     finished = [j for j in jobs.values() if j.finished is not None]

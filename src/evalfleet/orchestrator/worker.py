@@ -44,9 +44,14 @@ def job_request(record: JobRecord, db_path: str | os.PathLike[str]) -> Evaluatio
     fields = dict(record.request)
     fields["output_dir"] = fields.get("output_dir") or str(job_output_dir(db_path, record.id))
     if record.placement and len(record.placement) > 1 and record.demand:
-        tp, pp = record.demand["tp"], record.demand["pp"]
-        fields.update(tp=tp, pp=pp, dp=max(1, len(record.placement) // (tp * pp)))
+        fields.update(_given_layout(record))
     return EvaluationRequest.model_validate(fields)
+
+
+def _given_layout(record: JobRecord) -> dict[str, int]:
+    """The tp, pp and dp of the devices the job was given (its replica shape, as many as fit)."""
+    tp, pp = record.demand["tp"], record.demand["pp"]
+    return {"tp": tp, "pp": pp, "dp": max(1, len(record.placement or ()) // (tp * pp))}
 
 
 def resizable(record: JobRecord) -> bool:
@@ -193,10 +198,9 @@ def _evaluate(request: EvaluationRequest, store: JobStore, record: JobRecord, re
     if not resizable(record):
         return evaluate_request(request, progress=reporter)
     # Worker groups even for one replica, so that replicas can join it.
-    tp, pp = record.demand["tp"], record.demand["pp"]
-    request = request.model_copy(update={"engine": "distributed", "strategy": "auto", "tp": tp, "pp": pp,
-                                         "dp": max(1, len(record.placement or ()) // (tp * pp))})
-    live = LiveReplicas(store.path, job_id, record.placement or (), tp * pp)
+    layout = _given_layout(record)
+    request = request.model_copy(update={"engine": "distributed", "strategy": "auto", **layout})
+    live = LiveReplicas(store.path, job_id, record.placement or (), layout["tp"] * layout["pp"])
     try:
         return evaluate_request(request, progress=reporter, on_runner=live.attach)
     finally:
