@@ -173,6 +173,7 @@ def test_status_shows_the_width_now_and_its_range(tmp_path):
         assert width == {"replicas": 2, "fewest": 1, "most": 3, "live": True, "joining": 1, "leaving": 0}
         assert describe_width(width) == "2 now (1 to 3, resized while it runs; 1 joining)"
     assert describe_width({**width, "most": 1}) == ""
+    assert describe_width({**width, "replicas": 0, "live": False, "joining": 0}) == "1 to 3"
 
 
 def test_a_running_job_never_grows_onto_gpus_a_starting_job_was_widened_to():

@@ -289,12 +289,14 @@ def describe_size(size: dict[str, Any] | None) -> str:
 
 
 def describe_width(width: dict[str, Any] | None) -> str:
-    """`2 now (1 to 2, resized while it runs; 1 leaving)`; nothing for a job that can use one replica only."""
+    """`2 now (1 to 2, resized while it runs; 1 leaving)`, `1 to 2` for a job holding none (queued or
+    ended); nothing for a job that can use one replica only."""
     if not width or width["most"] == 1:
         return ""
     live = ", resized while it runs" if width["live"] else ""
     moving = "; ".join(f"{width[k]} {k}" for k in ("joining", "leaving") if width[k])
-    return f"{width['replicas']} now ({width['fewest']} to {width['most']}{live}{'; ' + moving if moving else ''})"
+    span = f"{width['fewest']} to {width['most']}{live}{'; ' + moving if moving else ''}"
+    return f"{width['replicas']} now ({span})" if width["replicas"] else span  # none held: queued or ended
 
 
 def _render_job(document: dict[str, Any], console: Console) -> None:
