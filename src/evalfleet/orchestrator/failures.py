@@ -6,6 +6,10 @@
 | deterministic  | no tp plan for the architecture, a dataset offline   | no    | never                 |
 | resource       | out of memory at the smallest budget, largest layout | no    | never                 |
 | infrastructure | killed by a signal, lost heartbeat, collective lost  | yes   | only on evidence      |
+| (storage)      | the store locked past its busy timeout, a full disk  | yes   | never                 |
+
+Storage faults are infrastructure that no device caused: the store or a disk failed under
+the job, and a later attempt resumes from the request cache once it recovers.
 
 Out of memory is retried where it happens (the runners halve their token budget, the
 distributed loader tries the next larger layout), so a `resource` failure that reaches the
@@ -18,13 +22,15 @@ read by the worker when it fails, or failures of several different models on one
 from __future__ import annotations
 
 import enum
+import errno
+import sqlite3
 from collections.abc import Sequence
 from typing import Any
 
 from pydantic import BaseModel, Field
 
 from evalfleet.orchestrator.demand import Device
-from evalfleet.types import EvalfleetError
+from evalfleet.types import EvalfleetError, InfrastructureError
 
 
 class FailureClass(str, enum.Enum):
@@ -51,14 +57,44 @@ class ExitReport(BaseModel):
     failure: FailureClass
     reason: str
     evidence: list[DeviceEvidence] = Field(default_factory=list)
+    blame_devices: bool = Field(True, description="False when the failure says nothing about the job's "
+                                                  "devices (the store or a disk failed)")
+
+
+class StorageFault(InfrastructureError):
+    """The job store or a disk failed under the job, so even the exit report may be unwritten: the
+    exit code alone tells the scheduler to retry with backoff and blame no device."""
+
+    exit_code = 74  # EX_IOERR
 
 
 _INFRASTRUCTURE_TYPES = ("DistBackendError", "DistNetworkError", "DistStoreError")
 _DEVICE_MESSAGES = ("CUDA error", "NCCL error", "ECC error", "CUBLAS_STATUS_EXECUTION_FAILED")
+_SQLITE_STORAGE = ("SQLITE_BUSY", "SQLITE_LOCKED", "SQLITE_FULL", "SQLITE_IOERR", "SQLITE_CANTOPEN", "SQLITE_PROTOCOL")
+_SQLITE_STORAGE_MESSAGES = ("database is locked", "database table is locked", "disk is full", "disk I/O error",
+                            "unable to open database file")
+_STORAGE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EROFS, errno.ESTALE})
+
+
+def storage_fault(error: BaseException | None) -> bool:
+    """Whether `error` (or what caused it) is a store or disk failing: locked, full, or an I/O error."""
+    while error is not None:
+        if isinstance(error, StorageFault):
+            return True
+        if isinstance(error, sqlite3.DatabaseError):
+            name = getattr(error, "sqlite_errorname", "")  # Python 3.11+
+            if name.startswith(_SQLITE_STORAGE) or any(text in str(error) for text in _SQLITE_STORAGE_MESSAGES):
+                return True
+        elif isinstance(error, OSError) and error.errno in _STORAGE_ERRNOS:
+            return True
+        error = error.__cause__
+    return False
 
 
 def classify(error: BaseException) -> FailureClass:
     """The failure class of an exception raised while running a job."""
+    if storage_fault(error):
+        return FailureClass.INFRASTRUCTURE
     if isinstance(error, EvalfleetError):
         return FailureClass(error.failure)
     if type(error).__name__ == "OutOfMemoryError" or isinstance(error, MemoryError):
@@ -71,9 +107,10 @@ def classify(error: BaseException) -> FailureClass:
 
 
 def exit_report(error: BaseException, reason: str, evidence: list[DeviceEvidence]) -> ExitReport:
-    """The report of a failed attempt: a device that reports faults makes it infrastructure, whatever the error."""
+    """The report of a failed attempt: a device that reports faults makes it infrastructure, whatever the error;
+    a storage fault blames no device without such evidence."""
     failure = FailureClass.INFRASTRUCTURE if evidence else classify(error)
-    return ExitReport(failure=failure, reason=reason, evidence=evidence)
+    return ExitReport(failure=failure, reason=reason, evidence=evidence, blame_devices=not storage_fault(error))
 
 
 class DeviceWatch:

@@ -1,9 +1,11 @@
 """`evalfleet scheduler`: the orchestrator loop in the foreground, one per job store.
 
-It prints each job event as it happens. Ctrl-C or SIGTERM stops launching, stops its
-workers (SIGTERM, then SIGKILL after the grace period) and requeues their jobs without
-counting an attempt, so the next scheduler resumes them from the request cache and no
-worker outlives it. A lock file next to the store keeps a second scheduler out.
+It prints each job event as it happens. A round that fails is retried with backoff (see
+`rounds.py`), its traceback in `<store folder>/logs/scheduler.log`. Only Ctrl-C or SIGTERM
+stops it: it stops launching, stops its workers (SIGTERM, then SIGKILL after the grace
+period) and requeues their jobs without counting an attempt, so the next scheduler resumes
+them from the request cache and no worker outlives it. A lock file next to the store keeps
+a second scheduler out.
 """
 
 from __future__ import annotations
@@ -11,8 +13,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
+import logging
 import os
 import signal
+import sqlite3
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -23,6 +27,8 @@ from evalfleet.orchestrator.executors.local import LocalExecutor
 from evalfleet.orchestrator.policy import PolicyOptions
 from evalfleet.orchestrator.pool import record_pool
 from evalfleet.orchestrator.recovery import RecoveryOptions
+from evalfleet.orchestrator.rounds import log as round_log
+from evalfleet.orchestrator.rounds import run_rounds
 from evalfleet.orchestrator.scheduler import SELF_REPORTING_HEARTBEAT_TIMEOUT_S, DistributedEvaluationOrchestrator
 from evalfleet.orchestrator.sizing import describe_pool
 from evalfleet.orchestrator.store import Event, JobStore
@@ -41,6 +47,8 @@ class SchedulerOptions:
     interval_s: float = 2.0
     heartbeat_timeout_s: float = SELF_REPORTING_HEARTBEAT_TIMEOUT_S
     grace_s: float = 10.0
+    busy_timeout_s: float = 30.0
+    """How long a store write waits for another process's lock; past it the round fails and is retried."""
 
 
 @contextlib.contextmanager
@@ -64,6 +72,26 @@ def scheduler_lock(db_path: Path) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
+@contextlib.contextmanager
+def _round_log(path: Path) -> Iterator[None]:
+    """Failed rounds' tracebacks to a file beside the workers' logs (the console gets one line each);
+    a folder that cannot be made leaves them on standard error."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handler: logging.Handler = logging.FileHandler(path, delay=True)
+    except OSError:
+        handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    round_log.addHandler(handler)
+    round_log.propagate = False
+    try:
+        yield
+    finally:
+        round_log.removeHandler(handler)
+        round_log.propagate = True
+        handler.close()
+
+
 def describe_event(event: Event) -> str:
     stamp = time.strftime("%H:%M:%S", time.localtime(event.at))
     change = f"{event.from_state.value} -> {event.to_state.value}" if event.from_state else event.to_state.value
@@ -82,7 +110,8 @@ def run_scheduler(
     executor: Executor | None = None,
 ) -> None:
     """Schedule over `inventory` with `executor` (default: worker processes on this machine)."""
-    with JobStore(db_path) as store, scheduler_lock(store.path):
+    with JobStore(db_path, busy_timeout_s=options.busy_timeout_s) as store, scheduler_lock(store.path), \
+            _round_log(store.path.parent / "logs" / "scheduler.log"):
         executor = executor or LocalExecutor(store.path, inventory, grace_s=options.grace_s)
         orchestrator = DistributedEvaluationOrchestrator(
             store, inventory, executor,
@@ -113,21 +142,12 @@ async def _serve(orchestrator: DistributedEvaluationOrchestrator, options: Sched
             seen = event.id
 
     try:
-        requeued = orchestrator.reconcile()
-        if requeued:
-            say(f"requeued {len(requeued)} job(s) whose process was gone: {', '.join(requeued)}")
-        while not stop.is_set():
-            try:
-                await orchestrator.run_once()
-            except EvalfleetError as error:  # a race with another process; the next round sees the new state
-                say(f"round skipped: {error}")
-            report()
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(stop.wait(), timeout=options.interval_s)
+        await run_rounds(orchestrator, options.interval_s, stop, say, after_round=report)
         say("stopping: no new launches; stopping workers")
     finally:
         requeued = orchestrator.shutdown(wait_s=options.grace_s + 5.0)
-        report()
+        with contextlib.suppress(sqlite3.Error):  # a failing store leaves the last events unprinted, no more
+            report()
         for sig, handler in previous.items():
             loop.remove_signal_handler(sig)
             signal.signal(sig, handler)

@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import os
 import socket
+import sqlite3
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, replace
@@ -33,9 +34,10 @@ from evalfleet.orchestrator.policy import (
     Start,
     create_allocation_plan,
 )
-from evalfleet.orchestrator.failures import DeviceEvidence, ExitReport, FailureClass
+from evalfleet.orchestrator.failures import DeviceEvidence, ExitReport, FailureClass, StorageFault
 from evalfleet.orchestrator.pool import record_pool
 from evalfleet.orchestrator.recovery import RecoveryDecision, RecoveryOptions, recover
+from evalfleet.orchestrator.rounds import run_rounds
 from evalfleet.orchestrator.sizing import size_request
 from evalfleet.orchestrator.states import JobState
 from evalfleet.orchestrator.store import JobRecord, JobStore, Resize
@@ -199,11 +201,13 @@ class DistributedEvaluationOrchestrator:
                        evidence=evidence, blame_devices=blame_devices, backoff=backoff)
 
     def reconcile(self) -> list[str]:
-        """After a restart: adopt live jobs of this host, requeue those whose process is gone."""
+        """After a restart, or a round that failed half-way: adopt live jobs of this host that no
+        scheduler here watches, and requeue those whose process is gone."""
         host = self.owner.split(":")[0]
         requeued = []
         for record in self.store.list(_ACTIVE):
-            if record.owner and record.owner.split(":")[0] != host:
+            watched = record.id in self._live or record.id in self._draining
+            if watched or (record.owner and record.owner.split(":")[0] != host):
                 continue
             handle = self.executor.reattach(record) if self.executor is not None else None
             if handle is not None:
@@ -235,12 +239,8 @@ class DistributedEvaluationOrchestrator:
         return plan
 
     async def run_forever(self, interval_s: float = 2.0, stop: asyncio.Event | None = None) -> None:
-        self.reconcile()
-        stop = stop or asyncio.Event()
-        while not stop.is_set():
-            await self.run_once()
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(stop.wait(), timeout=interval_s)
+        """Rounds every `interval_s` until `stop` is set; a round that fails is logged and the loop goes on."""
+        await run_rounds(self, interval_s, stop or asyncio.Event())
 
     def _follow_pool(self) -> None:
         """Take the executor's pool as it is now (nodes lost or joined), and tell `submit` of it."""
@@ -294,8 +294,11 @@ class DistributedEvaluationOrchestrator:
         if self.executor.self_reporting and code == NodeLost.exit_code:
             # A machine went away: resume on the nodes that remain at once, and blame no device.
             self.handle_fault_recovery(job_id, reason, blame_devices=False, backoff=False)
+        elif self.executor.self_reporting and code == StorageFault.exit_code:  # its report may be unwritten
+            self.handle_fault_recovery(job_id, reason, blame_devices=False)
         elif report is not None:
-            self.handle_fault_recovery(job_id, reason, failure=report.failure, evidence=tuple(report.evidence))
+            self.handle_fault_recovery(job_id, reason, failure=report.failure, evidence=tuple(report.evidence),
+                                       blame_devices=report.blame_devices)
         elif self.executor.self_reporting and code == UsageError.exit_code:
             self.handle_fault_recovery(job_id, reason, failure=FailureClass.REQUEST)
         else:  # killed, or died without a report: nothing says the request is at fault
@@ -319,7 +322,8 @@ class DistributedEvaluationOrchestrator:
         for job_id in stopping:  # a process that outlived the wait stays for the next reconcile
             if job_id in self._draining or self.store.get(job_id).state not in (*_ACTIVE, JobState.PREEMPTED):
                 continue
-            with contextlib.suppress(EvalfleetError):  # settled by another process meanwhile
+            # Settled by another process meanwhile; or the store is failing, and the next reconcile requeues it.
+            with contextlib.suppress(EvalfleetError, sqlite3.Error):
                 self.store.transition(job_id, JobState.QUEUED, reason="the scheduler stopped; resumes later",
                                       placement=None, pid=None, handle=None, now=self.clock())
                 requeued.append(job_id)
@@ -364,8 +368,9 @@ class DistributedEvaluationOrchestrator:
                                        + (" (backfilled)" if start.backfilled else ""))
         try:
             handle = self.executor.launch(record, start.devices)
-        except EvalfleetError as error:
-            self.handle_fault_recovery(start.job_id, f"launch failed: {error}", blame_devices=False)
+        except Exception as error:  # e.g. its log folder cannot be made: nothing to do with its devices
+            text = str(error) if isinstance(error, EvalfleetError) else f"{type(error).__name__}: {error}"
+            self.handle_fault_recovery(start.job_id, f"launch failed: {text}", blame_devices=False)
             return
         self._live[start.job_id] = (handle, tuple(start.devices))
         if self.executor.self_reporting:  # its worker moves it to running once it has started

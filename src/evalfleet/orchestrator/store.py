@@ -2,8 +2,10 @@
 
 WAL mode lets readers (status, queue) run while a writer commits; every write is one
 `BEGIN IMMEDIATE` transaction under a busy timeout, so concurrent processes serialize
-instead of failing. Each state change is checked against `states.TRANSITIONS` and logged
-in `events` in the same transaction, so the history never disagrees with the job row.
+instead of failing. Opening a store whose schema is current only reads, so an open never
+queues behind (or blocks) the writers. Each state change is checked against
+`states.TRANSITIONS` and logged in `events` in the same transaction, so the history never
+disagrees with the job row.
 """
 
 from __future__ import annotations
@@ -267,22 +269,27 @@ class JobStore:
             self._conn.execute("BEGIN IMMEDIATE")
             try:
                 yield self._conn
+                self._conn.execute("COMMIT")
             except BaseException:
-                self._conn.execute("ROLLBACK")
+                if self._conn.in_transaction:  # a failed COMMIT leaves it open: the next write needs it closed
+                    self._conn.execute("ROLLBACK")
                 raise
-            self._conn.execute("COMMIT")
 
     def _migrate(self) -> None:
-        with self._write() as conn:
-            version = conn.execute("PRAGMA user_version").fetchone()[0]
-            if version > SCHEMA_VERSION:
-                raise EvalfleetError(
-                    f"the job store {self.path} has schema version {version}, newer than this evalfleet "
-                    f"understands ({SCHEMA_VERSION}); upgrade evalfleet"
-                )
-            for step in MIGRATIONS[version:]:
-                step(conn)
-            conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+        """Bring an older schema up to date; the write lock is taken only when there is something to do."""
+        version = self.schema_version
+        if version < SCHEMA_VERSION:
+            with self._write() as conn:
+                version = conn.execute("PRAGMA user_version").fetchone()[0]  # another process may have done it
+                if version < SCHEMA_VERSION:
+                    for step in MIGRATIONS[version:]:
+                        step(conn)
+                    conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+        if version > SCHEMA_VERSION:
+            raise EvalfleetError(
+                f"the job store {self.path} has schema version {version}, newer than this evalfleet "
+                f"understands ({SCHEMA_VERSION}); upgrade evalfleet"
+            )
 
     @property
     def schema_version(self) -> int:

@@ -6,6 +6,10 @@ The worker, not the scheduler, knows how far it got, so it confirms its own star
 (the failure's class and any device evidence, see `failures.py`) and exits non-zero; what
 happens next (retry with backoff, or give up) is the scheduler's call.
 Every finished request is already in the request cache, so a retry resumes there.
+
+The store failing (locked past its busy timeout, a full disk) never fails the job by itself:
+a progress or heartbeat write that fails is skipped (the next one catches up), and the
+result is committed with retries, then left to the scheduler's retry (`StorageFault`).
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import sqlite3
 import sys
 import threading
 import time
@@ -22,13 +27,18 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from evalfleet.orchestrator.executors.local import THREADS_VARIABLE
-from evalfleet.orchestrator.failures import DeviceWatch, exit_report
+from evalfleet.orchestrator.failures import DeviceWatch, StorageFault, exit_report, storage_fault
 from evalfleet.orchestrator.live_replicas import LiveReplicas
 from evalfleet.orchestrator.states import JobState
 from evalfleet.orchestrator.store import JobRecord, JobStore
 from evalfleet.types import EvalfleetError, EvaluationRequest, EvaluationResult, UsageError
 
 RESULTS_FOLDER = "results"
+COMMIT_ATTEMPTS = 4
+COMMIT_BACKOFF_S = 2.0
+"""The result's commit waits out a busy store this many times (each after the store's busy
+timeout), sleeping this long and then twice as long each time, before the job is left to the
+scheduler's retry."""
 
 
 def job_output_dir(db_path: str | os.PathLike[str], job_id: str) -> Path:
@@ -121,20 +131,25 @@ class ProgressReporter:
         return ProgressSnapshot(done, total, round(tokens / elapsed, 3), round(computed / elapsed, 3))
 
     def flush(self) -> None:
+        """Write progress (or a heartbeat); a store that fails is only logged: the next write catches up."""
         snapshot = self.snapshot()
         with self._lock:
             self._written = self.clock()
-        if snapshot is None:
-            self.store.heartbeat(self.job_id)
-        else:
-            self.store.update_progress(self.job_id, done=snapshot.done, total=snapshot.total,
-                                       tokens_per_s=snapshot.tokens_per_s, requests_per_s=snapshot.requests_per_s)
+        try:
+            if snapshot is None:
+                self.store.heartbeat(self.job_id)
+            else:
+                self.store.update_progress(self.job_id, done=snapshot.done, total=snapshot.total,
+                                           tokens_per_s=snapshot.tokens_per_s,
+                                           requests_per_s=snapshot.requests_per_s)
+        except sqlite3.Error as error:
+            print(f"[evalfleet worker] progress not written: {error}", file=sys.stderr, flush=True)
 
     def _beat(self) -> None:
         while not self._stop.wait(self.heartbeat_s):
             try:
                 self.flush()
-            except Exception as error:  # a busy store must not kill the job; the next beat retries
+            except Exception as error:  # the heartbeat thread must outlive anything; the next beat retries
                 print(f"[evalfleet worker] heartbeat failed: {error}", file=sys.stderr, flush=True)
 
     def __enter__(self) -> ProgressReporter:
@@ -207,10 +222,14 @@ def _evaluate(request: EvaluationRequest, store: JobStore, record: JobRecord, re
         live.close()
 
 
-def run_worker(job_id: str, db_path: str | os.PathLike[str], *, heartbeat_s: float = 5.0) -> EvaluationResult:
+def run_worker(job_id: str, db_path: str | os.PathLike[str], *, heartbeat_s: float = 5.0,
+               busy_timeout_s: float = 30.0) -> EvaluationResult:
     """Run a placed job to its result; heartbeats start before the (slow) imports and model load."""
-    with JobStore(db_path) as store:
-        record = confirm_start(store, job_id)
+    with JobStore(db_path, busy_timeout_s=busy_timeout_s) as store:
+        try:
+            record = confirm_start(store, job_id)
+        except sqlite3.Error as error:
+            raise StorageFault(f"cannot start job {job_id}: the job store failed: {error}") from error
         with ProgressReporter(store, job_id, heartbeat_s=heartbeat_s) as reporter:
             on_gpus = os.environ.get("CUDA_VISIBLE_DEVICES") != ""  # a CPU slot's job sees no GPU
             watch = DeviceWatch(record.placement or () if on_gpus else ())
@@ -221,15 +240,34 @@ def run_worker(job_id: str, db_path: str | os.PathLike[str], *, heartbeat_s: flo
             except Exception as error:
                 message = describe_error(error)
                 report = exit_report(error, message, watch.evidence())
-                store.report_error(job_id, message, report.model_dump(mode="json"))
+                try:
+                    store.report_error(job_id, message, report.model_dump(mode="json"))
+                except sqlite3.Error as unwritten:  # the exit code still says what happened
+                    print(f"[evalfleet worker] exit report not written: {unwritten}", file=sys.stderr, flush=True)
                 if isinstance(error, EvalfleetError):
                     raise
                 traceback.print_exc()
-                raise EvalfleetError(message) from error
+                raise (StorageFault if storage_fault(error) else EvalfleetError)(message) from error
             finally:
                 watch.close()
-        cache = result.evalfleet.get("cache", {})
-        store.transition(job_id, JobState.SUCCEEDED, expect=JobState.RUNNING, result_path=result.output_path,
-                         reason=f"finished; {cache.get('hits', 0)} requests from the cache, "
-                                f"{cache.get('computed', 0)} computed")
+        record_result(store, job_id, result)
     return result
+
+
+def record_result(store: JobStore, job_id: str, result: EvaluationResult) -> None:
+    """running -> succeeded. A busy or failing store is waited out a few times; then the job is left
+    to the scheduler's retry (exit code of `StorageFault`), which finds every request in the cache."""
+    cache = result.evalfleet.get("cache", {})
+    for attempt in range(COMMIT_ATTEMPTS):
+        try:
+            store.transition(job_id, JobState.SUCCEEDED, expect=JobState.RUNNING, result_path=result.output_path,
+                             reason=f"finished; {cache.get('hits', 0)} requests from the cache, "
+                                    f"{cache.get('computed', 0)} computed")
+            return
+        except sqlite3.Error as error:
+            if attempt + 1 == COMMIT_ATTEMPTS:
+                raise StorageFault(f"cannot record the result of job {job_id} in the job store: {error}") from error
+            delay = COMMIT_BACKOFF_S * 2 ** attempt
+            print(f"[evalfleet worker] result not recorded ({error}); again in {delay:.0f}s", file=sys.stderr,
+                  flush=True)
+            time.sleep(delay)
