@@ -5,6 +5,9 @@ from __future__ import annotations
 import json
 import sys
 
+import pytest
+
+from evalfleet.planning import backends
 from evalfleet.planning.backends import VllmRegistry
 
 
@@ -42,3 +45,37 @@ def test_an_unreadable_file_is_asked_again(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "vllm", fake)
     assert VllmRegistry(path, "1").architectures() == frozenset({"A"})
     assert json.loads(path.read_text()) == {"1": {"architectures": ["A"]}}
+
+
+def test_cpu_head_sizes_are_kept_and_refuse_a_model_before_loading(tmp_path, monkeypatch):
+    path = tmp_path / "vllm-registry.json"
+    fake = type(sys)("vllm.v1.attention.backends.cpu_attn")
+    fake.CPUAttentionBackend = type("B", (), {"get_supported_head_sizes": classmethod(lambda cls: [64, 32, 128])})
+    monkeypatch.setitem(sys.modules, "vllm.v1.attention.backends.cpu_attn", fake)
+    registry = VllmRegistry(path, "9.9")
+    assert registry.cpu_head_sizes() == [32, 64, 128]
+    monkeypatch.setitem(sys.modules, "vllm.v1.attention.backends.cpu_attn", None)
+    monkeypatch.setattr(backends, "_vllm_registry", lambda: VllmRegistry(path, "9.9"))  # from the file now
+    assert backends.device_problem("vllm", 12, on_cpu=True) == (
+        "vLLM's CPU attention has no kernel for this model's head size 12 (it has 32, 64, 128); use --backend hf")
+    assert backends.device_problem("vllm", 32, on_cpu=True) is None
+    assert backends.device_problem("vllm", 12, on_cpu=False) is None  # GPU kernels are another matter
+    assert backends.device_problem("hf", 12, on_cpu=True) is None
+
+
+@pytest.mark.parametrize("head_size", [12, 24])
+def test_plan_on_the_cpu_refuses_vllm_for_a_head_size_without_a_kernel(head_size, tmp_path, monkeypatch):
+    from evalfleet.planning import Inventory, plan, profile_model
+
+    path = tmp_path / "vllm-registry.json"
+    path.write_text(json.dumps({"9.9": {"cpu_head_sizes": [32, 64]}}))
+    monkeypatch.setattr(backends, "_vllm_registry", lambda: VllmRegistry(path, "9.9"))
+    monkeypatch.setattr(backends, "installed", lambda name: True)  # as in the vLLM environment
+    model = tmp_path / "model"
+    model.mkdir()
+    model.joinpath("config.json").write_text(json.dumps({
+        "model_type": "llama", "architectures": ["LlamaForCausalLM"], "hidden_size": 4 * head_size,
+        "num_attention_heads": 4, "num_hidden_layers": 2, "intermediate_size": 64, "vocab_size": 400,
+        "max_position_embeddings": 128}))
+    answer = plan(profile_model(str(model)), Inventory.from_spec("cpu"), backend="vllm")
+    assert not answer.fits and f"no kernel for this model's head size {head_size}" in answer.reason

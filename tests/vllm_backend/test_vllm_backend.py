@@ -179,3 +179,16 @@ def test_plan_for_falcon_180b_proposes_a_vllm_layout():
     assert refused.returncode != 0
     assert "no tensor-parallel plan for falcon" in refused.stderr and "not Llama-style" in refused.stderr
 
+
+
+def test_a_head_size_without_a_cpu_kernel_is_refused_before_loading(tiny_model, tmp_path):
+    """The tests' GPT-NeoX has heads of 12: vLLM's CPU build would load it and fail at the first batch."""
+    args = ["--backend", "vllm", "--model", str(tiny_model)]
+    done = evalfleet_vllm(["run", *args, "--device", "cpu", "--tasks", "demo_mc", "--limit", "2", "--output",
+                           str(tmp_path)], timeout=300)
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr[-2000:]
+    assert done.stderr.strip().endswith("no kernel for this model's head size 12 (it has 32, 64, 80, 96, 112, 128, "
+                                        "160, 192, 224, 256, 512); use --backend hf"), done.stderr[-2000:]
+    assert not (tmp_path / "results.json").exists()
+    planned = evalfleet_vllm(["plan", *args, "--gpus", "cpu"], timeout=300)
+    assert planned.returncode != 0 and "no kernel for this model's head size 12" in planned.stderr, planned.stderr

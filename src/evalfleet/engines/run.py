@@ -19,7 +19,7 @@ from evalfleet.engines.router import estimate_model_size, select_engine
 from evalfleet.runtime.backends.hf import check_model_folder
 from evalfleet.runtime.lm import ProgressCallback
 from evalfleet.monitoring import MultiGPUPerformanceMonitor
-from evalfleet.types import EvalfleetError, EvaluationRequest, EvaluationResult, resolve_model_path
+from evalfleet.types import EvalfleetError, EvaluationRequest, EvaluationResult, UsageError, resolve_model_path
 
 MONITOR_INTERVAL = 0.5
 _first_request = True
@@ -37,7 +37,8 @@ def check_request(request: EvaluationRequest) -> EvaluationRequest:
 
     Returns the request with its backend resolved (`auto` becomes hf or vllm).
     """
-    from evalfleet.planning.backends import resolve_backend
+    from evalfleet.planning import profile_model
+    from evalfleet.planning.backends import device_problem, resolve_backend
     from evalfleet.tasks import build_task_manager
 
     check_model_folder(resolve_model_path(request.model.path))
@@ -45,6 +46,9 @@ def check_request(request: EvaluationRequest) -> EvaluationRequest:
     backend = resolve_backend(request.backend, on_gpu=device.startswith("cuda"))
     if backend == "vllm" and request.engine == "lightweight":
         raise EvalfleetError("the lightweight engine runs transformers only; use --engine auto with --backend vllm")
+    problem = device_problem(backend, profile_model(request.model.path).head_dim, on_cpu=not device.startswith("cuda"))
+    if problem:
+        raise UsageError(problem)
     check_output_dir(request.output_dir)
     build_task_manager(request.tasks.names, request.tasks.include_path)
     return request.model_copy(update={"backend": backend})

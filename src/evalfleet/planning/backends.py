@@ -88,6 +88,21 @@ def layout_problem(backend: str, model_type: str, architecture: str, tp: int, pp
     return "; ".join(reasons) or None
 
 
+def device_problem(backend: str, head_dim: int, on_cpu: bool) -> str | None:
+    """Why `backend` cannot run a model of this head size on this kind of device, or None.
+
+    vLLM's CPU attention has kernels for some head sizes only; without one the engine loads and
+    then fails at its first batch, so the run is refused before any load.
+    """
+    if backend != "vllm" or not on_cpu:
+        return None
+    sizes = _vllm_registry().cpu_head_sizes()
+    if head_dim in sizes:
+        return None
+    return (f"vLLM's CPU attention has no kernel for this model's head size {head_dim} (it has "
+            f"{', '.join(map(str, sizes))}); use --backend hf")
+
+
 def _text_config(model_type: str) -> Any:
     from transformers import AutoConfig
 
@@ -196,6 +211,14 @@ class VllmRegistry:
             known = {**known, architecture: bool(ModelRegistry.models[architecture].inspect_model_cls().supports_pp)}
             self._keep("supports_pp", known)
         return known[architecture]
+
+    def cpu_head_sizes(self) -> list[int]:
+        """The head sizes vLLM's CPU attention backend has kernels for."""
+        if "cpu_head_sizes" not in self._kept:
+            from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend
+
+            self._keep("cpu_head_sizes", sorted(CPUAttentionBackend.get_supported_head_sizes()))
+        return self._kept["cpu_head_sizes"]
 
     def _keep(self, key: str, value: Any) -> None:
         self._kept[key] = value

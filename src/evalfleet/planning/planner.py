@@ -403,6 +403,9 @@ def _plan_cpu(profile: ModelProfile, inventory: Inventory, ask: _Ask) -> Plan:
         return Plan(profile, ask.dtype, layout, "lightweight", False, "the CPU is busy", [], memory, 0.0, 0, 0)
     node, slot = slots[0]
     device = inventory.nodes[node].gpus[slot]
+    problem = backends.device_problem(ask.backend, profile.head_dim, on_cpu=True)
+    if problem:
+        return Plan(profile, ask.dtype, layout, "distributed", False, problem, [], memory, 0.0, 0, 0)
     if memory.total > device.free_gb:
         reason = f"needs {memory.total:.1f} GB of RAM on the CPU; {device.free_gb:.1f} GB are free"
         return Plan(profile, ask.dtype, layout, "lightweight", False, reason, [], memory, 0.0, 0, 0)

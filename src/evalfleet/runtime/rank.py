@@ -11,7 +11,6 @@ from __future__ import annotations
 import os
 import signal
 import sys
-import threading
 import time
 from datetime import timedelta
 from multiprocessing.connection import Connection
@@ -21,25 +20,14 @@ import torch
 import torch.distributed as dist
 from torch.distributed import distributed_c10d as c10d
 
-from evalfleet.runtime.group import BATCH_OOM_EXIT, LOAD_OOM_EXIT, GroupSpec
+from evalfleet.runtime.group import BATCH_OOM_EXIT, GroupSpec
 from evalfleet.runtime.parallel import load_part, rank_report
+from evalfleet.runtime.rank_process import exit_with_parent, load_or_exit
 from evalfleet.runtime.runner import compute, out_of_memory
 from evalfleet.runtime.timing import CommunicationTimer
 
 COLLECTIVE_TIMEOUT = timedelta(minutes=30)
 IDLE_TIMEOUT = timedelta(days=7)  # ranks other than 0 wait this long for the next message
-
-
-def exit_with_parent() -> None:
-    """A worker never outlives its driver, even one killed with SIGKILL."""
-    parent = os.getppid()
-
-    def watch() -> None:
-        while os.getppid() == parent:
-            time.sleep(0.5)
-        os._exit(1)
-
-    threading.Thread(target=watch, name="evalfleet-parent-watch", daemon=True).start()
 
 
 def _join_group(spec: GroupSpec, rank: int, store_port: int) -> Any:
@@ -90,11 +78,7 @@ def serve(spec: GroupSpec, rank: int, store_port: int, conn: Connection | None) 
     group = _join_group(spec, rank, store_port) if spec.world_size > 1 else None
     control = _Control(rank, spec.world_size, group, conn)
     started = time.perf_counter()
-    try:
-        part = load_part(spec)
-    except torch.OutOfMemoryError as error:
-        print(f"out of memory while loading: {error}", file=sys.stderr, flush=True)
-        os._exit(LOAD_OOM_EXIT)
+    part = load_or_exit(lambda: load_part(spec))
     on_gpu = part.backend.device.type == "cuda"
     timer = CommunicationTimer(torch.cuda.synchronize if on_gpu else None)
     report = rank_report(part, rank) | {"load_seconds": time.perf_counter() - started}

@@ -10,14 +10,13 @@ new engine in a Ray task per call). It speaks the workers' protocol: ("ready", i
 from __future__ import annotations
 
 import os
-import sys
 import time
 from multiprocessing.connection import Connection
 from typing import Any
 
 from evalfleet.runtime.backends.base import OutOfMemory
-from evalfleet.runtime.group import LOAD_OOM_EXIT, GroupSpec
-from evalfleet.runtime.rank import exit_with_parent
+from evalfleet.runtime.group import GroupSpec
+from evalfleet.runtime.rank_process import exit_with_parent, load_or_exit
 from evalfleet.runtime.runner import compute
 
 # torch.distributed's launcher variables, which the driver sets for transformers ranks; vLLM
@@ -103,11 +102,7 @@ def serve(spec: GroupSpec, conn: Connection) -> None:
     exit_with_parent()
     prepare_environment(spec)
     started = time.perf_counter()
-    try:
-        backend = load(spec)
-    except torch.OutOfMemoryError as error:
-        print(f"out of memory while loading: {error}", file=sys.stderr, flush=True)
-        os._exit(LOAD_OOM_EXIT)
+    backend = load_or_exit(lambda: load(spec))
     dtype_bytes = torch.empty((), dtype=getattr(torch, spec.dtype)).element_size()
     rank = weights_report(spec, dtype_bytes) | {
         "memory_bytes": psutil.Process().memory_info().rss,

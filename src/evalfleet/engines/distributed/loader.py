@@ -334,7 +334,8 @@ class MultiGPUModelLoader:
                 "share_prefixes": share_prefixes and backend == "hf",
             }
             if backend == "vllm":
-                fields.update(vllm_spec_fields(model_config, layout, seed))
+                fields.update(vllm_spec_fields(model_config, layout.tp, layout.pp, layout.gpu_memory_utilization,
+                                               layout.max_model_len, seed))
             spec = GroupSpec(**fields)
             runner = WorkerGroupRunner(
                 spec,

@@ -100,7 +100,7 @@ class VLLMBackend(Backend):
             "disable_log_stats": False,
             **(engine_args or {}),
         }
-        if gpu_memory_utilization is not None:  # on the CPU: the share of RAM vLLM reserves
+        if gpu_memory_utilization is not None:  # on GPUs; the CPU's KV cache comes in bytes (engine_args)
             settings["gpu_memory_utilization"] = gpu_memory_utilization
         try:
             llm = vllm.LLM(**settings)
@@ -114,7 +114,8 @@ class VLLMBackend(Backend):
         return self.max_model_len - 1
 
     def describe(self) -> dict[str, Any]:
-        keys = ("dtype", "tensor_parallel_size", "pipeline_parallel_size", "max_model_len", "gpu_memory_utilization")
+        keys = ("dtype", "tensor_parallel_size", "pipeline_parallel_size", "max_model_len", "gpu_memory_utilization",
+                "kv_cache_memory_bytes")
         return {
             "backend": self.name,
             "backend_version": version("vllm"),
