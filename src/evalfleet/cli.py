@@ -12,6 +12,7 @@ import sys
 
 import typer
 
+from evalfleet import cli_options as flags
 from evalfleet.types import EvalfleetError, EvaluationRequest, UsageError, default_output_dir, describe_validation_error
 
 app = typer.Typer(
@@ -46,6 +47,13 @@ _FLAG_NAMES = {
     "priority": "--priority",
     "gpus": "--gpus",
     "backend": "--backend",
+    "seed": "--seed",
+    "harness": "--fewshot-as-multiturn",
+    "harness.apply_chat_template": "--apply-chat-template",
+    "harness.gen_kwargs": "--gen-kwargs",
+    "harness.samples": "--samples",
+    **{f"model.{name}": "--model-args" for name in ("revision", "trust_remote_code", "max_length", "add_bos_token",
+                                                     "chat_template_args")},
 }
 
 
@@ -70,7 +78,7 @@ _BACKEND_HELP = "auto | hf | vllm: auto takes vLLM on GPUs when it is installed,
 
 @app.command()
 def run(
-    model: str = typer.Option(..., "--model", help="Local model folder, 'demo' for the bundled demo model, or a hub id."),
+    model: str | None = typer.Option(None, "--model", help="Local model folder, 'demo' for the bundled demo model, or a hub id (or --model-args pretrained=...)."),
     tasks: str = typer.Option("demo_mc,demo_arith", "--tasks", help="Comma-separated lm-eval task names."),
     include_path: str | None = typer.Option(None, "--include-path", help="Folder of extra lm-eval task YAML files."),
     limit: int | None = typer.Option(None, "--limit", help="Evaluate only the first N examples of each task."),
@@ -91,11 +99,33 @@ def run(
     report: bool = typer.Option(False, "--report", help="Write monitoring.png next to results.json."),
     ray_address: str | None = typer.Option(None, "--ray", help="Run the ranks on the Ray cluster at ADDRESS ('auto': the local head), groups spread over its nodes."),
     backend: str = typer.Option("auto", "--backend", help=_BACKEND_HELP),
+    apply_chat_template: str | None = flags.APPLY_CHAT_TEMPLATE,
+    fewshot_as_multiturn: str | None = flags.FEWSHOT_AS_MULTITURN,
+    system_instruction: str | None = flags.SYSTEM_INSTRUCTION,
+    gen_kwargs: str | None = flags.GEN_KWARGS,
+    seed: str | None = flags.SEED,
+    model_args: str | None = flags.MODEL_ARGS,
+    predict_only: bool = flags.PREDICT_ONLY,
+    samples: str | None = flags.SAMPLES,
+    confirm_run_unsafe_code: bool = flags.CONFIRM_UNSAFE,
+    metadata: str | None = flags.METADATA,
 ) -> None:
-    """Evaluate a model on lm-eval tasks; writes OUTPUT/results.json."""
+    """Evaluate a model on lm-eval tasks; writes OUTPUT/results.json.
+
+    lm-eval's flags (chat template, generation settings, seeds, model arguments, ...) mean what
+    they mean to `lm_eval --model hf`, and give its prompts and scores.
+    """
+    from evalfleet.tasks.harness_args import request_fields
+
     os.environ.setdefault("TQDM_DISABLE", "1")  # our own progress display replaces lm-eval's bars
+    lm_eval = request_fields(
+        model={"path": model, "dtype": dtype, "device": device}, model_args=model_args,
+        apply_chat_template=apply_chat_template, fewshot_as_multiturn=fewshot_as_multiturn,
+        system_instruction=system_instruction, gen_kwargs=gen_kwargs, seed=seed, predict_only=predict_only,
+        samples=samples, confirm_run_unsafe_code=confirm_run_unsafe_code, metadata=metadata,
+    )
     request = build_request(
-        model={"path": model, "dtype": dtype, "device": device},
+        **lm_eval,
         tasks={"names": tasks, "include_path": include_path, "limit": limit, "num_fewshot": num_fewshot},
         engine=engine,
         backend=backend,
@@ -105,7 +135,7 @@ def run(
         dp=dp,
         batch_size=batch_size,
         max_batch_tokens=max_batch_tokens,
-        output_dir=output or str(default_output_dir(model)),
+        output_dir=output or str(default_output_dir(lm_eval["model"]["path"])),
         log_samples=log_samples,
         use_cache=not no_cache,
         cache_path=cache_path,
@@ -215,7 +245,7 @@ def scheduler(
 
 @app.command()
 def submit(
-    model: str = typer.Option(..., "--model", help="Local model folder, 'demo', a shipped id or a hub id."),
+    model: str | None = typer.Option(None, "--model", help="Local model folder, 'demo', a shipped id or a hub id (or --model-args pretrained=...)."),
     tasks: str = typer.Option("demo_mc,demo_arith", "--tasks", help="Comma-separated lm-eval task names."),
     include_path: str | None = typer.Option(None, "--include-path", help="Folder of extra lm-eval task YAML files."),
     limit: int | None = typer.Option(None, "--limit", help="Evaluate only the first N examples of each task."),
@@ -235,6 +265,16 @@ def submit(
     db: str | None = typer.Option(None, "--db", help=_DB_HELP),
     pool: str | None = typer.Option(None, "--pool", help="Check the job against this pool spec instead of the one the scheduler recorded in the store (else this machine)."),
     backend: str = typer.Option("auto", "--backend", help=_BACKEND_HELP),
+    apply_chat_template: str | None = flags.APPLY_CHAT_TEMPLATE,
+    fewshot_as_multiturn: str | None = flags.FEWSHOT_AS_MULTITURN,
+    system_instruction: str | None = flags.SYSTEM_INSTRUCTION,
+    gen_kwargs: str | None = flags.GEN_KWARGS,
+    seed: str | None = flags.SEED,
+    model_args: str | None = flags.MODEL_ARGS,
+    predict_only: bool = flags.PREDICT_ONLY,
+    samples: str | None = flags.SAMPLES,
+    confirm_run_unsafe_code: bool = flags.CONFIRM_UNSAFE,
+    metadata: str | None = flags.METADATA,
 ) -> None:
     """Queue an evaluation and print its job id; refuse one that can never fit the pool.
 
@@ -245,9 +285,15 @@ def submit(
     Results go to <store folder>/results/<job id>/results.json.
     """
     from evalfleet.orchestrator.console import submit_job, submitted_size
+    from evalfleet.tasks.harness_args import request_fields
 
     request = build_request(
-        model={"path": model, "dtype": dtype},
+        **request_fields(
+            model={"path": model, "dtype": dtype}, model_args=model_args,
+            apply_chat_template=apply_chat_template, fewshot_as_multiturn=fewshot_as_multiturn,
+            system_instruction=system_instruction, gen_kwargs=gen_kwargs, seed=seed, predict_only=predict_only,
+            samples=samples, confirm_run_unsafe_code=confirm_run_unsafe_code, metadata=metadata,
+        ),
         tasks={"names": tasks, "include_path": include_path, "limit": limit, "num_fewshot": num_fewshot},
         strategy=strategy, tp=tp, pp=pp, dp=dp, gpus=gpus, priority=priority, backend=backend,
         batch_size=batch_size, max_batch_tokens=max_batch_tokens, log_samples=log_samples,
@@ -391,6 +437,7 @@ def missing_package(error: ModuleNotFoundError) -> str:
 
 
 def main() -> None:
+    sys.argv[1:] = flags.lm_eval_command_line(sys.argv[1:])
     try:
         app()
     except EvalfleetError as error:

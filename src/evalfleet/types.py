@@ -42,6 +42,10 @@ class ModelConfig(_Strict):
     device: Device = "auto"
     trust_remote_code: bool = False
     max_length: int | None = Field(default=None, gt=0)
+    add_bos_token: bool | None = Field(default=None, description="lm-eval's hf model argument: None lets the "
+                                       "tokenizer decide, as lm-eval does")
+    chat_template_args: dict[str, Any] = Field(default_factory=dict, description="extra variables for the chat "
+                                               "template (lm-eval's chat_template_args; enable_thinking lands here)")
 
     @field_validator("path")
     @classmethod
@@ -69,6 +73,84 @@ class TaskSpec(_Strict):
         return value
 
 
+# The generation settings evalfleet's backends honour, by lm-eval's names (the max_* are its aliases).
+GENERATION_SETTINGS = ("until", "max_gen_toks", "max_new_tokens", "max_tokens", "max_completion_tokens",
+                       "do_sample", "temperature", "top_p", "top_k", "seed")
+DEFAULT_SEEDS = (0, 1234, 1234, 1234)
+Seed = int | None
+
+
+class HarnessOptions(_Strict):
+    """What lm-eval's command line says about prompts, generation and scoring, handed to lm-eval as is.
+
+    Each field is the `simple_evaluate` argument of the same name, so a run builds the prompts lm-eval
+    builds; the checks here are those that need no model or task loaded.
+    """
+
+    apply_chat_template: bool | str = Field(default=False, description="true, or the name of one of the "
+                                            "tokenizer's chat templates")
+    fewshot_as_multiturn: bool | None = Field(default=None, description="few-shot examples as chat turns; "
+                                              "None: on with a chat template, as lm-eval's command line has it")
+    system_instruction: str | None = None
+    gen_kwargs: dict[str, Any] = Field(default_factory=dict, description="overrides of the tasks' generation "
+                                       "settings: " + ", ".join(GENERATION_SETTINGS))
+    predict_only: bool = Field(default=False, description="keep the generations, compute no metric")
+    samples: dict[str, list[int]] | None = Field(default=None, description="document ids to evaluate, per task")
+    confirm_run_unsafe_code: bool = False
+    metadata: dict[str, Any] = Field(default_factory=dict, description="lm-eval's task metadata (the model "
+                                     "arguments are merged in, as its command line does)")
+
+    @field_validator("apply_chat_template")
+    @classmethod
+    def _template_name(cls, value: bool | str) -> bool | str:
+        if isinstance(value, str) and not value.strip():
+            raise ValueError("a chat template name cannot be empty")
+        return value
+
+    @field_validator("gen_kwargs")
+    @classmethod
+    def _generation_settings(cls, value: dict[str, Any]) -> dict[str, Any]:
+        for name, setting in value.items():
+            if name not in GENERATION_SETTINGS:
+                raise ValueError(f"'{name}' is not a generation setting evalfleet applies (it takes "
+                                 f"{', '.join(GENERATION_SETTINGS)})")
+            if name == "until":
+                if not (isinstance(setting, str) or (isinstance(setting, list) and all(isinstance(s, str) for s in setting))):
+                    raise ValueError("until must be a string or a list of strings")
+            elif name == "do_sample":
+                if not isinstance(setting, bool):
+                    raise ValueError("do_sample must be true or false")
+            elif isinstance(setting, bool) or not isinstance(setting, int | float):
+                raise ValueError(f"{name} must be a number")
+            elif name in ("temperature", "top_k") and setting < 0 or name == "top_p" and not 0 < setting <= 1:
+                raise ValueError(f"{name}={setting} is out of range")
+            elif name.startswith("max_") and (setting != int(setting) or setting <= 0):
+                raise ValueError(f"{name} must be a positive whole number")
+        return value
+
+    @field_validator("samples")
+    @classmethod
+    def _doc_ids(cls, value: dict[str, list[int]] | None) -> dict[str, list[int]] | None:
+        """Sorted and without repeats: lm-eval labels the documents it picks by the list's order."""
+        if value is None:
+            return None
+        for task, ids in value.items():
+            if not ids or min(ids) < 0:
+                raise ValueError(f"the document ids for '{task}' must be a non-empty list of numbers from 0")
+        return {task: sorted(set(ids)) for task, ids in value.items()}
+
+    @model_validator(mode="after")
+    def _multiturn_needs_template(self) -> HarnessOptions:
+        if self.fewshot_as_multiturn and not self.apply_chat_template:
+            raise ValueError("few-shot examples as chat turns need a chat template (apply_chat_template)")
+        return self
+
+    @property
+    def multiturn(self) -> bool:
+        """Whether few-shot examples become chat turns: lm-eval's command line turns it on with a template."""
+        return bool(self.apply_chat_template) if self.fewshot_as_multiturn is None else self.fewshot_as_multiturn
+
+
 class EvaluationRequest(_Strict):
     """One evaluation: a model, its tasks, and hints on how to run it."""
 
@@ -88,7 +170,9 @@ class EvaluationRequest(_Strict):
     use_cache: bool = True
     cache_path: str | None = None
     priority: Priority = "normal"
-    seed: int = 1234
+    harness: HarnessOptions = Field(default_factory=HarnessOptions)
+    seed: tuple[Seed, Seed, Seed, Seed] = Field(default=DEFAULT_SEEDS, description="lm-eval's four seeds: "
+                                                "python, numpy, torch (sampling), few-shot; one number sets all four")
 
     @field_validator("batch_size", mode="before")
     @classmethod
@@ -101,6 +185,22 @@ class EvaluationRequest(_Strict):
         if isinstance(value, int) and value <= 0:
             raise ValueError("must be a positive whole number or 'auto'")
         return value
+
+    @field_validator("seed", mode="before")
+    @classmethod
+    def _seeds(cls, value: Any) -> Any:
+        """As lm-eval's command line: one seed stands for all four, three are completed with its defaults."""
+        if isinstance(value, int) and not isinstance(value, bool) or value is None:
+            return (value,) * 4
+        if isinstance(value, list | tuple) and len(value) in (1, 3):
+            return tuple(value) * 4 if len(value) == 1 else (*value, DEFAULT_SEEDS[3])
+        return value
+
+    @model_validator(mode="after")
+    def _samples_or_limit(self) -> EvaluationRequest:
+        if self.harness.samples is not None and self.tasks.limit is not None:
+            raise ValueError("give either document ids (samples) or a limit, not both")
+        return self
 
     @model_validator(mode="after")
     def _layout_hints(self) -> EvaluationRequest:

@@ -102,3 +102,31 @@ def test_compare_command_with_paths(tmp_path, capsys, monkeypatch):
 
     code, out, err = run_main(["compare", str(a), "nosuchjob"], capsys, monkeypatch)
     assert code == 2 and "nosuchjob is neither a results file nor a job id" in err and "Traceback" not in err
+
+
+def _with_settings(path, **settings):
+    document = json.loads(path.read_text())
+    base = {"lm_eval_version": "0.4.13", "chat_template_sha": None, "fewshot_as_multiturn": False, "gen_kwargs": {},
+            "seeds": {"random": 0, "numpy": 1234, "torch": 1234, "fewshot": 1234}, "model_args": {"dtype": "float32"}}
+    document["evalfleet"]["settings"] = {**base, **settings}
+    path.write_text(json.dumps(document))
+    return path
+
+
+def test_settings_that_change_scores_are_named_when_they_differ(tmp_path, capsys, monkeypatch):
+    a = _with_settings(write_run(tmp_path / "a", "t", [1, 0, 1, 1]))
+    b = _with_settings(write_run(tmp_path / "b", "t", [1, 1, 1, 0]), chat_template_sha="abc", fewshot_as_multiturn=True,
+                       seeds={"random": 0, "numpy": 1234, "torch": 7, "fewshot": 1234}, gen_kwargs=None)
+    differences = compare_runs(load_results(a), load_results(b)).settings
+    assert [(d.setting, d.a, d.b) for d in differences] == [
+        ("chat_template_sha", None, "abc"), ("fewshot_as_multiturn", False, True), ("seeds.torch", 1234, 7)]
+    code, out, _ = run_main(["compare", str(a), str(b)], capsys, monkeypatch)
+    assert code == 0 and "settings differ seeds.torch: A 1234, B 7" in out
+    # lm-eval's own results.json (its top-level fields and `config`) is read the same way
+    lm_eval = json.loads(a.read_text())
+    del lm_eval["evalfleet"]
+    lm_eval.update(lm_eval_version="0.4.13", chat_template_sha=None, fewshot_as_multiturn=None,
+                   config={"gen_kwargs": None, "random_seed": 0, "numpy_seed": 1234, "torch_seed": 1234, "fewshot_seed": 1234})
+    (tmp_path / "lm").mkdir()
+    (tmp_path / "lm" / "results.json").write_text(json.dumps(lm_eval))
+    assert compare_runs(load_results(a), load_results(tmp_path / "lm")).settings == []

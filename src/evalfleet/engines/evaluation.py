@@ -18,6 +18,7 @@ from lm_eval import simple_evaluate
 from lm_eval.utils import handle_non_serializable
 
 from evalfleet.engines.environment import gathered_environment
+from evalfleet.engines.harness import lm_eval_fields, refusal, score_settings, simple_evaluate_arguments
 from evalfleet.engines.task_cache import requests_cache
 from evalfleet.planning import backends
 from evalfleet.runtime.backends.hf import resolve_dtype, resolve_device
@@ -65,14 +66,19 @@ def load_dtype_and_device(request: EvaluationRequest) -> tuple[str, str]:
 
 
 def evaluate_tasks(request: EvaluationRequest, lm: Any, manager: Any, *, log_samples: bool) -> dict[str, Any]:
-    """lm-eval's `simple_evaluate` of the request's tasks on `lm`, with the run's settings and seeds.
+    """lm-eval's `simple_evaluate` of the request's tasks on `lm`, with the run's settings and seeds
+    (chat template, generation settings, … as lm-eval's command line passes them).
 
-    Built requests are kept on disk beside the request cache (see `task_cache`); a dataset that
-    cannot be reached becomes one sentence that names it.
+    Built requests are kept on disk beside the request cache (see `task_cache`), under every
+    setting that shapes them; a dataset that cannot be reached, or a task that runs generated
+    code unconfirmed, becomes one sentence.
     """
     names = list(request.tasks.names)
     built = Path(request.cache_path or default_cache_path()).parent / "lm-eval-requests"
-    settings = {"num_fewshot": request.tasks.num_fewshot, "seed": request.seed}
+    arguments = simple_evaluate_arguments(request)
+    template = lm.chat_template(arguments["apply_chat_template"]) if arguments["apply_chat_template"] else None
+    settings = {"num_fewshot": request.tasks.num_fewshot, **arguments, "chat_template": template,
+                "metadata": request.harness.metadata}
     try:
         with requests_cache(built, manager, names, request.tasks.limit, **settings) as reuse:
             return simple_evaluate(
@@ -82,18 +88,15 @@ def evaluate_tasks(request: EvaluationRequest, lm: Any, manager: Any, *, log_sam
                 num_fewshot=request.tasks.num_fewshot,
                 limit=request.tasks.limit,
                 task_manager=manager,
-                log_samples=log_samples,
+                log_samples=log_samples or request.harness.predict_only,
                 bootstrap_iters=BOOTSTRAP_ITERS,
-                random_seed=request.seed,
-                numpy_random_seed=request.seed,
-                torch_random_seed=request.seed,
-                fewshot_random_seed=request.seed,
+                **arguments,
             ) or {}
     except Exception as error:
-        offline = unreachable_dataset(error, names)
-        if offline is None:
+        refused = refusal(error) or unreachable_dataset(error, names)
+        if refused is None:
             raise
-        raise offline from None
+        raise refused from None
 
 
 def run_evaluation(
@@ -114,7 +117,7 @@ def run_evaluation(
     began = _request_started if _request_started is not None else time.perf_counter()
     _request_started = None
     output_dir = check_output_dir(request.output_dir)
-    manager = build_task_manager(request.tasks.names, request.tasks.include_path)
+    manager = build_task_manager(request.tasks.names, request.tasks.include_path, request.harness.metadata)
     model_path = resolve_model_path(request.model.path)
     layout = runner.describe()
     # A pipeline fills and drains once per batch, and cuts each batch into micro-batches: its
@@ -132,7 +135,10 @@ def run_evaluation(
         token_budget=token_budget,
         batch_size=request.batch_size if isinstance(request.batch_size, int) else None,
         progress=progress,
-        seed=request.seed,
+        add_bos_token=request.model.add_bos_token,
+        seed=request.seed[2],
+        chat_template=request.harness.apply_chat_template,
+        chat_template_args=request.model.chat_template_args,
     )
     silence_third_party_noise()
     started = time.perf_counter()
@@ -146,12 +152,14 @@ def run_evaluation(
     wall = finished - started
     output = dict(output or {})
     samples = output.pop("samples", None)
+    output.update(lm_eval_fields(request, lm, samples))
     stats = lm.stats
     layout = runner.describe()
     section = {
         "engine": engine,
         "backend": {"name": backend, "version": layout.get("backend_version") or backends.version(backend)},
         "model": {"path": model_path, "dtype": dtype, "size_gb": model_gb},
+        "settings": score_settings(request, lm, output, dtype),
         "layout": layout,
         "timing": {
             "wall_seconds": round(wall, 4),

@@ -39,9 +39,13 @@ def check_request(request: EvaluationRequest) -> EvaluationRequest:
     """
     from evalfleet.planning import profile_model
     from evalfleet.planning.backends import device_problem, resolve_backend
+    from evalfleet.engines.harness import check_samples
     from evalfleet.tasks import build_task_manager
 
-    check_model_folder(resolve_model_path(request.model.path))
+    path = resolve_model_path(request.model.path)
+    check_model_folder(path)
+    if request.harness.apply_chat_template and Path(path).is_dir():
+        check_chat_template(request, path)
     _, device = load_dtype_and_device(request)
     backend = resolve_backend(request.backend, on_gpu=device.startswith("cuda"))
     if backend == "vllm" and request.engine == "lightweight":
@@ -50,8 +54,17 @@ def check_request(request: EvaluationRequest) -> EvaluationRequest:
     if problem:
         raise UsageError(problem)
     check_output_dir(request.output_dir)
-    build_task_manager(request.tasks.names, request.tasks.include_path)
+    check_samples(request, build_task_manager(request.tasks.names, request.tasks.include_path, request.harness.metadata))
     return request.model_copy(update={"backend": backend})
+
+
+def check_chat_template(request: EvaluationRequest, path: str) -> None:
+    """The model's tokenizer has the chat template asked for (its tokenizer only, before the model loads)."""
+    from evalfleet.runtime.backends.hf import load_tokenizer
+    from evalfleet.runtime.chat import select_template
+
+    tokenizer = load_tokenizer(path, request.model.revision, request.model.trust_remote_code)
+    select_template(tokenizer, request.harness.apply_chat_template, request.model.path)
 
 
 def evaluate_request(

@@ -35,9 +35,10 @@ from evalfleet.tasks import DEMO_TASKS_DIR
 from evalfleet.types import EvaluationRequest, UsageError, resolve_model_path
 
 # Bumped when what a count holds, or how it is made, changes: older files are then not read.
-SIZE_VERSION = 2  # 2: work_tokens_by_kind
+SIZE_VERSION = 3  # 2: work_tokens_by_kind; 3: lm-eval's chat, generation and seed settings in the key
 _counting = threading.Lock()
-TOKENIZER_FILES = ("tokenizer*", "*.model", "vocab*", "merges*", "special_tokens_map*", "added_tokens*", "config.json")
+TOKENIZER_FILES = ("tokenizer*", "*.model", "vocab*", "merges*", "special_tokens_map*", "added_tokens*", "config.json",
+                   "chat_template*", "additional_chat_templates/*")
 
 
 class NotCounted(Exception):
@@ -76,7 +77,8 @@ def size_key(request: EvaluationRequest) -> str:
     tokenizer = sorted({p for pattern in TOKENIZER_FILES for p in model.glob(pattern) if p.is_file()})
     described = [
         SIZE_VERSION, version("lm_eval"), list(request.tasks.names), request.tasks.limit, request.tasks.num_fewshot,
-        request.seed, request.model.max_length, request.model.revision,
+        request.seed, request.model.max_length, request.model.revision, request.model.add_bos_token,
+        request.model.chat_template_args, request.harness.model_dump(),
         [_files(folder) for folder in folders if folder.is_dir()], [file_stat(p) for p in tokenizer],
     ]
     return hashlib.sha256(json.dumps(described, default=str).encode()).hexdigest()[:24]
@@ -104,12 +106,13 @@ def _count(request: EvaluationRequest, path: str) -> dict[str, Any]:
 
     from evalfleet.engines.environment import no_environment
     from evalfleet.engines.evaluation import evaluate_tasks
+    from evalfleet.engines.harness import check_samples
     from evalfleet.runtime.backends.hf import load_tokenizer, model_max_length
     from evalfleet.runtime.lm import EvalfleetLM, work_kind
     from evalfleet.tasks import build_task_manager
     from evalfleet.tasks.noise import silence_third_party_noise
 
-    manager = build_task_manager(request.tasks.names, request.tasks.include_path)  # UsageError: unknown task
+    manager = build_task_manager(request.tasks.names, request.tasks.include_path, request.harness.metadata)
     started = time.perf_counter()
     try:
         model = request.model
@@ -118,11 +121,13 @@ def _count(request: EvaluationRequest, path: str) -> dict[str, Any]:
     except (OSError, ValueError) as error:
         raise NotCounted(f"the tokenizer could not be read: {str(error).strip().splitlines()[0]}") from None
     runner = CountingRunner(model_max_length(config, tokenizer, model.max_length))
-    lm = EvalfleetLM(runner, tokenizer, "counting", seed=request.seed)
+    lm = EvalfleetLM(runner, tokenizer, "counting", add_bos_token=model.add_bos_token, seed=request.seed[2],
+                     chat_template=request.harness.apply_chat_template, chat_template_args=model.chat_template_args)
     silence_third_party_noise()
     try:
         # lm-eval's and datasets' progress bars would fill a `submit`'s terminal
         with no_environment(), contextlib.redirect_stderr(io.StringIO()):
+            check_samples(request, manager)
             evaluate_tasks(request, lm, manager, log_samples=False)
     except UsageError:
         raise

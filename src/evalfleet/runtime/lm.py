@@ -1,14 +1,20 @@
 """`EvalfleetLM`: lm-eval's `LM` API over a batch runner and the request cache.
 
 Strings become token-level items exactly as lm-eval's `hf` backend makes them (same
-pair encoding, truncation, rolling windows, stop sequences), so scores are identical.
-Then: cache lookup, deduplication, token-budget batches, the runner, and a commit of
-every finished batch to the cache before it is counted as done.
+pair encoding, truncation, rolling windows, stop sequences, chat templates), so scores are
+identical. Then: cache lookup, deduplication, token-budget batches, the runner, and a commit
+of every finished batch to the cache before it is counted as done.
+
+A sampled generation carries its own seed, drawn from the run's torch seed and the number of
+earlier samples of the same prompt: repeats of a prompt (`repeats` in a task) are independent
+draws, and each draw is the same whatever the batch, the layout or a resumption from the cache.
 """
 
 from __future__ import annotations
 
-import logging
+import dataclasses
+import hashlib
+import secrets
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -21,11 +27,12 @@ from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 from evalfleet.runtime.backends.base import GenerationItem, Item, LoglikelihoodItem
 from evalfleet.runtime.batching import make_batches
 from evalfleet.runtime.cache import RequestCache, request_key
+from evalfleet.runtime.chat import render_chat, select_template
 from evalfleet.runtime.runner import BatchRunner
 
-log = logging.getLogger("evalfleet")
 DEFAULT_MAX_GEN_TOKS = 256
-SAMPLING_SETTINGS = ("temperature", "top_p", "top_k", "seed")
+# lm-eval's sampling settings and the type each is kept as (so 1 and 1.0 make one cache key)
+SAMPLING_SETTINGS = {"temperature": float, "top_p": float, "top_k": int, "seed": int}
 
 # (phase name, items done, items total, tokens computed so far)
 ProgressCallback = Callable[[str, int, int, int], None]
@@ -53,6 +60,15 @@ def work_kind(item: Item) -> str:
     return "generation" if isinstance(item, GenerationItem) else "loglikelihood"
 
 
+def seeded_draw(item: GenerationItem, draw: int) -> GenerationItem:
+    """`item` as the `draw`-th sample of its prompt: the run's seed first, then seeds derived from it."""
+    settings = dict(item.sampling)
+    seed = settings["seed"]
+    if draw:
+        seed = int.from_bytes(hashlib.sha256(f"{seed}:{draw}".encode()).digest()[:8], "big") >> 1
+    return dataclasses.replace(item, sampling=tuple(sorted({**settings, "seed": seed}.items())))
+
+
 def _keep_last(encoding: list[int], count: int | None) -> list[int]:
     """lm-eval's left truncation: the last `count` tokens, or all of them when `count` is 0 or None."""
     return encoding[-count:] if count else encoding
@@ -72,8 +88,12 @@ class EvalfleetLM(TemplateLM):
         batch_size: int | None = None,
         progress: ProgressCallback | None = None,
         add_bos_token: bool | None = None,
-        seed: int = 1234,
+        seed: int | None = 1234,
+        chat_template: bool | str = False,
+        chat_template_args: dict[str, Any] | None = None,
     ) -> None:
+        """`seed` is the sampling seed (lm-eval's torch seed; None draws one); `chat_template` is
+        `--apply-chat-template`'s choice, checked against the tokenizer here."""
         super().__init__()
         self.runner = runner
         self.tokenizer = tokenizer
@@ -83,7 +103,9 @@ class EvalfleetLM(TemplateLM):
         self.max_batch_size = batch_size
         self.progress = progress
         self.add_bos_token = add_bos_token
-        self.seed = seed
+        self.seed = secrets.randbits(63) if seed is None else seed
+        self.template = select_template(tokenizer, chat_template, self.tokenizer_name) if chat_template else None
+        self.chat_template_args = chat_template_args or {}
         self.stats = RunStats()
 
     @property
@@ -103,6 +125,13 @@ class EvalfleetLM(TemplateLM):
     @property
     def tokenizer_name(self) -> str:
         return getattr(self.tokenizer, "name_or_path", "tokenizer").replace("/", "__")
+
+    def chat_template(self, chat_template: bool | str = False) -> str | None:
+        """The template this model renders with (chosen and checked when it was made), as lm-eval records it."""
+        return self.template if chat_template else None
+
+    def apply_chat_template(self, chat_history: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
+        return render_chat(self.tokenizer, chat_history, add_generation_prompt, self.template, self.chat_template_args)
 
     def tok_encode(
         self, string: str, add_special_tokens: bool | None = None, left_truncate_len: int | None = None, **kwargs: Any
@@ -192,23 +221,26 @@ class EvalfleetLM(TemplateLM):
         self._count("generate_until", len(requests))
         eos = self.tokenizer.decode(self.eot_token_id, skip_special_tokens=False)
         items = []
+        draws: dict[GenerationItem, int] = {}  # samples of each sampled prompt so far
         encoded = self._encode_many([context for context, _ in (req.args for req in requests)])
         for context, gen_kwargs in (req.args for req in requests):
             kwargs = normalize_gen_kwargs(dict(gen_kwargs), DEFAULT_MAX_GEN_TOKS)
             until = handle_stop_sequences(kwargs.pop("until", None), eos=eos)
             max_new = int(kwargs.pop("max_gen_toks"))
             context_ids = _keep_last(encoded[context], self.max_length - max_new)  # room left to generate
-            items.append(GenerationItem(tuple(context_ids), tuple(until), max_new, self._sampling(kwargs)))
+            item = GenerationItem(tuple(context_ids), tuple(until), max_new, self._sampling(kwargs))
+            if item.sampling:
+                draws[item] = draws.get(item, -1) + 1
+                item = seeded_draw(item, draws[item])
+            items.append(item)
         return list(self._execute("generate_until", items))
 
     def _sampling(self, kwargs: dict[str, Any]) -> tuple[tuple[str, float | int], ...]:
-        """A task's sampling settings, seeded by the run's seed unless it names its own; () is greedy."""
-        if not kwargs.get("do_sample"):
+        """A task's sampling settings, seeded by the run's seed unless it names its own; () is greedy
+        (so is temperature 0, as lm-eval reads it)."""
+        if not kwargs.get("do_sample") or kwargs.get("temperature") == 0:
             return ()
-        if not self.runner.samples:
-            log.warning("sampling was asked for; this backend decodes greedily")
-            return ()
-        settings = {name: kwargs[name] for name in SAMPLING_SETTINGS if kwargs.get(name) is not None}
+        settings = {name: kind(kwargs[name]) for name, kind in SAMPLING_SETTINGS.items() if kwargs.get(name) is not None}
         settings.setdefault("seed", self.seed)
         return tuple(sorted(settings.items()))
 

@@ -67,11 +67,6 @@ class BatchRunner(ABC):
         return False
 
     @property
-    def samples(self) -> bool:
-        """Whether the backend honours a generation request's sampling settings."""
-        return False
-
-    @property
     def reuses_prefixes(self) -> bool:
         """Whether the backend computes a prefix shared by a batch's contexts once (see batching)."""
         return False
@@ -100,10 +95,6 @@ class InProcessRunner(BatchRunner):
     @property
     def shares_prefixes(self) -> bool:
         return bool(getattr(self.backend, "share_prefixes", False))
-
-    @property
-    def samples(self) -> bool:
-        return self.backend.samples
 
     @property
     def reuses_prefixes(self) -> bool:

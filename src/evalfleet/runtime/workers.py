@@ -277,10 +277,6 @@ class WorkerGroupRunner(BatchRunner):
         return self.spec.share_prefixes
 
     @property
-    def samples(self) -> bool:
-        return self.spec.backend == "vllm"
-
-    @property
     def replica_names(self) -> list[str]:
         """The replicas that compute batches now: neither retired nor failed, in index order."""
         return [replica.name for replica in sorted(self.replicas, key=lambda r: r.index) if replica.live]

@@ -5,6 +5,10 @@ same task hash (prompts, targets, config) and the same number of samples. The te
 the per-sample scores by `doc_id`: McNemar's exact test when every score is 0 or 1
 (accuracy-like), otherwise a paired bootstrap of the task's own aggregation (so
 perplexities are compared as perplexities, not as averages of per-sample pairs).
+
+Settings that can change a score (chat template, system instruction, few-shot mode, generation
+settings, seeds, model arguments, lm-eval's version) are set side by side, and every one the two
+runs differ in is listed: a difference in scores may be theirs, not the model's.
 """
 
 from __future__ import annotations
@@ -81,10 +85,18 @@ class TaskComparison:
 
 
 @dataclass
+class SettingDifference:
+    setting: str
+    a: Any
+    b: Any
+
+
+@dataclass
 class Comparison:
     a: str
     b: str
     tasks: list[TaskComparison]
+    settings: list[SettingDifference] = field(default_factory=list)
 
     @property
     def compared(self) -> list[TaskComparison]:
@@ -199,12 +211,42 @@ def _compare_metric(task: str, metric: str, filter_name: str, a: Run, b: Run,
     return row
 
 
+def score_settings(document: dict[str, Any]) -> dict[str, Any]:
+    """A run's score-changing settings, one level deep: evalfleet's record, else lm-eval's own fields."""
+    recorded = (document.get("evalfleet") or {}).get("settings")
+    if not isinstance(recorded, dict):
+        config = document.get("config") or {}
+        recorded = {key: document.get(key) for key in ("lm_eval_version", "chat_template_sha", "system_instruction_sha",
+                                                         "fewshot_as_multiturn")}
+        recorded["gen_kwargs"] = config.get("gen_kwargs")
+        recorded["seeds"] = {name: config.get(f"{name}_seed") for name in ("random", "numpy", "torch", "fewshot")}
+    flat: dict[str, Any] = {}
+    for key, value in recorded.items():
+        if key in ("seeds", "model_args") and isinstance(value, dict):
+            flat.update({f"{key}.{name}": inner for name, inner in value.items()})
+        else:
+            flat[key] = value
+    return flat
+
+
+def _unset(value: Any) -> bool:
+    return value is None or value is False or value == {} or value == []
+
+
+def setting_differences(a: Run, b: Run) -> list[SettingDifference]:
+    """The settings both runs record and differ in (unset, false and empty count as one)."""
+    left, right = score_settings(a.document), score_settings(b.document)
+    return [SettingDifference(key, left[key], right[key]) for key in left
+            if key in right and left[key] != right[key] and not (_unset(left[key]) and _unset(right[key]))]
+
+
 def compare_runs(a: Run, b: Run) -> Comparison:
-    """Every task both runs evaluated, compared metric by metric (or refused, with the reason)."""
+    """Every task both runs evaluated, compared metric by metric (or refused, with the reason), and the
+    score-changing settings they differ in."""
     tasks = [task for task in a.document["results"] if task in b.document["results"]]
     if not tasks:
         raise UsageError(f"{a.label} and {b.label} have no task in common")
-    comparison = Comparison(a.label, b.label, [])
+    comparison = Comparison(a.label, b.label, [], setting_differences(a, b))
     for task in tasks:
         entry = TaskComparison(task, a.document.get("n-samples", {}).get(task, {}).get("effective"))
         comparison.tasks.append(entry)

@@ -55,6 +55,9 @@ def compare_command(a: str, b: str, *, db: str | None = None, as_json: bool = Fa
                           p_value, str(m.flipped_count) if m.test == "mcnemar" else "")
     console.print(table)
     console.print(f"* p < {SIGNIFICANCE}")
+    for difference in comparison.settings:
+        console.print(f"[yellow]settings differ[/yellow] {difference.setting}: A {_setting(difference.a)}, "
+                      f"B {_setting(difference.b)}", highlight=False)
     for task in comparison.tasks:
         if task.refused:
             console.print(f"[red]not compared[/red] {task.refused}")
@@ -64,6 +67,11 @@ def compare_command(a: str, b: str, *, db: str | None = None, as_json: bool = Fa
                 more = f" and {m.flipped_count - 20} more" if m.flipped_count > 20 else ""
                 console.print(f"{task.task} {m.metric}: flipped samples {shown}{more}")
     return comparison
+
+
+def _setting(value: object) -> str:
+    text = "unset" if value is None else json.dumps(value, default=str)
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def _number(value: float | None) -> str:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import difflib
 import functools
+import json
 import logging
 from pathlib import Path
 
@@ -41,21 +42,22 @@ def _search_paths(include_path: str | None) -> list[Path]:
     return paths
 
 
-def build_task_manager(names: list[str], include_path: str | None = None):  # -> lm_eval TaskManager
-    """A TaskManager that knows every name in `names`, or a UsageError naming the unknown ones."""
-    return _task_manager(tuple(names), include_path)
+def build_task_manager(names: list[str], include_path: str | None = None, metadata: dict | None = None):
+    """A TaskManager (lm-eval's) that knows every name in `names`, or a UsageError naming the unknown
+    ones; `metadata` goes into every task's config, as lm-eval's `--metadata` does."""
+    return _task_manager(tuple(names), include_path, json.dumps(metadata or {}, sort_keys=True, default=str))
 
 
 @functools.lru_cache(maxsize=4)
-def _task_manager(names: tuple[str, ...], include_path: str | None):
+def _task_manager(names: tuple[str, ...], include_path: str | None, metadata: str):
     from lm_eval.tasks import TaskManager
 
     logging.getLogger("lm_eval").setLevel(logging.WARNING)
     paths = _search_paths(include_path)
-    manager = TaskManager(include_path=paths, include_defaults=False)
+    manager = TaskManager(include_path=paths, include_defaults=False, metadata=json.loads(metadata))
     if all(name in manager.all_tasks for name in names):
         return manager
-    manager = TaskManager(include_path=paths, include_defaults=True)
+    manager = TaskManager(include_path=paths, include_defaults=True, metadata=json.loads(metadata))
     unknown = [name for name in names if name not in manager.all_tasks]
     if unknown:
         name = unknown[0]

@@ -256,7 +256,7 @@ class DistributedEvaluationEngine(EvaluationEngine):
     def evaluate_sync(self, request: EvaluationRequest, cancel: _Cancel | None = None) -> EvaluationResult:
         layout = self.layout_for(request)
         backend = _backend(request)
-        loaded = self._acquire(request.model, layout, pinned=False, backend=backend, seed=request.seed)
+        loaded = self._acquire(request.model, layout, pinned=False, backend=backend, seed=request.seed[2] or 0)
         info = loaded.info
         if cancel is not None and not cancel.watch(info.runner):
             self._release(request.model, layout, backend)

@@ -1,7 +1,7 @@
 """What a backend computes: one padded batch of token-level requests, nothing else.
 
 Tokenization, caching, batching and ordering live in the runtime above; a backend only turns
-a batch of token ids into numbers (or greedy text). The same interface serves one process
+a batch of token ids into numbers (or text, greedy or sampled). The same interface serves one process
 on one device and each rank of a tensor/pipeline-parallel worker group, and the vLLM backend.
 """
 
@@ -29,7 +29,7 @@ class GenerationItem:
     """Generate after `context` until a stop string or `max_new_tokens`.
 
     Greedy unless `sampling` holds lm-eval's sampling settings as sorted (name, value) pairs
-    (temperature, top_p, top_k, seed); only a backend that `samples` is given any.
+    (temperature, top_p, top_k, and always the seed of this one draw).
     """
 
     context: tuple[int, ...]
@@ -53,7 +53,6 @@ class Backend(ABC):
     """Computes batches on a model that is already loaded."""
 
     name: str = "backend"
-    samples: bool = False  # whether `generate` honours GenerationItem.sampling
 
     @property
     @abstractmethod
@@ -66,7 +65,8 @@ class Backend(ABC):
 
     @abstractmethod
     def generate(self, items: list[GenerationItem]) -> list[str]:
-        """The continuation of each item (greedy unless it asks to sample), cut at its first stop string."""
+        """The continuation of each item (greedy unless it asks to sample, then drawn with its own seed
+        whatever the batch), cut at its first stop string."""
 
     def describe(self) -> dict[str, Any]:
         return {"backend": self.name}

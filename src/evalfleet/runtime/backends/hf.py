@@ -5,7 +5,8 @@ ends at the last position and the model is asked for logits there only (`logits_
 the log-softmax never runs over a whole sequence × vocabulary. Items that share a context
 are packed into one row under a 4D mask; a prefix shared by the whole batch (few-shot
 examples) is computed once and its KV cache is expanded over the rows. Generation is batched
-greedy decoding with stop strings checked on the decoded text.
+greedy decoding with stop strings checked on the decoded text; rows that sample are drawn with
+their own seeds (`sampling.py`).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from safetensors import SafetensorError
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, StoppingCriteria, StoppingCriteriaList
 
 from evalfleet.runtime.backends.base import Backend, GenerationItem, LoglikelihoodItem, OutOfMemory
+from evalfleet.runtime.backends.sampling import sampling_processors
 from evalfleet.runtime.batching import MIN_SHARED_PREFIX, shared_prefix_length
 from evalfleet.types import EvalfleetError, UsageError
 
@@ -368,6 +370,7 @@ class HFBackend(Backend):
                 top_k=None,
                 pad_token_id=self.pad_id,
                 stopping_criteria=StoppingCriteriaList([stop]),
+                logits_processor=sampling_processors(items, self.model.generation_config),
                 use_cache=True,
             )
         except torch.OutOfMemoryError as error:

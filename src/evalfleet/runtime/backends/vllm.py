@@ -53,7 +53,6 @@ class VLLMBackend(Backend):
     """One `vllm.LLM` engine (itself tp x pp when asked) and the model's tokenizer."""
 
     name = "vllm"
-    samples = True
 
     def __init__(self, llm: Any, tokenizer: Any, max_model_len: int, settings: dict[str, Any]) -> None:
         self.llm = llm
