@@ -106,4 +106,4 @@ def test_the_live_server_refuses_without_the_token(live_service):
         assert anonymous.get("/api/v1/jobs").status_code == 401
         assert anonymous.get("/metrics").status_code == 401
         assert anonymous.get("/api/v1/jobs", headers={"Authorization": f"Bearer {TOKEN[:-1]}x"}).status_code == 401
-        assert anonymous.get("/healthz").json() == {"status": "ok"}
+        assert anonymous.get("/healthz").json() == {"status": "ok", "scheduler": "running"}

@@ -46,7 +46,7 @@ def test_api_401_is_one_sentence_and_the_dashboard_shows_the_login_form(client):
     assert response.headers["www-authenticate"] == "Bearer"
     page = client.get("/pool", headers={"Accept": "text/html"})
     assert page.status_code == 401 and 'name="token"' in page.text
-    assert client.get("/healthz").json() == {"status": "ok"}
+    assert client.get("/healthz").json() == {"status": "ok", "scheduler": "external"}
     assert client.get("/static/htmx.min.js").status_code == 200  # public assets, no data
 
 

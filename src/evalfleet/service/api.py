@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import json
-from collections.abc import AsyncIterator
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Path, Query, Request
@@ -26,8 +24,6 @@ from evalfleet.service.schemas import (
     Submitted,
 )
 from evalfleet.types import EvaluationRequest, UsageError, describe_validation_error
-
-EVENT_POLL_S = 0.5
 
 JobId = Annotated[str, Path(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_-]+$")]
 TaskName = Annotated[str, Path(min_length=1, max_length=256)]
@@ -89,26 +85,10 @@ def cancel(job_id: JobId, fleet: FleetDep) -> dict[str, Any]:
     return fleet.cancel(job_id)
 
 
-async def events(job_id: JobId, fleet: FleetDep) -> EventSourceResponse:
+async def events(job_id: JobId, request: Request, fleet: FleetDep) -> EventSourceResponse:
     """Server-sent events: every state change (`state`) and progress change (`progress`), until it ends."""
-    fleet.job(job_id)  # a 404 before the stream starts
-
-    async def stream() -> AsyncIterator[dict[str, str]]:
-        seen, last = 0, None
-        while True:
-            record, changes = await asyncio.to_thread(fleet.events_after, job_id, seen)
-            for change in changes:
-                seen = change.pop("id")
-                yield {"event": "state", "data": json.dumps(change)}
-            progress = {"done": record.done, "total": record.total, "tokens_per_s": record.tokens_per_s}
-            if progress != last and record.total:
-                last = progress
-                yield {"event": "progress", "data": json.dumps(progress)}
-            if record.state.terminal and not changes:
-                return
-            await asyncio.sleep(EVENT_POLL_S)
-
-    return EventSourceResponse(stream())
+    await asyncio.to_thread(fleet.job, job_id)  # a 404 before the stream starts
+    return EventSourceResponse(request.app.state.feeds.follow(job_id))
 
 
 def results(job_id: JobId, fleet: FleetDep) -> dict[str, Any]:

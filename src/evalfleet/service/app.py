@@ -10,7 +10,6 @@ import contextlib
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -22,6 +21,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from evalfleet.monitoring.monitor import MultiGPUPerformanceMonitor
 from evalfleet.service import dashboard
 from evalfleet.service.api import build_router
+from evalfleet.service.feeds import JobFeeds
 from evalfleet.service.fleet import Conflict, Fleet, NotFound
 from evalfleet.service.metrics import render_metrics
 from evalfleet.service.schemas import Health, Problem
@@ -126,13 +126,16 @@ def create_app(config: ServiceConfig) -> FastAPI:
     app.state.token = config.token
     app.state.model_roots = config.model_roots
     app.state.monitor = None
+    app.state.feeds = JobFeeds(app.state.fleet)
+    app.state.scheduler = None  # `serve` puts its SchedulerSupervisor here, for /healthz
     guarded = [Depends(require_token)]
 
     app.include_router(build_router(guarded))
     app.add_api_route("/metrics", _metrics, methods=["GET"], dependencies=guarded, response_class=PlainTextResponse,
                       responses={200: {"content": {"text/plain": {}}}, 401: {"model": Problem}},
                       summary="Prometheus metrics: jobs by state, queue wait, tokens/s, and the monitor's DCGM series")
-    app.add_api_route("/healthz", _health, methods=["GET"], response_model=Health)
+    app.add_api_route("/healthz", _health, methods=["GET"], response_model=Health,
+                      responses={503: {"model": Health, "description": "serve's scheduler is down, being restarted"}})
     app.add_api_route("/openapi.json", lambda: JSONResponse(app.openapi()), methods=["GET"], dependencies=guarded,
                       include_in_schema=False)
     app.include_router(dashboard.build_router(guarded))
@@ -172,5 +175,9 @@ def _metrics(request: Request) -> PlainTextResponse:
     return PlainTextResponse(text, media_type="text/plain; version=0.0.4; charset=utf-8")
 
 
-def _health() -> dict[str, Any]:
-    return {"status": "ok"}
+def _health(request: Request) -> JSONResponse:
+    """503 while the scheduler `serve` runs is down: jobs are accepted but none starts."""
+    supervisor = request.app.state.scheduler
+    scheduler = "external" if supervisor is None else supervisor.state
+    down = scheduler == "restarting"
+    return JSONResponse({"status": "degraded" if down else "ok", "scheduler": scheduler}, status_code=503 if down else 200)

@@ -1,16 +1,15 @@
 """What the service reads from and does to the fleet: one place over the orchestrator's store.
 
 The API and the dashboard both call these functions, so a page and its JSON twin never
-disagree. Every call opens the store for its own duration: the store is shared with the
-scheduler and its workers (SQLite in WAL mode), and a fresh connection per call needs no
-locking across the web server's threads.
+disagree. Each of the web server's threads keeps one connection to the store (SQLite in WAL
+mode, shared with the scheduler and its workers): reads never wait for another thread's
+write, and no request pays for opening the store.
 """
 
 from __future__ import annotations
 
+import threading
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -37,16 +36,15 @@ class Fleet:
 
     def __init__(self, db_path: Path) -> None:
         self.db_path = Path(db_path)
-        with self.store():  # create (and migrate) it up front, so a bad path fails at start-up
-            pass
+        self._local = threading.local()
+        self.store()  # create (and migrate) it up front, so a bad path fails at start-up
 
-    @contextmanager
-    def store(self) -> Iterator[JobStore]:
-        store = JobStore(self.db_path)
-        try:
-            yield store
-        finally:
-            store.close()
+    def store(self) -> JobStore:
+        """This thread's connection (closed with the thread, when its local data goes)."""
+        store = getattr(self._local, "store", None)
+        if store is None:
+            store = self._local.store = JobStore(self.db_path)
+        return store
 
     def record(self, store: JobStore, job_id: str) -> JobRecord:
         try:
@@ -59,46 +57,46 @@ class Fleet:
     def jobs(self, *, state: JobState | None = None, model: str | None = None, priority: str | None = None,
              offset: int = 0, limit: int = 50) -> tuple[int, list[dict[str, Any]]]:
         """Newest first, filtered; returns (how many match, this page)."""
-        with self.store() as store:
-            records = store.list([state] if state else None)
-            records = [r for r in records if (model is None or model in r.request["model"]["path"])
-                       and (priority is None or r.priority == priority)]
-            records.reverse()
-            progress = _progress_by_job(store)
-            page = records[offset:offset + limit]
-            return len(records), [job_document(r, store, progress.get(r.id)) for r in page]
+        store = self.store()
+        records = store.list([state] if state else None)
+        records = [r for r in records if (model is None or model in r.request["model"]["path"])
+                   and (priority is None or r.priority == priority)]
+        records.reverse()
+        progress = _progress_by_job(store)
+        page = records[offset:offset + limit]
+        return len(records), [job_document(r, store, progress.get(r.id)) for r in page]
 
     def job(self, job_id: str) -> dict[str, Any]:
-        with self.store() as store:
-            record = self.record(store, job_id)
-            return job_document(record, store, _progress_by_job(store).get(job_id))
+        store = self.store()
+        record = self.record(store, job_id)
+        return job_document(record, store, _progress_by_job(store).get(job_id))
 
     def submit(self, request: EvaluationRequest) -> str:
         return submit_job(request, str(self.db_path))
 
     def cancel(self, job_id: str) -> dict[str, Any]:
-        with self.store() as store:
-            record = self.record(store, job_id)
-            if record.state.terminal:
-                raise Conflict(f"job {job_id} already {record.state.value}")
-            DistributedEvaluationOrchestrator(store, Inventory([])).cancel(job_id)
-            return job_document(store.get(job_id), store)
+        store = self.store()
+        record = self.record(store, job_id)
+        if record.state.terminal:
+            raise Conflict(f"job {job_id} already {record.state.value}")
+        DistributedEvaluationOrchestrator(store, Inventory([])).cancel(job_id)
+        return job_document(store.get(job_id), store)
 
     def events_after(self, job_id: str, after: int) -> tuple[JobRecord, list[dict[str, Any]]]:
         """The job now and its state changes since event id `after` (for the event stream)."""
-        with self.store() as store:
-            record = self.record(store, job_id)
-            events = [{"id": e.id, "at": e.at, "from": e.from_state.value if e.from_state else None,
-                       "to": e.to_state.value, "attempt": e.attempt, "reason": e.reason}
-                      for e in store.events(job_id, after=after)]
-            return record, events
+        store = self.store()
+        record = self.record(store, job_id)
+        events = [{"id": e.id, "at": e.at, "from": e.from_state.value if e.from_state else None,
+                   "to": e.to_state.value, "attempt": e.attempt, "reason": e.reason}
+                  for e in store.events(job_id, after=after)]
+        return record, events
 
     # results ----------------------------------------------------------------------------------
 
     def run(self, job_id: str) -> Run:
         """A succeeded job's results, for reading and comparing."""
-        with self.store() as store:
-            record = self.record(store, job_id)
+        store = self.store()
+        record = self.record(store, job_id)
         if record.state is not JobState.SUCCEEDED or not record.result_path:
             raise Conflict(f"job {job_id} has no results: it is {record.state.value}")
         return load_results(record.result_path, label=job_id)
@@ -133,8 +131,8 @@ class Fleet:
     def matrix(self) -> tuple[list[str], list[dict[str, Any]]]:
         """Succeeded jobs (rows) × tasks (columns): each cell the task's first metric and its stderr."""
         rows, tasks = [], []
-        with self.store() as store:
-            finished = [r for r in store.list([JobState.SUCCEEDED]) if r.result_path]
+        store = self.store()
+        finished = [r for r in store.list([JobState.SUCCEEDED]) if r.result_path]
         for record in reversed(finished):
             try:
                 document = load_results(record.result_path).document
@@ -158,11 +156,11 @@ class Fleet:
         The one reader of the orchestrator's pool data: the scheduler's recorded pool, the
         running jobs' placements and the quarantine table.
         """
-        with self.store() as store:
-            recorded = recorded_pool(store)
-            quarantined = store.quarantined()
-            holders = {tuple(device): r.id for r in store.list([JobState.PLACED, JobState.RUNNING])
-                       for device in r.placement or ()}
+        store = self.store()
+        recorded = recorded_pool(store)
+        quarantined = store.quarantined()
+        holders = {tuple(device): r.id for r in store.list([JobState.PLACED, JobState.RUNNING])
+                   for device in r.placement or ()}
         if recorded is None:
             return {"scheduler": None, "description": None, "nodes": []}
         inventory = inventory_from_dict(recorded["inventory"])
@@ -183,12 +181,12 @@ class Fleet:
     def job_counts(self) -> dict[str, Any]:
         """Jobs by state, queue waits and running throughput, for the Prometheus page."""
         now = time.time()
-        with self.store() as store:
-            records = store.list()
-            first_start = {}
-            for event in store.events():
-                if event.to_state is JobState.PLACED:
-                    first_start.setdefault(event.job_id, event.at)
+        store = self.store()
+        records = store.list()
+        first_start = {}
+        for event in store.events():
+            if event.to_state is JobState.PLACED:
+                first_start.setdefault(event.job_id, event.at)
         by_state = {state.value: 0 for state in JobState}
         for record in records:
             by_state[record.state.value] += 1

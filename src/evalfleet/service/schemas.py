@@ -138,4 +138,7 @@ class Pool(BaseModel):
 
 
 class Health(BaseModel):
-    status: Literal["ok"]
+    status: Literal["ok", "degraded"] = Field(description="degraded (HTTP 503) while serve's scheduler is down")
+    scheduler: Literal["running", "restarting", "external"] = Field(
+        description="the scheduler `serve` runs: running, or restarting after it exited; external when "
+                    "serve runs none (another process schedules)")

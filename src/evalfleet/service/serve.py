@@ -1,10 +1,10 @@
 """`evalfleet serve`: the web server, and (with a pool option) the scheduler, over one job store.
 
-The scheduler runs as its own process (`evalfleet scheduler`), started and stopped by
-this one: it keeps its signal handling, its one-scheduler-per-store lock and its orderly
-worker shutdown exactly as in the foreground command, and the web server's event loop
-never waits on a scheduling round. Without a pool option the server only serves the
-store, and another process schedules.
+The scheduler runs as its own process (`evalfleet scheduler`), started, restarted when it
+exits and stopped by this one (`supervisor.py`): it keeps its signal handling, its
+one-scheduler-per-store lock and its orderly worker shutdown exactly as in the foreground
+command, and the web server's event loop never waits on a scheduling round. Without a pool
+option the server only serves the store, and another process schedules.
 """
 
 from __future__ import annotations
@@ -13,19 +13,15 @@ import importlib.util
 import os
 import signal
 import socket
-import subprocess
 import sys
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from evalfleet.orchestrator.pool import pool_from_options, recorded_pool
-from evalfleet.orchestrator.store import JobStore, resolve_db_path
+from evalfleet.orchestrator.pool import pool_from_options
+from evalfleet.orchestrator.store import resolve_db_path
 from evalfleet.service.security import ModelRoots, check_host, resolve_token
+from evalfleet.service.supervisor import SchedulerSupervisor
 from evalfleet.types import EvalfleetError, UsageError
-
-SCHEDULER_START_S = 120.0
-SCHEDULER_STOP_S = 60.0
 
 
 @dataclass
@@ -77,33 +73,6 @@ def _listen(host: str, port: int) -> socket.socket:
     return sock
 
 
-def _start_scheduler(command: list[str], db_path: Path) -> subprocess.Popen:
-    """Start the scheduler and wait until it has recorded its pool (or has failed to start)."""
-    process = subprocess.Popen(command)
-    deadline = time.monotonic() + SCHEDULER_START_S
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise EvalfleetError(f"the scheduler did not start (exit code {process.returncode}; its reason is above)")
-        with JobStore(db_path) as store:
-            recorded = recorded_pool(store)
-        if recorded is not None and recorded.get("pid") == process.pid:
-            return process
-        time.sleep(0.1)
-    _stop(process)
-    raise EvalfleetError(f"the scheduler did not start within {SCHEDULER_START_S:.0f} s")
-
-
-def _stop(process: subprocess.Popen) -> None:
-    """SIGTERM (it stops and requeues its workers), then SIGKILL if it hangs."""
-    if process.poll() is None:
-        process.send_signal(signal.SIGTERM)
-    try:
-        process.wait(SCHEDULER_STOP_S)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait()
-
-
 def serve(options: ServeOptions, say=print) -> None:
     try:
         import uvicorn
@@ -125,7 +94,7 @@ def serve(options: ServeOptions, say=print) -> None:
     scheduler = None
     try:
         if command is not None:
-            scheduler = _start_scheduler(command, db_path)
+            scheduler = app.state.scheduler = SchedulerSupervisor(command, db_path, say)
         port = sock.getsockname()[1]
         shown_host = f"[{options.host}]" if ":" in options.host else options.host
         say(f"evalfleet serve (pid {os.getpid()}) on http://{shown_host}:{port}/ over {db_path}; "
@@ -140,5 +109,5 @@ def serve(options: ServeOptions, say=print) -> None:
     finally:
         sock.close()
         if scheduler is not None:
-            _stop(scheduler)
+            scheduler.stop()
         say("evalfleet serve stopped")
