@@ -341,7 +341,7 @@ def cancel(
 
 @app.command()
 def serve(
-    host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on; a non-loopback one needs --token-file or $EVALFLEET_TOKEN."),
+    host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on; a non-loopback one needs --token-file or $EVALFLEET_TOKEN, of at least 32 characters."),
     port: int = typer.Option(8765, "--port", min=0, max=65535, help="Port (0 picks a free one)."),
     db: str | None = typer.Option(None, "--db", help=_DB_HELP),
     slots: int | None = typer.Option(None, "--slots", min=1, help="Also schedule on N CPU slots."),
@@ -349,6 +349,10 @@ def serve(
     ray: str | None = typer.Option(None, "--ray", help="Also schedule on the Ray cluster at this address."),
     token_file: str | None = typer.Option(None, "--token-file", help="File holding the service token (else $EVALFLEET_TOKEN, else one created in the user data folder)."),
     model_root: list[str] = typer.Option([], "--model-root", help="Folder whose models may be submitted over HTTP (repeatable; the demo model always may)."),
+    allow_hub: bool = typer.Option(False, "--allow-hub", help="Also accept hub model ids (org/name) over HTTP."),
+    task_root: list[str] = typer.Option([], "--task-root", help="Folder of your task YAMLs: a job over HTTP may name it, or a folder under it, as include_path (repeatable; trusted: its YAMLs may run code)."),
+    data_root: list[str] = typer.Option([], "--data-root", help="Folder whose files an uploaded task YAML may read as its dataset (repeatable; the task roots' files may be read too)."),
+    forwarded_allow_ips: str | None = typer.Option(None, "--forwarded-allow-ips", help="Reverse proxies whose X-Forwarded-Proto/-For to believe (comma-separated addresses or networks, or '*'); behind an https proxy this makes the session cookie Secure."),
     interval: float = typer.Option(2.0, "--interval", min=0.05, help="Seconds between scheduling rounds."),
     max_attempts: int = typer.Option(3, "--max-attempts", min=1, help="Attempts per job before it fails for good."),
     preempt: bool = typer.Option(False, "--preempt/--no-preempt", help="Let long-waiting jobs stop lower-priority ones."),
@@ -358,7 +362,9 @@ def serve(
     from evalfleet.service.serve import serve as serve_forever
 
     serve_forever(ServeOptions(host=host, port=port, db=db, slots=slots, gpus=gpus, ray=ray, token_file=token_file,
-                               model_roots=model_root, interval=interval, max_attempts=max_attempts, preempt=preempt))
+                               model_roots=model_root, allow_hub=allow_hub, task_roots=task_root, data_roots=data_root,
+                               forwarded_allow_ips=forwarded_allow_ips,
+                               interval=interval, max_attempts=max_attempts, preempt=preempt))
 
 
 @app.command()

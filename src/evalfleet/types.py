@@ -62,6 +62,8 @@ class TaskSpec(_Strict):
     include_path: str | None = None
     limit: int | None = Field(default=None, gt=0)
     num_fewshot: int | None = Field(default=None, ge=0)
+    untrusted: bool = Field(default=False, description="named by an HTTP client: lm-eval builds the tasks only "
+                            "in worker processes, and renders their templates in jinja's sandbox")
 
     @field_validator("names", mode="before")
     @classmethod

@@ -73,7 +73,7 @@ def live_service(tmp_path_factory, tiny_model) -> LiveService:
                          or process.poll() is not None, 120, "the service to start")
         assert process.poll() is None, log.read_text()
         url = found.group(1)
-        with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {TOKEN}"}, timeout=30) as client:
+        with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {TOKEN}"}, timeout=180) as client:
             yield LiveService(url, home / "jobs.db", log, process, client)
         process.send_signal(signal.SIGTERM)  # what a service manager sends; it stops the scheduler too
         assert process.wait(90) == 0, log.read_text()

@@ -4,7 +4,10 @@ page are saved in the test's temporary folder."""
 
 from __future__ import annotations
 
+import functools
 import shutil
+import threading
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 from conftest import TOKEN
@@ -30,11 +33,26 @@ def browser(tmp_path, monkeypatch):
         options.add_argument(flag)
     options.binary_location = shutil.which("chromium") or "/usr/bin/chromium"
     driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
-    driver.set_page_load_timeout(60)
+    driver.set_page_load_timeout(180)
     try:
         yield driver
     finally:
         driver.quit()
+
+
+@pytest.fixture
+def foreign_site(tmp_path):
+    """Another origin on this machine (127.0.0.1, another port): the same site, so SameSite=Strict lets the cookie go."""
+    folder = tmp_path / "foreign"
+    folder.mkdir()
+    server = ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(SimpleHTTPRequestHandler, directory=str(folder)))
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield folder, f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
 
 
 def _shot(driver, tmp_path, name: str) -> str:
@@ -65,7 +83,7 @@ def test_login_submit_watch_results_sample_and_compare(browser, live_service, ti
         element.send_keys(value)
     Select(driver.find_element(By.ID, "priority")).select_by_visible_text("high")
     driver.find_element(By.ID, "submit").click()
-    WebDriverWait(driver, 30).until(lambda d: "/jobs/" in d.current_url)
+    WebDriverWait(driver, 180).until(lambda d: "/jobs/" in d.current_url)  # a first submit counts the job in a worker process
     job_id = driver.current_url.rstrip("/").split("/")[-1]
     assert len(job_id) == 12
 
@@ -110,3 +128,34 @@ def test_login_submit_watch_results_sample_and_compare(browser, live_service, ti
     driver.get(live.url + "/pool")
     text = _shot(driver, tmp_path, "9-pool")
     assert "2 CPU slots" in text and "host CPU" in driver.page_source
+
+
+def test_a_session_survives_nothing_but_its_own_origin_and_ends_at_logout(browser, live_service, foreign_site, tmp_path):
+    live, driver = live_service, browser
+    folder, foreign = foreign_site
+    before = live.client.get("/api/v1/jobs").json()["total"]
+    driver.get(live.url + "/login")
+    driver.find_element(By.ID, "token").send_keys(TOKEN)
+    driver.find_element(By.ID, "login").click()
+    WebDriverWait(driver, 30).until(lambda d: d.find_elements(By.ID, "submit"))
+    session = driver.get_cookie("evalfleet_session")
+    assert session["value"] != TOKEN and TOKEN not in session["value"] and session["httpOnly"] is True
+
+    # A page of another origin posts the dashboard's submit form; the browser sends the cookie along.
+    (folder / "attack.html").write_text(
+        f'<form id="f" method="post" action="{live.url}/jobs"><input name="model" value="demo">'
+        '<input name="tasks" value="demo_ppl"><input name="limit" value="1"></form>'
+        '<script>document.getElementById("f").submit()</script>')
+    driver.get(foreign + "/attack.html")
+    WebDriverWait(driver, 30).until(lambda d: d.current_url.startswith(live.url))
+    assert "must come from the service's own pages" in _shot(driver, tmp_path, "10-foreign-post")
+    assert live.client.get("/api/v1/jobs").json()["total"] == before  # nothing was queued
+
+    driver.get(live.url + "/")  # the session itself is still good on the service's own pages
+    assert "Submit an evaluation" in driver.find_element(By.TAG_NAME, "body").text
+    driver.find_element(By.CSS_SELECTOR, "form[action='/logout'] button").click()
+    WebDriverWait(driver, 30).until(lambda d: d.current_url.endswith("/login"))
+    assert driver.get_cookie("evalfleet_session") is None
+    driver.add_cookie({"name": "evalfleet_session", "value": session["value"], "path": "/"})  # a copy kept from before
+    driver.get(live.url + "/")
+    assert "Paste the service token" in _shot(driver, tmp_path, "11-after-logout")

@@ -9,10 +9,11 @@ import pytest
 from clitools import run_main
 from conftest import TOKEN
 
-from evalfleet.service.security import ModelRoots, check_host, is_loopback, resolve_token
+from evalfleet.service.security import Forbidden, ModelRoots, check_host, is_loopback, resolve_token
 from evalfleet.types import EvaluationRequest, UsageError
 
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
+LONG_TOKEN = "a-token-of-the-operators-own-choosing-0123"
 
 
 def test_token_sources_in_order(tmp_path, monkeypatch):
@@ -35,15 +36,26 @@ def test_token_sources_in_order(tmp_path, monkeypatch):
         resolve_token(str(tmp_path / "missing"))
 
 
-def test_only_loopback_without_a_chosen_token(tmp_path, monkeypatch):
+def test_only_loopback_without_a_chosen_long_token(tmp_path, monkeypatch):
+    monkeypatch.delenv("EVALFLEET_TOKEN", raising=False)
     assert is_loopback("127.0.0.1") and is_loopback("::1") and is_loopback("localhost")
     assert not is_loopback("0.0.0.0") and not is_loopback("10.1.2.3") and not is_loopback("no-such-host.invalid")
     created = resolve_token(None, create_at=tmp_path / "t")
     check_host("127.0.0.1", created)
-    with pytest.raises(UsageError, match="reachable from other machines"):
+    check_host("127.0.0.1", resolve_token(str(tmp_path / "t")))  # loopback: 16 characters or more will do
+    with pytest.raises(UsageError, match="reachable from other machines: give a token with --token-file"):
         check_host("0.0.0.0", created)
-    (tmp_path / "chosen").write_text(TOKEN)
-    check_host("0.0.0.0", resolve_token(str(tmp_path / "chosen")))
+    second_start = resolve_token(None, create_at=tmp_path / "t")  # the file the first start created
+    assert not second_start.created
+    with pytest.raises(UsageError, match="reachable from other machines: give a token with --token-file"):
+        check_host("0.0.0.0", second_start)
+    (tmp_path / "chosen").write_text(TOKEN)  # 27 characters
+    with pytest.raises(UsageError, match="must be at least 32 characters"):
+        check_host("0.0.0.0", resolve_token(str(tmp_path / "chosen")))
+    (tmp_path / "long").write_text(LONG_TOKEN)
+    check_host("0.0.0.0", resolve_token(str(tmp_path / "long")))
+    monkeypatch.setenv("EVALFLEET_TOKEN", LONG_TOKEN)
+    check_host("0.0.0.0", resolve_token(None, create_at=tmp_path / "t"))
 
 
 def test_serve_refuses_bad_options_with_one_sentence(tmp_path, capsys, monkeypatch):
@@ -51,6 +63,8 @@ def test_serve_refuses_bad_options_with_one_sentence(tmp_path, capsys, monkeypat
     monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "xdg"))
     cases = [
         (["serve", "--host", "0.0.0.0"], "--host 0.0.0.0 is reachable from other machines"),
+        (["serve", "--host", "0.0.0.0"], "--host 0.0.0.0 is reachable from other machines"),  # its token file exists now
+        (["serve", "--forwarded-allow-ips", "10.0.0.1,proxy.example"], "--forwarded-allow-ips: 'proxy.example' is"),
         (["serve", "--slots", "1", "--gpus", "cpu"], "use one of --slots, --gpus or --ray, not --slots and --gpus"),
         (["serve", "--model-root", str(tmp_path / "nope")], "is not a folder"),
     ]
@@ -83,15 +97,45 @@ def _request(path: str, include: str | None = None, **model) -> EvaluationReques
 def test_model_roots(tmp_path):
     (tmp_path / "models" / "m").mkdir(parents=True)
     roots = ModelRoots([str(tmp_path / "models")])
-    roots.check(_request("demo"))
-    roots.check(_request(str(tmp_path / "models" / "m")))
-    for outside in (str(tmp_path), str(tmp_path / "models" / ".." / "elsewhere"), "/etc", "gpt2"):
-        with pytest.raises(Exception, match="outside the allowed model roots"):
-            roots.check(_request(outside))
-    with pytest.raises(Exception, match="task folder .* outside"):
-        roots.check(_request("demo", include="/tmp"))
-    with pytest.raises(Exception, match="trust_remote_code"):
-        roots.check(_request("demo", trust_remote_code=True))
+    assert roots.admit(_request("demo")).model.path == "demo"
+    assert roots.admit(_request(str(tmp_path / "models" / "m"))).model.path == str(tmp_path / "models" / "m")
+    for outside in (str(tmp_path), str(tmp_path / "models" / ".." / "elsewhere"), "/etc"):
+        with pytest.raises(Forbidden, match="outside the allowed model roots"):
+            roots.admit(_request(outside))
+    with pytest.raises(Forbidden, match="trust_remote_code"):
+        roots.admit(_request("demo", trust_remote_code=True))
+
+
+def test_model_paths_are_resolved_once_strictly(tmp_path, monkeypatch):
+    models = tmp_path / "models"
+    (models / "real").mkdir(parents=True)
+    (tmp_path / "secret").mkdir()
+    (models / "link").symlink_to(models / "real")
+    (models / "escape").symlink_to(tmp_path / "secret")
+    (models / "file.bin").write_text("x")
+    roots = ModelRoots([str(models)])
+    assert roots.admit(_request(str(models / "link"))).model.path == str(models / "real")  # stored as resolved
+    refusals = {
+        str(models / "escape"): "leads outside the allowed model roots",
+        str(models / "missing"): "does not exist on the server",
+        str(models / "file.bin"): "is not a folder",
+        "real": "hub ids are accepted only when the service runs with --allow-hub",
+        "./real": "hub ids are accepted only",
+        "org/model": "hub ids are accepted only",
+    }
+    monkeypatch.chdir(models)  # the service's working folder inside a root: relative names must not pass
+    for path, message in refusals.items():
+        with pytest.raises(Forbidden, match=message):
+            roots.admit(_request(path))
+
+    hub = ModelRoots([str(models)], allow_hub=True)
+    assert hub.admit(_request("org/model")).model.path == "org/model"
+    assert hub.admit(_request("gpt2")).model.path == "gpt2"
+    with pytest.raises(Forbidden, match="names both a hub id and a folder of the server's"):
+        hub.admit(_request("real"))  # a folder of that name beside the service would be loaded instead
+    for path in ("../secret", "./real", "~/x", str(models / "escape")):
+        with pytest.raises(Forbidden):
+            hub.admit(_request(path))
 
 
 def test_api_refuses_models_outside_the_roots(client, tmp_path):

@@ -26,7 +26,7 @@ from evalfleet.runtime.batching import default_token_budget
 from evalfleet.runtime.cache import RequestCache, default_cache_path, model_identity
 from evalfleet.runtime.lm import EvalfleetLM, ProgressCallback
 from evalfleet.runtime.runner import BatchRunner
-from evalfleet.tasks import build_task_manager
+from evalfleet.tasks import build_task_manager, sandboxed_templates
 from evalfleet.tasks.noise import silence_third_party_noise
 from evalfleet.tasks.reachability import unreachable_dataset
 from evalfleet.types import EvalfleetError, EvaluationRequest, EvaluationResult, resolve_model_path
@@ -71,7 +71,8 @@ def evaluate_tasks(request: EvaluationRequest, lm: Any, manager: Any, *, log_sam
 
     Built requests are kept on disk beside the request cache (see `task_cache`), under every
     setting that shapes them; a dataset that cannot be reached, or a task that runs generated
-    code unconfirmed, becomes one sentence.
+    code unconfirmed, becomes one sentence. A client's tasks (`untrusted`) render their
+    templates in jinja's sandbox.
     """
     names = list(request.tasks.names)
     built = Path(request.cache_path or default_cache_path()).parent / "lm-eval-requests"
@@ -80,7 +81,10 @@ def evaluate_tasks(request: EvaluationRequest, lm: Any, manager: Any, *, log_sam
     settings = {"num_fewshot": request.tasks.num_fewshot, **arguments, "chat_template": template,
                 "metadata": request.harness.metadata}
     try:
-        with requests_cache(built, manager, names, request.tasks.limit, **settings) as reuse:
+        with (
+            sandboxed_templates(request.tasks.untrusted),
+            requests_cache(built, manager, names, request.tasks.limit, **settings) as reuse,
+        ):
             return simple_evaluate(
                 model=lm,
                 tasks=names,

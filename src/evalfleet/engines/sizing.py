@@ -10,7 +10,8 @@ for log-likelihoods, context plus the `max_gen_toks` budget for generation).
 A count is kept as a small JSON file beside the request cache (or in `$EVALFLEET_SIZES`), under a hash of everything it
 depends on: the task files (evalfleet's demo tasks and the include folder, with every absolute
 path they mention), the tokenizer's files, lm-eval's version and the settings. Submitting the
-same tasks for the same tokenizer again reads that file and imports nothing heavy.
+same tasks for the same tokenizer again reads that file and imports nothing heavy. A job from
+an HTTP client is counted in a worker process (`sizing_worker.py`), never in the web server's.
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ import hashlib
 import io
 import json
 import os
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Sequence
@@ -36,6 +39,7 @@ from evalfleet.types import EvaluationRequest, UsageError, resolve_model_path
 
 # Bumped when what a count holds, or how it is made, changes: older files are then not read.
 SIZE_VERSION = 3  # 2: work_tokens_by_kind; 3: lm-eval's chat, generation and seed settings in the key
+COUNT_TIMEOUT_S = 600.0
 _counting = threading.Lock()
 TOKENIZER_FILES = ("tokenizer*", "*.model", "vocab*", "merges*", "special_tokens_map*", "added_tokens*", "config.json",
                    "chat_template*", "additional_chat_templates/*")
@@ -93,15 +97,46 @@ def sizes_folder(request: EvaluationRequest) -> Path:
 
 
 def count_request(request: EvaluationRequest) -> dict[str, Any]:
-    """Count the request's requests and tokens now (lm-eval and the tokenizer, no model)."""
+    """Count the request's requests and tokens now (lm-eval and the tokenizer, no model).
+
+    A client's tasks (`untrusted`) are counted in a worker process of their own: building them
+    runs lm-eval's task code, which must never run inside the web server.
+    """
     path = resolve_model_path(request.model.path)
     if not Path(path).is_dir():  # before any import: a hub id is answered at once
         raise NotCounted("the model is not a local folder, so its tokenizer cannot be read here")
+    if request.tasks.untrusted:
+        return _count_in_worker(request)
+    return count_here(request)
+
+
+def count_here(request: EvaluationRequest) -> dict[str, Any]:
+    """Count in this process: the CLI's way (full lm-eval power for the local user), and the worker's."""
     with _counting:  # one count at a time per process: lm-eval's module-level hooks are swapped
-        return _count(request, path)
+        return _count(request, resolve_model_path(request.model.path))
+
+
+def _count_in_worker(request: EvaluationRequest) -> dict[str, Any]:
+    """`python -m evalfleet.engines.sizing_worker`: the request as JSON in, one JSON answer out."""
+    try:
+        done = subprocess.run([sys.executable, "-m", "evalfleet.engines.sizing_worker"], capture_output=True,
+                              input=request.model_dump_json(), text=True, timeout=COUNT_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        raise NotCounted(f"counting took longer than {COUNT_TIMEOUT_S:.0f} s") from None
+    try:
+        answer = json.loads(done.stdout)
+    except ValueError:
+        said = done.stderr.strip().splitlines() or [f"exit code {done.returncode}"]
+        raise NotCounted(f"the counting process failed: {said[-1][:300]}") from None
+    if "refused" in answer:
+        raise UsageError(answer["refused"])
+    if "not_counted" in answer:
+        raise NotCounted(answer["not_counted"])
+    return answer["size"]
 
 
 def _count(request: EvaluationRequest, path: str) -> dict[str, Any]:
+    from jinja2.exceptions import SecurityError
     from transformers import AutoConfig
 
     from evalfleet.engines.environment import no_environment
@@ -131,6 +166,8 @@ def _count(request: EvaluationRequest, path: str) -> dict[str, Any]:
             evaluate_tasks(request, lm, manager, log_samples=False)
     except UsageError:
         raise
+    except SecurityError as error:  # a client's template, in jinja's sandbox (`tasks.sandboxed_templates`)
+        raise UsageError(f"a task template reaches beyond its document: {error}") from None
     except Exception as error:  # noqa: BLE001 - a dataset out of reach, a task that needs the network, …
         reason = " ".join(str(error).split()) or type(error).__name__
         raise NotCounted(f"the tasks could not be built here: {reason[:300]}") from None

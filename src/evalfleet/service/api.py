@@ -54,12 +54,14 @@ def build_router(dependencies: list[Any]) -> APIRouter:
 
 
 def submit(body: JobSubmission, request: Request, fleet: FleetDep) -> Submitted:
-    """Queue an evaluation, with the same checks as `evalfleet submit` (a job that can never fit is refused)."""
+    """Queue an evaluation, with the same checks as `evalfleet submit` (a job that can never fit is refused);
+    its tasks are lm-eval's, a folder under a task root, or the uploaded `task_yaml` (`task_policy`)."""
     try:
         evaluation = EvaluationRequest.model_validate(body.request_fields())
     except ValidationError as error:
         raise UsageError(describe_validation_error(error)) from None
-    request.app.state.model_roots.check(evaluation)
+    evaluation = request.app.state.model_roots.admit(evaluation)
+    evaluation = request.app.state.task_policy.admit(evaluation, body.task_yaml)
     return Submitted(id=fleet.submit(evaluation))
 
 

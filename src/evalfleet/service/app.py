@@ -1,14 +1,17 @@
 """The web application: the API, the dashboard, /metrics and /healthz behind one token.
 
 Errors leave as one sentence (`{"detail": ...}`) with the status the error's kind calls for;
-a browser without a session gets the login page with its 401.
+a browser without a session gets the login page with its 401. Behind a reverse proxy, the
+proxy's `X-Forwarded-Proto`/`-For` are believed only from the addresses the operator names
+(`forwarded_allow_ips`): they decide the `Secure` cookie, the origin check and the login
+throttle's client address.
 """
 
 from __future__ import annotations
 
 import contextlib
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from fastapi import Depends, FastAPI, Request
@@ -17,6 +20,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from uvicorn.middleware.proxy_headers import ProxyHeadersMiddleware
 
 from evalfleet.monitoring.monitor import MultiGPUPerformanceMonitor
 from evalfleet.service import dashboard
@@ -25,7 +29,16 @@ from evalfleet.service.feeds import JobFeeds
 from evalfleet.service.fleet import Conflict, Fleet, NotFound
 from evalfleet.service.metrics import render_metrics
 from evalfleet.service.schemas import Health, Problem
-from evalfleet.service.security import COOKIE_NAME, Forbidden, ModelRoots, token_matches
+from evalfleet.service.security import (
+    COOKIE_NAME,
+    MIN_TOKEN_LENGTH,
+    Forbidden,
+    ModelRoots,
+    ServiceToken,
+    token_matches,
+)
+from evalfleet.service.sessions import SAFE_METHODS, SESSION_TTL_S, LoginThrottle, Sessions, require_same_origin
+from evalfleet.service.task_policy import TaskPolicy
 from evalfleet.types import EvalfleetError
 
 MAX_BODY_BYTES = 64 * 1024
@@ -41,19 +54,36 @@ class ServiceConfig:
     db_path: Path
     token: str
     model_roots: ModelRoots
+    task_roots: list[str] = field(default_factory=list)
+    """Folders of the operator's tasks, which a job may name as its include_path (trusted: they may run code)."""
+    data_roots: list[str] = field(default_factory=list)
+    """Folders an uploaded task YAML may read dataset files from (besides the task roots)."""
+    token_file: Path | None = None
+    """The file `token` was read from: re-read when it changes (a new token ends every session)."""
+    token_min_length: int = MIN_TOKEN_LENGTH
+    """What a token re-read from the file must have (more when the service is reachable from other machines)."""
+    forwarded_allow_ips: str | None = None
+    """Proxies whose X-Forwarded-Proto/-For are believed (comma-separated addresses or networks, or *)."""
+    session_ttl_s: float = SESSION_TTL_S
     monitor_interval_s: float | None = 2.0
     """Seconds between the monitor's samples of this machine; None runs no monitor."""
     monitor_history: int = 300
 
 
 def require_token(request: Request) -> None:
-    """A valid bearer token or session cookie, compared in constant time."""
-    expected = request.app.state.token
+    """A valid bearer token (compared in constant time), or a live session from the service's own pages.
+
+    A state-changing request that rides on the cookie must name the service's origin: the
+    browser attaches the cookie whatever page sends the request.
+    """
+    token: ServiceToken = request.app.state.token
     header = request.headers.get("authorization", "")
     scheme, _, credentials = header.partition(" ")
-    if scheme.lower() == "bearer" and token_matches(expected, credentials.strip()):
+    if scheme.lower() == "bearer" and token_matches(token.current(), credentials.strip()):
         return
-    if token_matches(expected, request.cookies.get(COOKIE_NAME)):
+    if request.app.state.sessions.valid(request.cookies.get(COOKIE_NAME), token.fingerprint()):
+        if request.method not in SAFE_METHODS:
+            require_same_origin(request, "a change made with the dashboard's session cookie")
         return
     raise Unauthorized()
 
@@ -123,8 +153,11 @@ def create_app(config: ServiceConfig) -> FastAPI:
                   description="Submit, watch and compare evaluations on an evalfleet pool. "
                               "Every route but /healthz needs the service token as `Authorization: Bearer`.")
     app.state.fleet = Fleet(config.db_path)
-    app.state.token = config.token
+    app.state.token = ServiceToken(config.token, config.token_file, config.token_min_length)
+    app.state.sessions = Sessions(config.session_ttl_s)
+    app.state.login_throttle = LoginThrottle()
     app.state.model_roots = config.model_roots
+    app.state.task_policy = TaskPolicy(config.task_roots, config.data_roots, config.db_path.parent / "uploaded-tasks")
     app.state.monitor = None
     app.state.feeds = JobFeeds(app.state.fleet)
     app.state.scheduler = None  # `serve` puts its SchedulerSupervisor here, for /healthz
@@ -167,6 +200,8 @@ def create_app(config: ServiceConfig) -> FastAPI:
         return _problem(error.status_code, str(error.detail))
 
     app.add_middleware(BodyLimit)
+    if config.forwarded_allow_ips:
+        app.add_middleware(ProxyHeadersMiddleware, trusted_hosts=config.forwarded_allow_ips)
     return app
 
 

@@ -2,12 +2,13 @@
 
 Pages read the fleet through the same functions as the API. Forms post back to the
 server (no script needed to submit or cancel); htmx only polls the job table and a
-running job's status. The session cookie is HttpOnly and SameSite=Strict, which also
-keeps other sites from posting these forms with it.
+running job's status. The login form opens a session (`sessions.py`): its cookie is
+HttpOnly and SameSite=Strict, and every form post must come from the service's own origin.
 """
 
 from __future__ import annotations
 
+import math
 import time
 from pathlib import Path
 from typing import Annotated, Any
@@ -22,8 +23,9 @@ from evalfleet.service.api import submit
 from evalfleet.service.charts import pool_charts
 from evalfleet.service.fleet import Fleet
 from evalfleet.service.samples import describe_sample
-from evalfleet.service.schemas import JobSubmission
+from evalfleet.service.schemas import MAX_TASK_YAML, JobSubmission
 from evalfleet.service.security import COOKIE_NAME, token_matches
+from evalfleet.service.sessions import client_address, require_same_origin
 from evalfleet.types import EvalfleetError, describe_validation_error
 
 templates = Jinja2Templates(directory=Path(__file__).parent / "templates")
@@ -68,17 +70,31 @@ def build_router(dependencies: list[Any]) -> APIRouter:
 
 
 def login(request: Request, token: Annotated[str, Form(max_length=512)]) -> Response:
-    if not token_matches(request.app.state.token, token.strip()):
+    """Open a session for the right token, from the service's own page, at the throttle's pace."""
+    require_same_origin(request, "a login")
+    throttle, client = request.app.state.login_throttle, client_address(request)
+    wait = math.ceil(throttle.retry_after(client))
+    if wait > 0:
+        page = login_page(request, 429, error=f"Too many failed logins from this address: try again in {wait} s.")
+        page.headers["Retry-After"] = str(wait)
+        return page
+    service_token = request.app.state.token
+    if not token_matches(service_token.current(), token.strip()):
+        throttle.failed(client)
         return login_page(request, 401, error="That token is not the service's token.")
+    throttle.succeeded(client)
+    sessions = request.app.state.sessions
     response = RedirectResponse("/", status_code=303)
-    response.set_cookie(COOKIE_NAME, token.strip(), httponly=True, samesite="strict",
-                        secure=request.url.scheme == "https")
+    response.set_cookie(COOKIE_NAME, sessions.open(service_token.fingerprint()), max_age=math.ceil(sessions.ttl_s),
+                        httponly=True, samesite="strict", secure=request.url.scheme == "https")
     return response
 
 
-def logout() -> Response:
+def logout(request: Request) -> Response:
+    """End this session on the server, not only in the browser."""
+    request.app.state.sessions.close(request.cookies.get(COOKIE_NAME))
     response = RedirectResponse("/login", status_code=303)
-    response.delete_cookie(COOKIE_NAME)
+    response.delete_cookie(COOKIE_NAME, httponly=True, samesite="strict", secure=request.url.scheme == "https")
     return response
 
 
@@ -99,12 +115,15 @@ def submit_form(
     limit: Annotated[str, Form(max_length=12)] = "",
     priority: Annotated[str, Form(max_length=12)] = "normal",
     log_samples: Annotated[bool, Form()] = False,
+    task_yaml: Annotated[str, Form(max_length=MAX_TASK_YAML)] = "",
 ) -> Response:
-    form = {"model": model, "tasks": tasks, "limit": limit, "priority": priority, "log_samples": log_samples}
+    form = {"model": model, "tasks": tasks, "limit": limit, "priority": priority, "log_samples": log_samples,
+            "task_yaml": task_yaml}
     try:
         submission = JobSubmission.model_validate({
             "model": model.strip(), "tasks": [t.strip() for t in tasks.split(",") if t.strip()],
             "limit": limit.strip() or None, "priority": priority, "log_samples": log_samples,
+            "task_yaml": task_yaml if task_yaml.strip() else None,
         })
     except ValidationError as error:
         return _form_error(request, form, describe_validation_error(error))

@@ -1,8 +1,9 @@
 """The API's request and response bodies, as they appear in the OpenAPI document.
 
 `JobSubmission` carries exactly what `evalfleet submit` takes, minus the options that
-name files on the server (cache and output paths): the semantic checks are
-`EvaluationRequest`'s own, so the API refuses what the command refuses.
+name files on the server (cache and output paths), plus an uploaded task YAML: the semantic
+checks are `EvaluationRequest`'s own, so the API refuses what the command refuses, and what
+tasks a client may name is `task_policy`'s.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from evalfleet.orchestrator.states import JobState
 
 MAX_PAGE = 200
 MAX_SAMPLES_PAGE = 100
+MAX_TASK_YAML = 32 * 1024
 _Name = Field(min_length=1, max_length=512)
 
 
@@ -27,7 +29,12 @@ class JobSubmission(BaseModel):
 
     model: str = Field(min_length=1, max_length=1024, description="'demo', or a model folder under an allowed root")
     tasks: list[str] = Field(default=["demo_mc", "demo_arith"], min_length=1, max_length=64)
-    include_path: str | None = Field(default=None, max_length=1024, description="task folder under an allowed root")
+    include_path: str | None = Field(default=None, max_length=1024,
+                                     description="a task folder under one of the server's task roots (--task-root)")
+    task_yaml: str | None = Field(default=None, min_length=1, max_length=MAX_TASK_YAML,
+                                  description="one lm-eval task YAML, taken as data: no !function or other tags, "
+                                              "no code-bearing keys, includes and dataset files only under the "
+                                              "server's task or data roots; name its task in `tasks`")
     limit: int | None = Field(default=None, description="evaluate only the first N examples of each task")
     num_fewshot: int | None = None
     priority: Literal["high", "normal", "low"] = "normal"

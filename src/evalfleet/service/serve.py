@@ -19,7 +19,13 @@ from pathlib import Path
 
 from evalfleet.orchestrator.pool import pool_from_options
 from evalfleet.orchestrator.store import resolve_db_path
-from evalfleet.service.security import ModelRoots, check_host, resolve_token
+from evalfleet.service.security import (
+    ModelRoots,
+    check_forwarded_allow_ips,
+    check_host,
+    resolve_token,
+    token_min_length,
+)
 from evalfleet.service.supervisor import SchedulerSupervisor
 from evalfleet.types import EvalfleetError, UsageError
 
@@ -34,6 +40,10 @@ class ServeOptions:
     ray: str | None = None
     token_file: str | None = None
     model_roots: list[str] = field(default_factory=list)
+    task_roots: list[str] = field(default_factory=list)
+    data_roots: list[str] = field(default_factory=list)
+    allow_hub: bool = False
+    forwarded_allow_ips: str | None = None
     interval: float = 2.0
     max_attempts: int = 3
     preempt: bool = False
@@ -84,12 +94,17 @@ def serve(options: ServeOptions, say=print) -> None:
 
     token = resolve_token(options.token_file)
     check_host(options.host, token)
+    if options.forwarded_allow_ips is not None:
+        check_forwarded_allow_ips(options.forwarded_allow_ips)
     if token.created:
         say(f"created a service token in {token.source} (readable by you only)")
-    roots = ModelRoots(options.model_roots)
+    roots = ModelRoots(options.model_roots, allow_hub=options.allow_hub)
     db_path = resolve_db_path(options.db).resolve()
     command = scheduler_arguments(options, db_path)
-    app = create_app(ServiceConfig(db_path=db_path, token=token.value, model_roots=roots))
+    app = create_app(ServiceConfig(db_path=db_path, token=token.value, token_file=token.path,
+                                   token_min_length=token_min_length(options.host), model_roots=roots,
+                                   task_roots=options.task_roots, data_roots=options.data_roots,
+                                   forwarded_allow_ips=options.forwarded_allow_ips))
     sock = _listen(options.host, options.port)
     scheduler = None
     try:
@@ -101,7 +116,9 @@ def serve(options: ServeOptions, say=print) -> None:
             f"token from {token.source}; " + ("scheduler pid " + str(scheduler.pid) if scheduler else
                                                "no scheduler (another process schedules)") + "; Ctrl-C stops it")
         sys.stdout.flush()
-        config = uvicorn.Config(app, log_level="warning", access_log=False, timeout_graceful_shutdown=5)
+        # proxy headers are the app's to believe (only from --forwarded-allow-ips), not uvicorn's
+        config = uvicorn.Config(app, log_level="warning", access_log=False, timeout_graceful_shutdown=5,
+                                proxy_headers=False)
         # uvicorn shuts down gracefully on SIGTERM, then raises the signal again: end with the
         # scheduler stopped (below), not killed by the default handler.
         signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))

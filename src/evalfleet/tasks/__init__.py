@@ -7,10 +7,12 @@ lm-eval skips a task file it cannot parse without a word; we check them first an
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import functools
 import json
 import logging
+from collections.abc import Iterator
 from pathlib import Path
 
 from evalfleet.types import UsageError
@@ -65,3 +67,26 @@ def _task_manager(names: tuple[str, ...], include_path: str | None, metadata: st
         hint = f"; close names: {', '.join(close)}" if close else ""
         raise UsageError(f"unknown task '{name}'{hint}")
     return manager
+
+
+@contextlib.contextmanager
+def sandboxed_templates(on: bool) -> Iterator[None]:
+    """Within the block lm-eval renders task templates in jinja's sandbox (tasks a client named).
+
+    lm-eval's own Jinja environment lets a template reach Python (`lipsum.__globals__`); the
+    sandbox refuses such access and renders ordinary templates the same.
+    """
+    if not on:
+        yield
+        return
+    from jinja2.sandbox import SandboxedEnvironment
+    from lm_eval import utils
+
+    plain = utils.env
+    sandbox = SandboxedEnvironment(undefined=plain.undefined, keep_trailing_newline=plain.keep_trailing_newline)
+    sandbox.filters.update({name: f for name, f in plain.filters.items() if name not in sandbox.filters})
+    utils.env = sandbox
+    try:
+        yield
+    finally:
+        utils.env = plain
