@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Form, Query, Request
+from fastapi import APIRouter, Depends, Form, Query, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from fastapi.templating import Jinja2Templates
 from pydantic import ValidationError
@@ -22,11 +22,12 @@ from evalfleet.orchestrator.states import JobState
 from evalfleet.service.api import submit
 from evalfleet.service.charts import pool_charts
 from evalfleet.service.fleet import Fleet
+from evalfleet.service.lm_eval_form import LmEvalForm
 from evalfleet.service.samples import describe_sample
 from evalfleet.service.schemas import MAX_TASK_YAML, JobSubmission
 from evalfleet.service.security import COOKIE_NAME, token_matches
 from evalfleet.service.sessions import client_address, require_same_origin
-from evalfleet.types import EvalfleetError, describe_validation_error
+from evalfleet.types import EvalfleetError, UsageError, describe_validation_error
 
 templates = Jinja2Templates(directory=Path(__file__).parent / "templates")
 templates.env.filters["clock"] = lambda at: time.strftime("%H:%M:%S", time.localtime(at)) if at else ""
@@ -111,6 +112,7 @@ def jobs_table(request: Request) -> HTMLResponse:
 def submit_form(
     request: Request,
     model: Annotated[str, Form(max_length=1024)],
+    lm_eval: Annotated[LmEvalForm, Depends(LmEvalForm.from_form)],
     tasks: Annotated[str, Form(max_length=2048)] = "demo_mc,demo_arith",
     limit: Annotated[str, Form(max_length=12)] = "",
     priority: Annotated[str, Form(max_length=12)] = "normal",
@@ -118,15 +120,17 @@ def submit_form(
     task_yaml: Annotated[str, Form(max_length=MAX_TASK_YAML)] = "",
 ) -> Response:
     form = {"model": model, "tasks": tasks, "limit": limit, "priority": priority, "log_samples": log_samples,
-            "task_yaml": task_yaml}
+            "task_yaml": task_yaml, **lm_eval.shown()}
     try:
         submission = JobSubmission.model_validate({
             "model": model.strip(), "tasks": [t.strip() for t in tasks.split(",") if t.strip()],
             "limit": limit.strip() or None, "priority": priority, "log_samples": log_samples,
-            "task_yaml": task_yaml if task_yaml.strip() else None,
+            "task_yaml": task_yaml if task_yaml.strip() else None, **lm_eval.submission_fields(),
         })
     except ValidationError as error:
         return _form_error(request, form, describe_validation_error(error))
+    except UsageError as error:
+        return _form_error(request, form, str(error))
     try:
         job_id = submit(submission, request, _fleet(request)).id
     except EvalfleetError as error:

@@ -8,11 +8,12 @@ tasks a client may name is `task_policy`'s.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from evalfleet.orchestrator.states import JobState
+from evalfleet.types import UsageError
 
 MAX_PAGE = 200
 MAX_SAMPLES_PAGE = 100
@@ -48,11 +49,42 @@ class JobSubmission(BaseModel):
     max_batch_tokens: int | None = None
     log_samples: bool = True
     use_cache: bool = True
+    # lm-eval's flags, by its names; mappings as JSON objects or its `key=value,...` strings
+    apply_chat_template: bool | Annotated[str, Field(max_length=256)] = Field(
+        default=False, description="true, or the name of one of the tokenizer's chat templates")
+    fewshot_as_multiturn: bool | None = Field(default=None, description="few-shot examples as chat turns "
+                                              "(default: on with a chat template)")
+    system_instruction: str | None = Field(default=None, max_length=MAX_TASK_YAML)
+    gen_kwargs: dict[str, Any] | str | None = Field(default=None, description="until, max_gen_toks, do_sample, "
+                                                    "temperature, top_p, top_k, seed")
+    seed: int | str | list[int | None] | None = Field(default=None, description="python, numpy, torch, fewshot "
+                                                      "(default 0,1234,1234,1234); one number sets all four")
+    model_args: dict[str, Any] | str | None = Field(default=None, description="revision, dtype, max_length, "
+                                                    "add_bos_token, enable_thinking, chat_template_args")
+    predict_only: bool = False
+    samples: dict[str, list[int]] | None = Field(default=None, description="document ids to evaluate, per task")
+    confirm_run_unsafe_code: bool = Field(default=False, description="refused over HTTP: tasks that run the "
+                                          "model's code are submitted on the server (`evalfleet submit`)")
+    metadata: dict[str, Any] | str | None = None
 
     def request_fields(self) -> dict[str, Any]:
-        """The `EvaluationRequest` fields this submission stands for."""
+        """The `EvaluationRequest` fields this submission stands for, lm-eval's flags read as its
+        command line reads them; what would run code on the server is refused."""
+        from evalfleet.tasks.harness_args import request_fields
+
+        if self.confirm_run_unsafe_code:
+            raise UsageError("tasks that execute the model's code cannot be confirmed over HTTP; "
+                             "submit them on the server with evalfleet submit --confirm-run-unsafe-code")
+        harness = request_fields(
+            model={"path": self.model, "dtype": self.dtype}, model_args=self.model_args,
+            apply_chat_template=self.apply_chat_template, fewshot_as_multiturn=self.fewshot_as_multiturn,
+            system_instruction=self.system_instruction, gen_kwargs=self.gen_kwargs, seed=self.seed,
+            predict_only=self.predict_only, samples=self.samples, metadata=self.metadata,
+        )
+        if harness["model"].get("trust_remote_code"):
+            raise UsageError("trust_remote_code cannot be set over HTTP")
         return {
-            "model": {"path": self.model, "dtype": self.dtype},
+            **harness,
             "tasks": {"names": self.tasks, "include_path": self.include_path, "limit": self.limit,
                       "num_fewshot": self.num_fewshot},
             "strategy": self.strategy, "tp": self.tp, "pp": self.pp, "dp": self.dp, "gpus": self.gpus,
