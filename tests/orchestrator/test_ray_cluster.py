@@ -3,15 +3,19 @@
 `evalfleet run --ray` with pipeline stages and replicas spread over the nodes, `evalfleet scheduler
 --ray` with three jobs side by side, a node SIGKILLed mid-job (`remove_node(allow_graceful=False)`),
 and a scheduler SIGKILLed while its job runs. Every result equals a single-process run; no Ray
-process or actor outlives the module.
+process or actor outlives the module. Then, with this process as a driver of the cluster: a node
+lost in the round that places another job, and the bounds on a placement group and on a batch.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import shutil
 import tempfile
+import threading
+import time
 from pathlib import Path
 
 import psutil
@@ -230,3 +234,154 @@ def test_a_restarted_scheduler_adopts_running_ray_jobs(cluster, llama, reference
     assert status["attempts"] == 1 and status["failures"] == 0, status["events"]
     assert "requeued" not in fleet.log.read_text()
     assert agrees(reference, Path(fleet.record(job).result_path).parent) == []
+
+
+# With this process as a driver of the cluster ------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def ray_driver(cluster):
+    """This process joins the cluster, to schedule in-process and to start rank actors itself."""
+    import ray
+
+    from evalfleet.runtime.ray_ranks import connect
+
+    connect(cluster.address)
+    yield
+    ray.shutdown()
+
+
+def bounded(call, timeout: float, what: str):
+    """`call()`'s result or the exception it raised; the test fails, rather than hangs, if it still
+    waits after `timeout` seconds."""
+    outcome = []
+
+    def target():
+        try:
+            outcome.append(call())
+        except BaseException as error:  # handed to the test
+            outcome.append(error)
+
+    thread = threading.Thread(target=target, daemon=True)
+    thread.start()
+    thread.join(timeout)
+    assert outcome, f"still waiting after {timeout:.0f}s for {what}: an unbounded wait"
+    return outcome[0]
+
+
+def test_a_node_lost_in_the_round_that_places_another_job_is_not_placed_on(cluster, ray_driver, llama, tmp_path,
+                                                                          monkeypatch):
+    """The issue's hang: the node of a low-priority job dies in the round that places a high-priority
+    one. The round collects the lost job, re-reads the pool and places both jobs on live nodes only
+    (the dead node's GPUs were warm with their model, so a stale pool would have drawn them there)."""
+    import ray
+
+    from evalfleet.orchestrator import DistributedEvaluationOrchestrator
+    from evalfleet.orchestrator.executors.base import Exited
+    from evalfleet.orchestrator.executors.ray import ray_pool_and_executor
+
+    for key, value in fault_env("slow_batch:1.5").items():  # reaches the rank actors through runtime_env
+        monkeypatch.setenv(key, value)
+    db = tmp_path / "jobs.sqlite"
+    inventory, executor = ray_pool_and_executor(cluster.address, db, grace_s=5.0)
+    orchestrator = DistributedEvaluationOrchestrator(db, inventory, executor)
+    request = {"model": {"path": str(llama)}, "tasks": {"names": ["demo_mc", "demo_arith"], "limit": int(LIMIT)},
+               "gpus": 1, "batch_size": 1}
+    starts = []
+
+    def rounds_until(condition, timeout, what):
+        def one_round():
+            starts.extend(asyncio.run(orchestrator.run_once()).starts)
+            failed = orchestrator.list([JobState.FAILED])
+            assert not failed, [(r.id, r.error) for r in failed]
+            return condition()
+
+        return wait_for(one_round, timeout, what, interval=0.2)
+
+    try:
+        low = orchestrator.submit_evaluation_request({**request, "priority": "low"})
+        rounds_until(lambda: (r := orchestrator.status(low)).state is JobState.RUNNING and r.done >= 1, 300,
+                     "the low-priority job to compute")
+        ((lost, _),) = orchestrator.status(low).placement
+        doomed = executor.order[lost]
+        node = next(n for n in cluster.gpu_nodes if n.node_id == doomed)
+        high = orchestrator.submit_evaluation_request({**request, "priority": "high"})
+        poll = executor.poll
+
+        def poll_as_the_node_dies(handle):
+            """The node dies after the round began, before it collects exits; it ends once Ray knows."""
+            if handle.job_id != low or node not in cluster.gpu_nodes:
+                return poll(handle)
+            cluster.remove_node(node, allow_graceful=False)
+            cluster.gpu_nodes.remove(node)
+
+            def exited():
+                status = poll(handle)
+                return status if isinstance(status, Exited) else None
+
+            status = wait_for(exited, 60, "the low-priority job's driver to exit with its node")
+            wait_for(lambda: not any(n["NodeID"] == doomed and n["Alive"] for n in ray.nodes()), 60,
+                     "Ray to declare the node dead")
+            return status
+
+        def on_the_lost_node(placed):
+            return [(start.job_id, start.devices) for start in placed if any(n == lost for n, _ in start.devices)]
+
+        monkeypatch.setattr(executor, "poll", poll_as_the_node_dies)
+        before = len(starts)
+        starts.extend(asyncio.run(orchestrator.run_once()).starts)
+        assert node not in cluster.gpu_nodes and high in {start.job_id for start in starts[before:]}
+        assert orchestrator.status(low).attempts == 1  # lost with its node, requeued in the same round
+        assert on_the_lost_node(starts[before:]) == []
+
+        rounds_until(lambda: all(orchestrator.status(job).state is JobState.SUCCEEDED for job in (low, high)), 300,
+                     "both jobs to succeed after the node loss")
+        assert on_the_lost_node(starts[before:]) == []
+        assert orchestrator.status(high).attempts == 0  # placed once, on live nodes, and never waited out
+    finally:
+        orchestrator.shutdown()
+        orchestrator.store.close()
+        if len(cluster.gpu_nodes) < 3:  # the module's later tests expect three GPU nodes
+            cluster.gpu_nodes.append(cluster.add_node(num_cpus=1, num_gpus=2))
+            cluster.wait_for_nodes()
+    wait_for(lambda: not rank_actors(), 30, "the rank actors to exit")
+
+
+def test_a_placement_group_that_cannot_be_reserved_is_removed_within_its_bound(ray_driver, llama):
+    """Bundles pinned to a node Ray does not have (as a node that died after the job was placed)
+    are never reserved: the ranks give up as a lost node after `placement_timeout`, group removed."""
+    from ray.util import placement_group_table
+
+    from evalfleet.runtime.group import GroupSpec
+    from evalfleet.runtime.ray_ranks import RayGroupRunner
+    from evalfleet.types import NodeLost
+
+    before = set(placement_group_table())
+    runner = RayGroupRunner(GroupSpec(str(llama)), 1, ["f" * 56], placement_timeout=2.0)
+    began = time.monotonic()
+    outcome = bounded(runner.start, 60, "the placement group")
+    assert isinstance(outcome, NodeLost) and "could not reserve 1 GPU(s) for this job in 2s" in str(outcome)
+    assert time.monotonic() - began < 30
+    groups = placement_group_table()
+    assert [groups[key]["state"] for key in set(groups) - before] == ["REMOVED"]
+
+
+def test_a_batch_past_the_batch_timeout_fails_the_run_as_infrastructure(ray_driver, llama, monkeypatch):
+    from evalfleet.runtime.backends.base import LoglikelihoodItem
+    from evalfleet.runtime.group import GroupSpec
+    from evalfleet.runtime.ray_ranks import RayGroupRunner
+    from evalfleet.types import InfrastructureError, NodeLost
+
+    for key, value in fault_env("slow_batch:30").items():  # reaches the rank actor through runtime_env
+        monkeypatch.setenv(key, value)
+    runner = RayGroupRunner(GroupSpec(str(llama)), 1, batch_timeout=2.0).start()
+    try:
+        began = time.monotonic()
+        outcome = bounded(lambda: runner.run([[LoglikelihoodItem((1, 2), (3,))]], lambda index, results: None), 60,
+                          "the batch")
+        assert isinstance(outcome, InfrastructureError) and not isinstance(outcome, NodeLost), outcome
+        assert str(outcome) == "replica 0 did not finish batch 0 in 2s"
+        assert time.monotonic() - began < 20
+    finally:
+        runner.close()
+    wait_for(lambda: not rank_actors(), 30, "the rank actor to exit")

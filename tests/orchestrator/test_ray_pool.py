@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 
 import pytest
 
 from evalfleet.engines.ray_engine import ray_layout, spread_over_nodes
+from evalfleet.orchestrator import DistributedEvaluationOrchestrator
+from evalfleet.orchestrator.demand import JobDemand
+from evalfleet.orchestrator.executors.base import RUNNING, Executor, Exited, Handle
 from evalfleet.orchestrator.ray_pool import inventory_from_ray, node_gpus
 from evalfleet.orchestrator.recovery import RecoveryOptions, recover
 from evalfleet.orchestrator.simulator import NodeFailures, simulate
@@ -14,7 +18,7 @@ from evalfleet.orchestrator.states import JobState
 from evalfleet.orchestrator.store import JobStore
 from evalfleet.orchestrator.workload import synthetic_trace
 from evalfleet.planning import Inventory
-from evalfleet.types import EvalfleetError, EvaluationRequest
+from evalfleet.types import EvalfleetError, EvaluationRequest, NodeLost
 
 
 def _node(node_id: str, gpus: int, alive: bool = True, **resources: float) -> dict:
@@ -57,6 +61,55 @@ def test_a_lost_node_requeues_at_once_without_blaming_devices(tmp_path):
                            backoff=False)
         assert decision.action == "requeued" and decision.retry_at == 10.0
         assert store.get(job).not_before == 10.0 and store.quarantined() == {}
+
+
+class _NodeLostMidRound(Executor):
+    """Two Ray nodes; `poll` finds the doomed job's driver gone with its node, which died after the
+    round began (so a pool read at the start of the round still lists it)."""
+
+    name = "ray"
+    self_reporting = True
+
+    def __init__(self) -> None:
+        self.dead: set[str] = set()
+        self.doomed: str | None = None
+
+    def current_pool(self) -> Inventory:
+        return inventory_from_ray([_node(name, 2, alive=name not in self.dead) for name in "ab"], ["a", "b"])[0]
+
+    def launch(self, job, placement) -> Handle:
+        return Handle(job.id, data={"nodes": ["ab"[node] for node, _ in placement]})
+
+    def poll(self, handle):
+        if handle.job_id != self.doomed:
+            return RUNNING
+        self.dead.update(handle.data["nodes"])
+        return Exited(NodeLost.exit_code)
+
+    def cancel(self, handle) -> None:
+        pass
+
+    def reattach(self, job):
+        return None
+
+
+def test_a_round_places_on_the_pool_as_it_is_after_collecting_a_lost_node(tmp_path):
+    executor = _NodeLostMidRound()
+    orchestrator = DistributedEvaluationOrchestrator(tmp_path / "jobs.db", executor.current_pool(), executor)
+    store = orchestrator.store
+    request, demand = {"model": {"path": "m"}, "tasks": {"names": ["demo_mc"]}}, JobDemand("m", 1e6, (100.0,))
+    low = store.add(request, priority="low", max_attempts=3, demand=demand.to_dict())
+    asyncio.run(orchestrator.run_once())
+    ((lost, _),) = store.get(low).placement
+    high = store.add(request, priority="high", max_attempts=3, demand=demand.to_dict())
+    executor.doomed = low  # its node dies in the round that places the high-priority job
+
+    plan = asyncio.run(orchestrator.run_once())
+    starts = {start.job_id: [node for node, _ in start.devices] for start in plan.starts}
+    assert set(starts) == {high, low}, plan.waiting  # requeued at once, and placed with the newcomer
+    # Both on the node that remains, though the lost one's GPUs were warm with their model.
+    assert all(lost not in nodes for nodes in starts.values()), starts
+    assert [len(node.gpus) for node in orchestrator.inventory.nodes][lost] == 0
 
 
 def test_simulated_node_losses_cost_less_with_the_cache_than_restarting_from_zero():

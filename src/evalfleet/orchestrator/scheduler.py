@@ -225,11 +225,12 @@ class DistributedEvaluationOrchestrator:
     # the loop -------------------------------------------------------------------------------
 
     async def run_once(self) -> AllocationPlan:
-        """One round: collect exits, stop what was cancelled, then start what the policy says."""
+        """One round: collect exits and stop what was cancelled, re-read the pool (so a job lost with
+        its node is placed again, with the others, on live nodes only), then start what the policy says."""
         if self.executor is None:
             raise EvalfleetError("the orchestrator has no executor, so it can plan but not run jobs")
-        self._follow_pool()
         self._poll()
+        self._follow_pool()
         plan = self.create_allocation_plan()
         for job_id in plan.preempt:
             self._preempt(job_id)

@@ -14,6 +14,11 @@ GPU, so the whole path runs on a CPU-only test cluster.
 Results come back to the driver through Ray, never through a shared filesystem. A rank that
 dies (its node lost, its process killed) fails the run with `NodeLost`; the scheduler then
 requeues the job and it resumes from the request cache on the nodes that remain.
+
+No wait is unbounded: a placement group not reserved within `placement_timeout`, or ranks not
+loaded within `load_timeout`, is `NodeLost` too (the group is removed first), so the scheduler
+requeues the job and places it again on a fresh view of the pool; a batch that a replica does
+not finish within `batch_timeout` (the local groups' bound) fails the run as infrastructure.
 """
 
 from __future__ import annotations
@@ -29,11 +34,14 @@ from typing import Any
 from evalfleet.runtime.backends.base import Item
 from evalfleet.runtime.group import GroupSpec, check_layout
 from evalfleet.runtime.runner import BatchCallback, BatchRunner
-from evalfleet.runtime.workers import describe_layout
-from evalfleet.types import EvalfleetError, NodeLost
+from evalfleet.runtime.workers import BATCH_TIMEOUT_S, describe_layout
+from evalfleet.types import EvalfleetError, InfrastructureError, NodeLost
 
 NODE_LABEL = "ray.io/node-id"
 CONNECT_TIMEOUT_S = 10.0
+PLACEMENT_TIMEOUT_S = 60.0
+"""The scheduler places a job on GPUs it sees free, so a group still pending after this names a
+node that is gone (or GPUs Ray has not released): better requeued on a fresh pool than waited for."""
 # Actors on other machines do not inherit the driver's environment as local ranks do: these
 # variables (and every EVALFLEET_* one) travel with each actor's runtime_env.
 FORWARDED = ("PYTHONPATH",)
@@ -141,13 +149,16 @@ class RayGroupRunner(BatchRunner):
     """
 
     def __init__(self, spec: GroupSpec, dp: int, nodes: Sequence[str | None] | None = None, *,
-                 load_timeout: float = 1800.0) -> None:
+                 placement_timeout: float = PLACEMENT_TIMEOUT_S, load_timeout: float = 1800.0,
+                 batch_timeout: float = BATCH_TIMEOUT_S) -> None:
         self.spec = spec
         self.dp = dp
         self.nodes = list(nodes) if nodes is not None else [None] * (dp * spec.world_size)
         if len(self.nodes) != dp * spec.world_size:
             raise EvalfleetError(f"{len(self.nodes)} nodes given for {dp * spec.world_size} ranks")
+        self.placement_timeout = placement_timeout
         self.load_timeout = load_timeout
+        self.batch_timeout = batch_timeout
         self.replicas: list[_Replica] = []
         self.group: Any = None
         self.load_seconds = 0.0
@@ -162,11 +173,11 @@ class RayGroupRunner(BatchRunner):
         bundles = [{"GPU": 1.0} for _ in self.nodes]
         selectors = [{NODE_LABEL: node} if node else {} for node in self.nodes]
         self.group = placement_group(bundles, strategy="PACK", bundle_label_selector=selectors)
-        ready, _ = ray.wait([self.group.ready()], timeout=self.load_timeout)
+        ready, _ = ray.wait([self.group.ready()], timeout=self.placement_timeout)
         if not ready:
             self.close()
             raise NodeLost(f"the Ray cluster could not reserve {len(bundles)} GPU(s) for this job in "
-                           f"{self.load_timeout:.0f}s (a node it was placed on may be gone)")
+                           f"{self.placement_timeout:.0f}s (a node it was placed on may be gone)")
         remote = ray.remote(RankActor)
         world = self.spec.world_size
         for r in range(self.dp):
@@ -178,18 +189,27 @@ class RayGroupRunner(BatchRunner):
                 for k in range(world)
             ]
             self.replicas.append(_Replica(r, actors))
+        deadline = time.monotonic() + self.load_timeout  # one bound for the whole load
+
+        def get(refs: Any) -> Any:
+            return ray.get(refs, timeout=max(0.0, deadline - time.monotonic()))
+
         try:
             loads = []
             for replica in self.replicas:
                 head = replica.actors[0]
-                address = ray.get(head.where.remote())["address"]
-                port = ray.get(head.host_store.remote()) if world > 1 else 0
+                address = get(head.where.remote())["address"]
+                port = get(head.host_store.remote()) if world > 1 else 0
                 loads.append([actor.load.remote(address, port) for actor in replica.actors])
             for replica, refs in zip(self.replicas, loads):
-                replica.ranks = ray.get(refs, timeout=self.load_timeout)
+                replica.ranks = get(refs)
         except ray.exceptions.RayActorError as error:
             self.close()
             raise NodeLost(f"a rank died while loading the model: {_first_line(error)}") from None
+        except ray.exceptions.GetTimeoutError:  # e.g. a bundle whose node died, waiting to be rescheduled there
+            self.close()
+            raise NodeLost(f"the ranks did not load the model within {self.load_timeout:.0f}s "
+                           f"(a node they were placed on may be gone)") from None
         except ray.exceptions.RayTaskError as error:
             self.close()
             raise EvalfleetError(f"a rank failed to load the model: {_first_line(error)}") from None
@@ -214,14 +234,20 @@ class RayGroupRunner(BatchRunner):
 
         todo = collections.deque(range(len(batches)))
         idle = collections.deque(self.replicas)
-        owner: dict[Any, tuple[_Replica, int, list[Any]]] = {}  # every unfinished ref -> its batch
+        # every unfinished ref -> its replica, batch, the batch's refs and when the batch is overdue
+        owner: dict[Any, tuple[_Replica, int, list[Any], float]] = {}
         while todo or owner:
             while todo and idle:
                 replica, index = idle.popleft(), todo.popleft()
                 refs = [actor.compute.remote(list(batches[index])) for actor in replica.actors]
-                owner.update({ref: (replica, index, refs) for ref in refs})
-            finished, _ = ray.wait(list(owner), num_returns=1)
-            replica, index, refs = owner.pop(finished[0])
+                overdue = time.monotonic() + self.batch_timeout
+                owner.update({ref: (replica, index, refs, overdue) for ref in refs})
+            late, late_index, _, overdue = min(owner.values(), key=lambda entry: entry[3])
+            finished, _ = ray.wait(list(owner), num_returns=1, timeout=max(0.0, overdue - time.monotonic()))
+            if not finished:
+                raise InfrastructureError(f"replica {late.index} did not finish batch {late_index} "
+                                          f"in {self.batch_timeout:.0f}s")
+            replica, index, refs, _ = owner.pop(finished[0])
             self._get(finished[0], replica)  # a dead rank fails here, before its peers time out
             if any(ref in owner for ref in refs):
                 continue

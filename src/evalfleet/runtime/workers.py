@@ -45,6 +45,9 @@ from evalfleet.types import EvalfleetError, InfrastructureError, ResourceError
 
 __all__ = ["LoadOutOfMemory", "ReplicaFailed", "WorkerGroup", "WorkerGroupRunner"]
 
+BATCH_TIMEOUT_S = 900.0
+"""How long a replica may take over one batch before it counts as failed (local groups and Ray alike)."""
+
 # Communication is timed on one batch in this many (per replica); see benchmarks/communication_timing.py.
 COMMUNICATION_SAMPLE_EVERY = 20
 
@@ -109,7 +112,7 @@ class WorkerGroupRunner(BatchRunner):
         replicas: Sequence[Sequence[str]],
         *,
         max_restarts: int = 2,
-        batch_timeout: float = 900.0,
+        batch_timeout: float = BATCH_TIMEOUT_S,
         load_timeout: float = 1800.0,
         on_communication: CommunicationCallback | None = None,
         on_step: StepCallback | None = None,

@@ -23,6 +23,7 @@ from evalfleet.engines.evaluation import run_evaluation
 from evalfleet.runtime.backends.hf import load_tokenizer, resolve_device
 from evalfleet.runtime.group import PATHS
 from evalfleet.runtime.lm import ProgressCallback
+from evalfleet.runtime.workers import BATCH_TIMEOUT_S
 from evalfleet.types import DistributionStrategy, EvalfleetError, EvaluationRequest, EvaluationResult, ModelConfig
 
 _SPLIT = [
@@ -73,7 +74,7 @@ class DistributedEvaluationEngine(EvaluationEngine):
         inventory: Any = None,
         memory_budget_bytes: int | None = None,
         max_restarts: int = 2,
-        batch_timeout: float = 900.0,
+        batch_timeout: float = BATCH_TIMEOUT_S,
         env: dict[str, str] | None = None,
     ) -> None:
         self.progress = progress

@@ -20,7 +20,13 @@ from evalfleet.planning.strategy import ParallelLayout
 from evalfleet.runtime.backends.hf import resolve_device, resolve_dtype
 from evalfleet.runtime.group import GroupSpec
 from evalfleet.runtime.transport import CommunicationCallback
-from evalfleet.runtime.workers import EngineStatsCallback, LoadOutOfMemory, StepCallback, WorkerGroupRunner
+from evalfleet.runtime.workers import (
+    BATCH_TIMEOUT_S,
+    EngineStatsCallback,
+    LoadOutOfMemory,
+    StepCallback,
+    WorkerGroupRunner,
+)
 from evalfleet.types import DistributionStrategy, EvalfleetError, ModelConfig, ResourceError, resolve_model_path
 
 # Degrees a forced strategy gets on the CPU when the request names none.
@@ -202,7 +208,7 @@ class MultiGPUModelLoader:
         inventory: Any = None,
         *,
         max_restarts: int = 2,
-        batch_timeout: float = 900.0,
+        batch_timeout: float = BATCH_TIMEOUT_S,
         on_communication: CommunicationCallback | None = None,
         on_step: StepCallback | None = None,
         on_engine_stats: EngineStatsCallback | None = None,

@@ -11,7 +11,8 @@ reattaches to a live driver never starts a second set.
 A node that dies takes its ranks with it; the driver exits with `NodeLost`'s code, and the
 scheduler requeues the job at once (no backoff, no blame on devices) to resume from the cache
 on the nodes that remain. `current_pool` follows the cluster: a dead node's GPUs leave the pool,
-a node that joins is used.
+a node that joins is used; the scheduler reads it every round, after collecting exits and right
+before placing, so no placement names a node Ray has declared dead.
 """
 
 from __future__ import annotations
