@@ -31,7 +31,7 @@ def _reasons(fleet, job_id: str) -> list[str]:
 
 
 def test_a_running_dp_job_grows_into_a_freed_slot_and_gives_it_back_to_a_high_job(tmp_path, tiny_model, monkeypatch):
-    for name, value in fault_env("slow_batch:0.4").items():  # worker-group ranks only
+    for name, value in fault_env("slow_batch:0.8").items():  # worker-group ranks only; slow enough that a loaded machine gives back mid-run
         monkeypatch.setenv(name, value)
     model = ("--model", str(tiny_model))
     first_high = (*model, "--tasks", "demo_arith", "--limit", "30", "--priority", "high")
