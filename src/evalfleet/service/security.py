@@ -174,6 +174,15 @@ def check_forwarded_allow_ips(value: str | None) -> None:
             raise UsageError(f"--forwarded-allow-ips: '{entry}' is not an address, a network or '*'") from None
 
 
+def root_folders(paths: list[str], option: str) -> list[Path]:
+    """An operator's root folders (`--model-root`, `--task-root`, ...), resolved; each must be a folder."""
+    folders = [Path(path).expanduser().resolve() for path in paths]
+    for folder in folders:
+        if not folder.is_dir():
+            raise UsageError(f"{option} {folder} is not a folder")
+    return folders
+
+
 def resolve_under(path: str, roots: list[Path], what: str, kind: str) -> Path:
     """`path` resolved strictly (absolute, links followed, must exist), and under one of `roots`.
 
@@ -203,11 +212,8 @@ class ModelRoots:
     """
 
     def __init__(self, roots: list[str] | None = None, *, allow_hub: bool = False) -> None:
-        self.roots = [Path(root).expanduser().resolve() for root in roots or ()]
+        self.roots = root_folders(roots or [], "--model-root")
         self.allow_hub = allow_hub
-        for root in self.roots:
-            if not root.is_dir():
-                raise UsageError(f"--model-root {root} is not a folder")
 
     def model_path(self, path: str) -> str:
         if path == "demo":  # the bundled model: every process resolves the name to the same folder

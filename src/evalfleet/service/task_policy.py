@@ -27,7 +27,7 @@ from typing import Any
 
 import yaml
 
-from evalfleet.service.security import HUB_ID, Forbidden, resolve_under
+from evalfleet.service.security import HUB_ID, Forbidden, resolve_under, root_folders
 from evalfleet.types import EvaluationRequest, UsageError
 
 TASK_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
@@ -66,8 +66,8 @@ class TaskPolicy:
     """The operator's task and data roots, and the folder where accepted uploads are kept."""
 
     def __init__(self, task_roots: list[str], data_roots: list[str], uploads: Path) -> None:
-        self.task_roots = _folders(task_roots, "--task-root")
-        self.data_roots = _folders(data_roots, "--data-root")
+        self.task_roots = root_folders(task_roots, "--task-root")
+        self.data_roots = root_folders(data_roots, "--data-root")
         self.uploads = uploads
 
     def admit(self, request: EvaluationRequest, task_yaml: str | None = None) -> EvaluationRequest:
@@ -104,14 +104,6 @@ class TaskPolicy:
         except OSError:  # the same task, kept at the same moment by another request
             shutil.rmtree(partial, ignore_errors=True)
         return folder
-
-
-def _folders(paths: list[str], option: str) -> list[Path]:
-    folders = [Path(path).expanduser().resolve() for path in paths]
-    for folder in folders:
-        if not folder.is_dir():
-            raise UsageError(f"{option} {folder} is not a folder")
-    return folders
 
 
 def check_task_yaml(text: str, task_roots: list[Path], dataset_roots: list[Path]) -> dict[str, Any]:
