@@ -1,7 +1,8 @@
 """The bridge to lm-eval's tasks: our demo tasks, the user's folders, then lm-eval's own.
 
 lm-eval's built-in index costs seconds to build, so it is loaded only when a requested
-task is not found among the demo tasks and the user's `--include-path` folders.
+task is not found among the demo tasks and the user's `--include-path` folders, and it is
+kept on disk once built (`lm_eval_index`).
 lm-eval skips a task file it cannot parse without a word; we check them first and say so.
 """
 
@@ -15,6 +16,7 @@ import logging
 from collections.abc import Iterator
 from pathlib import Path
 
+from evalfleet.tasks import lm_eval_index
 from evalfleet.types import UsageError
 
 DEMO_TASKS_DIR = Path(__file__).parent / "demo"
@@ -59,7 +61,7 @@ def _task_manager(names: tuple[str, ...], include_path: str | None, metadata: st
     manager = TaskManager(include_path=paths, include_defaults=False, metadata=json.loads(metadata))
     if all(name in manager.all_tasks for name in names):
         return manager
-    manager = TaskManager(include_path=paths, include_defaults=True, metadata=json.loads(metadata))
+    manager = lm_eval_index.task_manager(paths, json.loads(metadata))
     unknown = [name for name in names if name not in manager.all_tasks]
     if unknown:
         name = unknown[0]
