@@ -14,11 +14,14 @@ rank's loading and computing with the fault named in `EVALFLEET_TEST_FAULT`:
   MB megabytes, so a large enough batch fails a *real* allocation;
 - `slow_batch:SECONDS`: every batch takes that much longer, so a test can act mid-job (remove
   a Ray node).
+- `crash_on_token:T`: a rank SIGKILLs itself on any batch that holds a request whose context
+  contains token id T (a poison request: it crashes every replica that computes it).
 """
 
 from __future__ import annotations
 
 import os
+import signal
 import time
 
 FAULT = os.environ.get("EVALFLEET_TEST_FAULT", "")
@@ -93,6 +96,10 @@ def _install() -> None:
     def faulty_compute(backend, items):
         if FAULT.startswith("slow_batch:"):
             time.sleep(float(FAULT.split(":", 1)[1]))
+        if FAULT.startswith("crash_on_token:"):
+            token = int(FAULT.split(":", 1)[1])
+            if any(token in item.context for item in items):
+                os.kill(os.getpid(), signal.SIGKILL)
         if FAULT.startswith("oom_above:"):
             padded = len(items) * max(item.length for item in items)
             if padded > int(FAULT.split(":", 1)[1]):

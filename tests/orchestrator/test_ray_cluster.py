@@ -385,3 +385,54 @@ def test_a_batch_past_the_batch_timeout_fails_the_run_as_infrastructure(ray_driv
     finally:
         runner.close()
     wait_for(lambda: not rank_actors(), 30, "the rank actor to exit")
+
+
+def _oom_batches() -> list:
+    """Three log-likelihood batches of four rows of 20 tokens (80 padded tokens, left padding inside each
+    row's context), so that `oom_above:50` fails each whole batch and fits each half of one."""
+    import random
+
+    from evalfleet.runtime.backends.base import LoglikelihoodItem
+
+    rng = random.Random(11)
+    rows = []
+    for _ in range(12):
+        split = rng.randint(5, 15)
+        tokens = tuple(rng.randrange(2, 200) for _ in range(20))
+        rows.append(LoglikelihoodItem(tokens[:split], tokens[split:]))
+    return [rows[i:i + 4] for i in range(0, 12, 4)]
+
+
+@pytest.mark.parametrize("tp", [1, 2])
+def test_out_of_memory_on_ray_ranks_halves_the_budget_and_gives_the_same_results(ray_driver, llama, monkeypatch, tp):
+    """As in local groups: a rank that runs out of memory answers "oom", the replica's budget is halved
+    for good (a tp group is started again first) and the batch is computed in halves, with the same results."""
+    from evalfleet.runtime.backends.hf import HFBackend
+    from evalfleet.runtime.group import GroupSpec
+    from evalfleet.runtime.ray_ranks import RayGroupRunner
+    from evalfleet.runtime.runner import InProcessRunner
+
+    batches = _oom_batches()
+    backend = HFBackend.load(str(llama), dtype="float32", device="cpu")
+    try:
+        expected: dict[int, list] = {}
+        InProcessRunner(backend, "cpu").run(batches, expected.__setitem__)
+    finally:
+        backend.close()
+    for key, value in fault_env("oom_above:50").items():  # reaches the rank actors through runtime_env
+        monkeypatch.setenv(key, value)
+    runner = RayGroupRunner(GroupSpec(str(llama), dtype="float32", device="cpu", tp=tp, threads=1), 1).start()
+    try:
+        got: dict[int, list] = {}
+        outcome = bounded(lambda: runner.run(batches, got.__setitem__), 300, "the batches")
+        description = runner.describe()
+    finally:
+        runner.close()
+    assert outcome is None and sorted(got) == [0, 1, 2], outcome
+    for index, rows in expected.items():  # halves pad differently: equal within the project's tolerance
+        for want, have in zip(rows, got[index], strict=True):
+            assert abs(have[0] - want[0]) <= 1e-4 + 1e-5 * abs(want[0]) and bool(have[1]) == bool(want[1]), index
+    # Halved once, on the first batch; the budget held for the batches after it.
+    assert description["oom_halvings"] == 1 and description["token_budgets"] == [40], description
+    assert description["oom_restarts"] == (1 if tp > 1 else 0)
+    wait_for(lambda: not rank_actors(), 30, "the rank actors to exit")

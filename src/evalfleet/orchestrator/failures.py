@@ -3,7 +3,7 @@
 | class          | example                                              | retry | blames devices        |
 | -------------- | ---------------------------------------------------- | ----- | --------------------- |
 | request        | bad input, an unknown task                           | no    | never                 |
-| deterministic  | no tp plan for the architecture, a dataset offline   | no    | never                 |
+| deterministic  | no tp plan, a dataset offline, a poison batch        | no    | never                 |
 | resource       | out of memory at the smallest budget, largest layout | no    | never                 |
 | infrastructure | killed by a signal, lost heartbeat, collective lost  | yes   | only on evidence      |
 | (storage)      | the store locked past its busy timeout, a full disk  | yes   | never                 |
@@ -16,7 +16,10 @@ distributed loader tries the next larger layout), so a `resource` failure that r
 scheduler has used both up; a retry on the same devices would fail the same way.
 
 Device evidence is what the GPU itself reports (NVML Xid events, uncorrected ECC errors),
-read by the worker when it fails, or failures of several different models on one device.
+read by the worker when it fails, or failures of several different models on one device. It
+turns any failure into infrastructure, except a poison batch (`runtime.workers.PoisonBatch`):
+one batch that crashed replicas on two different devices explains what those devices report,
+so it stays deterministic and blames none of them.
 """
 
 from __future__ import annotations
@@ -107,8 +110,12 @@ def classify(error: BaseException) -> FailureClass:
 
 
 def exit_report(error: BaseException, reason: str, evidence: list[DeviceEvidence]) -> ExitReport:
-    """The report of a failed attempt: a device that reports faults makes it infrastructure, whatever the error;
-    a storage fault blames no device without such evidence."""
+    """The report of a failed attempt: a device that reports faults makes it infrastructure, whatever the error,
+    unless a poison batch explains it; a storage fault blames no device without such evidence."""
+    from evalfleet.runtime.workers import PoisonBatch  # imported only when an attempt has failed
+
+    if isinstance(error, PoisonBatch):
+        return ExitReport(failure=classify(error), reason=reason, evidence=evidence, blame_devices=False)
     failure = FailureClass.INFRASTRUCTURE if evidence else classify(error)
     return ExitReport(failure=failure, reason=reason, evidence=evidence, blame_devices=not storage_fault(error))
 

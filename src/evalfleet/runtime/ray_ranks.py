@@ -15,6 +15,11 @@ Results come back to the driver through Ray, never through a shared filesystem. 
 dies (its node lost, its process killed) fails the run with `NodeLost`; the scheduler then
 requeues the job and it resumes from the request cache on the nodes that remain.
 
+Out of memory is handled as in local groups (`workers.py`): a rank whose batch runs out of
+memory answers "oom" instead of raising, the driver halves that replica's token budget for the
+rest of the job and sends the batch again in smaller pieces; a multi-rank replica is first
+started again in its bundles, since its peers may wait in a collective the rank left.
+
 No wait is unbounded: a placement group not reserved within `placement_timeout`, or ranks not
 loaded within `load_timeout`, is `NodeLost` too (the group is removed first), so the scheduler
 requeues the job and places it again on a fresh view of the pool; a batch that a replica does
@@ -33,7 +38,7 @@ from typing import Any
 
 from evalfleet.runtime.backends.base import Item
 from evalfleet.runtime.group import GroupSpec, check_layout
-from evalfleet.runtime.runner import BatchCallback, BatchRunner
+from evalfleet.runtime.runner import BatchCallback, BatchRunner, first_chunk, halved_budget
 from evalfleet.runtime.workers import BATCH_TIMEOUT_S, describe_layout
 from evalfleet.types import EvalfleetError, InfrastructureError, NodeLost
 
@@ -103,10 +108,20 @@ class RankActor:
         return report | {"load_seconds": time.perf_counter() - started, "max_length": self.part.backend.max_length,
                          **self.where()}
 
-    def compute(self, items: list[Item]) -> list[Any]:
+    def compute(self, items: list[Item]) -> tuple[str, list[Any] | None]:
+        """("done", results), or ("oom", None) when the batch ran out of memory (as `rank.serve` answers)."""
+        import torch
+
         from evalfleet.runtime import runner
 
-        return runner.compute(self.part.backend, items)
+        try:
+            return "done", runner.compute(self.part.backend, items)
+        except Exception as error:
+            if not runner.out_of_memory(error):
+                raise
+            if self.spec.device == "cuda":
+                torch.cuda.empty_cache()
+            return "oom", None
 
 
 @dataclasses.dataclass
@@ -114,6 +129,13 @@ class _Replica:
     index: int
     actors: list[Any]
     ranks: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    token_budget: int | None = None
+    oom_halvings: int = 0
+    oom_restarts: int = 0
+
+    @property
+    def name(self) -> str:
+        return f"replica {self.index}"
 
 
 def check_reachable(address: str) -> None:
@@ -166,7 +188,6 @@ class RayGroupRunner(BatchRunner):
     def start(self) -> RayGroupRunner:
         import ray
         from ray.util.placement_group import placement_group
-        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
         check_layout(self.spec)
         began = time.perf_counter()
@@ -178,17 +199,31 @@ class RayGroupRunner(BatchRunner):
             self.close()
             raise NodeLost(f"the Ray cluster could not reserve {len(bundles)} GPU(s) for this job in "
                            f"{self.placement_timeout:.0f}s (a node it was placed on may be gone)")
+        self.replicas = [_Replica(r, self._actors(r)) for r in range(self.dp)]
+        self._load(self.replicas)
+        self.load_seconds = time.perf_counter() - began
+        return self
+
+    def _actors(self, r: int) -> list[Any]:
+        """The rank actors of replica `r`, each in its own bundle of the job's placement group."""
+        import ray
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
         remote = ray.remote(RankActor)
         world = self.spec.world_size
-        for r in range(self.dp):
-            actors = [
-                remote.options(num_cpus=0, num_gpus=1, max_restarts=0, runtime_env={"env_vars": rank_env(k)},
-                               scheduling_strategy=
-                               PlacementGroupSchedulingStrategy(self.group, placement_group_bundle_index=r * world + k))
-                .remote(self.spec.to_json(), k)
-                for k in range(world)
-            ]
-            self.replicas.append(_Replica(r, actors))
+        return [
+            remote.options(num_cpus=0, num_gpus=1, max_restarts=0, runtime_env={"env_vars": rank_env(k)},
+                           scheduling_strategy=
+                           PlacementGroupSchedulingStrategy(self.group, placement_group_bundle_index=r * world + k))
+            .remote(self.spec.to_json(), k)
+            for k in range(world)
+        ]
+
+    def _load(self, replicas: list[_Replica]) -> None:
+        """Join each replica's ranks and load the model, within `load_timeout`; on failure stop every rank."""
+        import ray
+
+        world = self.spec.world_size
         deadline = time.monotonic() + self.load_timeout  # one bound for the whole load
 
         def get(refs: Any) -> Any:
@@ -196,12 +231,12 @@ class RayGroupRunner(BatchRunner):
 
         try:
             loads = []
-            for replica in self.replicas:
+            for replica in replicas:
                 head = replica.actors[0]
                 address = get(head.where.remote())["address"]
                 port = get(head.host_store.remote()) if world > 1 else 0
                 loads.append([actor.load.remote(address, port) for actor in replica.actors])
-            for replica, refs in zip(self.replicas, loads):
+            for replica, refs in zip(replicas, loads):
                 replica.ranks = get(refs)
         except ray.exceptions.RayActorError as error:
             self.close()
@@ -213,8 +248,15 @@ class RayGroupRunner(BatchRunner):
         except ray.exceptions.RayTaskError as error:
             self.close()
             raise EvalfleetError(f"a rank failed to load the model: {_first_line(error)}") from None
-        self.load_seconds = time.perf_counter() - began
-        return self
+
+    def _restart(self, replica: _Replica) -> None:
+        """Replace the ranks of `replica` (in the same bundles) with fresh ones that load the model again."""
+        import ray
+
+        for actor in replica.actors:
+            ray.kill(actor)
+        replica.actors = self._actors(replica.index)
+        self._load([replica])
 
     @property
     def max_length(self) -> int:
@@ -234,25 +276,43 @@ class RayGroupRunner(BatchRunner):
 
         todo = collections.deque(range(len(batches)))
         idle = collections.deque(self.replicas)
-        # every unfinished ref -> its replica, batch, the batch's refs and when the batch is overdue
-        owner: dict[Any, tuple[_Replica, int, list[Any], float]] = {}
+        done: dict[int, list[Any]] = {}  # results so far of the batches that went out in pieces
+        # every unfinished ref -> its replica, batch, the piece sent, the piece's refs and when it is overdue
+        owner: dict[Any, tuple[_Replica, int, list[Item], list[Any], float]] = {}
         while todo or owner:
             while todo and idle:
                 replica, index = idle.popleft(), todo.popleft()
-                refs = [actor.compute.remote(list(batches[index])) for actor in replica.actors]
+                chunk = first_chunk(batches[index][len(done.get(index, ())):], replica.token_budget)
+                refs = [actor.compute.remote(chunk) for actor in replica.actors]
                 overdue = time.monotonic() + self.batch_timeout
-                owner.update({ref: (replica, index, refs, overdue) for ref in refs})
-            late, late_index, _, overdue = min(owner.values(), key=lambda entry: entry[3])
+                owner.update({ref: (replica, index, chunk, refs, overdue) for ref in refs})
+            late, late_index, _, _, overdue = min(owner.values(), key=lambda entry: entry[4])
             finished, _ = ray.wait(list(owner), num_returns=1, timeout=max(0.0, overdue - time.monotonic()))
             if not finished:
                 raise InfrastructureError(f"replica {late.index} did not finish batch {late_index} "
                                           f"in {self.batch_timeout:.0f}s")
-            replica, index, refs, _ = owner.pop(finished[0])
-            self._get(finished[0], replica)  # a dead rank fails here, before its peers time out
-            if any(ref in owner for ref in refs):
+            replica, index, chunk, refs, _ = owner.pop(finished[0])
+            status, _ = self._get(finished[0], replica)  # a dead rank fails here, before its peers time out
+            if status != "oom" and any(ref in owner for ref in refs):
                 continue
-            results = self._get(refs[0], replica)
-            on_batch_done(index, results)
+            if status == "oom" or any(self._get(ref, replica)[0] == "oom" for ref in refs):
+                # The rank's peers may wait in a collective it left: their answers are dropped.
+                for ref in refs:
+                    owner.pop(ref, None)
+                replica.token_budget = halved_budget(chunk, replica.name)
+                replica.oom_halvings += 1
+                if len(replica.actors) > 1:
+                    replica.oom_restarts += 1
+                    self._restart(replica)
+                todo.appendleft(index)
+                idle.append(replica)
+                continue
+            _, results = self._get(refs[0], replica)
+            done.setdefault(index, []).extend(results)
+            if len(done[index]) < len(batches[index]):
+                todo.appendleft(index)
+            else:
+                on_batch_done(index, done.pop(index))
             idle.append(replica)
 
     def _get(self, ref: Any, replica: _Replica) -> Any:
@@ -285,7 +345,12 @@ class RayGroupRunner(BatchRunner):
             self.spec, self.dp, self.replicas[0].ranks if self.replicas else [], self.load_seconds,
             devices=[rank["device"] for replica in self.replicas for rank in replica.ranks],
             placement=[[rank["node_id"] for rank in replica.ranks] for replica in self.replicas],
-        ) | {"ray": {"ranks": self.rank_nodes()}}
+        ) | {
+            "oom_halvings": sum(replica.oom_halvings for replica in self.replicas),
+            "oom_restarts": sum(replica.oom_restarts for replica in self.replicas),
+            "token_budgets": [replica.token_budget for replica in self.replicas],
+            "ray": {"ranks": self.rank_nodes()},
+        }
 
     def close(self, grace: float = 0.0) -> None:
         """Kill every rank and free the placement group. Safe to call twice."""

@@ -42,6 +42,14 @@ def first_chunk(items: Sequence[Item], budget: int | None) -> list[Item]:
     return list(items[:count])
 
 
+def halved_budget(chunk: Sequence[Item], where: str) -> int:
+    """The token budget after `chunk` ran out of memory on `where` (every runner keeps it for the rest
+    of the job): half the chunk's padded size. A single request cannot be halved: a ResourceError."""
+    if len(chunk) == 1:
+        raise ResourceError(f"one request of {chunk[0].length} tokens does not fit in memory on {where}")
+    return padded_tokens(chunk) // 2
+
+
 def compute(backend: Backend, batch: Sequence[Item]) -> list[Any]:
     """One batch on one backend; a batch is all log-likelihood items or all generation items."""
     if isinstance(batch[0], GenerationItem):
@@ -113,11 +121,7 @@ class InProcessRunner(BatchRunner):
                 except Exception as error:
                     if not out_of_memory(error):
                         raise
-                    if len(chunk) == 1:
-                        raise ResourceError(
-                            f"one request of {chunk[0].length} tokens does not fit in memory on {self.device}"
-                        ) from None
-                    self.token_budget = padded_tokens(chunk) // 2
+                    self.token_budget = halved_budget(chunk, self.device)
                     self.oom_halvings += 1
                     continue
                 start += len(chunk)

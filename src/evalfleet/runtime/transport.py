@@ -125,6 +125,14 @@ def _last_line(path: Path) -> str:
     return lines[-1] if lines else ""
 
 
+def physical_gpus(device: str, env: dict[str, str]) -> list[str]:
+    """The GPUs that `device` ("cuda:N", or several joined by commas) names under `env`: each N
+    counts among `env`'s CUDA_VISIBLE_DEVICES when it has one, else among all GPUs."""
+    indices = [int(name.split(":", 1)[1]) for name in device.split(",")]
+    visible = [v.strip() for v in env.get("CUDA_VISIBLE_DEVICES", "").split(",") if v.strip()]
+    return [visible[i] if visible else str(i) for i in indices]
+
+
 class WorkerGroup:
     """The processes of one replica, as the driver sees them."""
 
@@ -203,9 +211,7 @@ class WorkerGroup:
         # among the GPUs this group may use: its own CUDA_VISIBLE_DEVICES (a replica added on GPUs
         # the driver does not see), else the driver's; in PCI order as NVML does.
         if device.startswith("cuda:"):
-            indices = [int(name.split(":", 1)[1]) for name in device.split(",")]
-            visible = [v.strip() for v in env.get("CUDA_VISIBLE_DEVICES", "").split(",") if v.strip()]
-            env["CUDA_VISIBLE_DEVICES"] = ",".join(visible[i] if visible else str(i) for i in indices)
+            env["CUDA_VISIBLE_DEVICES"] = ",".join(physical_gpus(device, env))
             env.setdefault("CUDA_DEVICE_ORDER", "PCI_BUS_ID")
         elif device.startswith("cpu"):
             env["CUDA_VISIBLE_DEVICES"] = ""

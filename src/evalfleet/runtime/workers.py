@@ -13,15 +13,21 @@ replicas that way, and a retired replica does not count as a failed one.
 
 Faults: a rank that dies, or a batch that outlives `batch_timeout`, fails its replica; the
 replica is killed and restarted (at most `max_restarts` times) and the batch it had in flight
-goes back on the queue. A batch that runs out of memory halves that replica's token budget
-and is retried in smaller pieces. No worker outlives the driver: each runs in its own session
-(a terminal's Ctrl-C reaches only the driver, which stops them), watches its parent, and the
-driver kills every group it started at exit.
+goes back on the queue. A restart that raises anything (no space for a temporary folder, no
+process slot) is a failed restart, and a replica with no restart left stops pulling, so the
+run fails once no replica is left instead of waiting. A batch that has crashed replicas on
+two different devices is a poison batch (`PoisonBatch`): the run fails at once as
+deterministic, since the batch, not the hardware, is at fault. A batch that runs out of
+memory halves that replica's token budget and is retried in smaller pieces. No worker
+outlives the driver: each runs in its own session (a terminal's Ctrl-C reaches only the
+driver, which stops them), watches its parent, and the driver kills every group it started
+at exit.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import os
 import queue
 import threading
 import time
@@ -30,9 +36,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from evalfleet.planning.strategy import ParallelLayout
-from evalfleet.runtime.backends.base import Item
+from evalfleet.runtime.backends.base import GenerationItem, Item
 from evalfleet.runtime.group import GroupSpec, check_layout
-from evalfleet.runtime.runner import BatchCallback, BatchRunner, first_chunk, padded_tokens
+from evalfleet.runtime.runner import BatchCallback, BatchRunner, first_chunk, halved_budget
 from evalfleet.runtime.transport import (
     BatchOutOfMemory,
     CommunicationCallback,
@@ -40,10 +46,11 @@ from evalfleet.runtime.transport import (
     LoadOutOfMemory,
     ReplicaFailed,
     WorkerGroup,
+    physical_gpus,
 )
-from evalfleet.types import EvalfleetError, InfrastructureError, ResourceError
+from evalfleet.types import EvalfleetError, InfrastructureError
 
-__all__ = ["LoadOutOfMemory", "ReplicaFailed", "WorkerGroup", "WorkerGroupRunner"]
+__all__ = ["LoadOutOfMemory", "PoisonBatch", "ReplicaFailed", "WorkerGroup", "WorkerGroupRunner"]
 
 BATCH_TIMEOUT_S = 900.0
 """How long a replica may take over one batch before it counts as failed (local groups and Ray alike)."""
@@ -55,6 +62,32 @@ COMMUNICATION_SAMPLE_EVERY = 20
 StepCallback = Callable[[float, int, float], None]
 # (replica name, vLLM's engine stats after a batch): the monitor's record_engine_stats.
 EngineStatsCallback = Callable[[str, dict[str, float]], None]
+
+
+class PoisonBatch(EvalfleetError):
+    """One batch crashed replicas on two different devices: the batch is at fault, not the hardware,
+    so the job fails without a retry and without blaming any device (`failures.exit_report`)."""
+
+    failure = "deterministic"
+
+    def __init__(self, index: int, first: Item, replicas: Sequence[str]) -> None:
+        self.index, self.first, self.replicas = index, first, list(replicas)
+        super().__init__(f"batch {index} crashed {' and '.join(self.replicas)} on different devices, so the batch "
+                         f"itself is at fault: its first request is {describe_item(first)}")
+
+
+def describe_item(item: Item) -> str:
+    """A request as a runner knows it (token ids, no task or document): its kind, size and first tokens."""
+    head = ", ".join(map(str, item.context[:8])) + (", ..." if len(item.context) > 8 else "")
+    if isinstance(item, GenerationItem):
+        return (f"a generation request of {len(item.context)} context tokens and up to {item.max_new_tokens} new "
+                f"ones (context {head})")
+    return (f"a log-likelihood request of {len(item.context)} context and {len(item.continuation)} continuation "
+            f"tokens (context {head})")
+
+
+class _NotRestarted(ReplicaFailed):
+    """A replica that ran out of memory could not start again: its batch did not crash it."""
 
 
 @dataclass
@@ -84,6 +117,14 @@ class _Replica:
     def live(self) -> bool:
         return self.group is not None and not self.leaving
 
+    @property
+    def hardware(self) -> frozenset[str]:
+        """What a crash of this replica could blame: its GPUs. A CPU rank counts as its replica's own
+        device, since no CPU is quarantined and each replica's processes are its own."""
+        gpus = [gpu for device in self.devices if device.startswith("cuda:")
+                for gpu in physical_gpus(device, {**os.environ, **self.env})]
+        return frozenset(f"GPU {gpu}" for gpu in gpus) or frozenset({f"the CPU of {self.name}"})
+
 
 @dataclass
 class _Run:
@@ -96,6 +137,8 @@ class _Run:
     finished: threading.Event = field(default_factory=threading.Event)
     threads: list[threading.Thread] = field(default_factory=list)
     pullers: int = 0  # still pulling: the run fails when none is left, not when each has failed once
+    crashed: dict[int, dict[str, frozenset[str]]] = field(default_factory=dict)
+    """Per batch index, the replicas that crashed computing it and their devices (`_Replica.hardware`)."""
 
 
 class WorkerGroupRunner(BatchRunner):
@@ -343,17 +386,27 @@ class WorkerGroupRunner(BatchRunner):
         thread.start()
 
     def _pull(self, replica: _Replica, run: _Run) -> None:
-        """One replica's puller: its batches, then, if it was retired, its leaving."""
-        ending = self._pull_batches(replica, run)
-        with self._lock:  # retire_replica stops a replica itself once nothing pulls for it
-            run.pullers -= 1
-            replica.pulling = False
-            leaving = replica.leaving
-        if leaving:
-            self._leave(replica)
-            ending = ending or ("left",)
-        if ending is not None:
-            run.events.put(ending)
+        """One replica's puller: its batches, then, if it was retired, its leaving. However it ends,
+        it is counted out and `run` hears of it, so a run never waits for a puller that is gone."""
+        ending: tuple[Any, ...] | None = ("lost", f"{replica.name} stopped pulling")
+        try:
+            ending = self._pull_batches(replica, run)
+        except Exception as error:  # the replica is unusable: stop it, and the others carry on
+            ending = ("lost", f"{replica.name} failed: {type(error).__name__}: {error}")
+            replica.failures.append(ending[1])
+            group, replica.group = replica.group, None
+            if group is not None:
+                group.kill()
+        finally:
+            with self._lock:  # retire_replica stops a replica itself once nothing pulls for it
+                run.pullers -= 1
+                replica.pulling = False
+                leaving = replica.leaving
+            if leaving:
+                self._leave(replica)
+                ending = ending or ("left",)
+            if ending is not None:
+                run.events.put(ending)
 
     def _pull_batches(self, replica: _Replica, run: _Run) -> tuple[Any, ...] | None:
         """Take a batch, compute it, report it, until the run ends or the replica retires;
@@ -362,6 +415,10 @@ class WorkerGroupRunner(BatchRunner):
             try:
                 results = self._compute(replica, index, run.batches[index])
             except ReplicaFailed as failure:
+                poison = None if isinstance(failure, _NotRestarted) else self._crashed(run, index, replica)
+                if poison is not None:
+                    replica.failures.append(str(failure))
+                    return ("fatal", poison)
                 run.todo.put(index)
                 if replica.leaving:
                     return None
@@ -375,6 +432,19 @@ class WorkerGroupRunner(BatchRunner):
             replica.batches += 1
             run.events.put(("done", index, results))
         return None
+
+    def _crashed(self, run: _Run, index: int, replica: _Replica) -> PoisonBatch | None:
+        """Note that batch `index` crashed `replica`; a PoisonBatch once it has crashed replicas on
+        two devices that share nothing (a device common to both could explain both crashes)."""
+        with self._lock:
+            crashed = run.crashed.setdefault(index, {})
+            crashed[replica.name] = replica.hardware
+            pair = next(((a, b) for a in crashed for b in crashed if not crashed[a] & crashed[b]), None)
+        if pair is None:
+            return None
+        gpus = {name: sorted(device for device in crashed[name] if device.startswith("GPU ")) for name in pair}
+        return PoisonBatch(index, run.batches[index][0],
+                           [f"{name} ({', '.join(gpus[name]) or 'CPU'})" for name in sorted(pair)])
 
     @staticmethod
     def _take(replica: _Replica, run: _Run) -> int | None:
@@ -409,7 +479,13 @@ class WorkerGroupRunner(BatchRunner):
                 self._halve(replica, chunk)
                 replica.oom_restarts += 1
                 replica.group.kill()
-                self._start_replica(replica)
+                try:
+                    self._start_replica(replica)
+                except EvalfleetError:
+                    raise
+                except Exception as error:  # a failed restart, as in `_restart`
+                    raise _NotRestarted(f"{replica.name} did not start again after running out of memory: "
+                                        f"{type(error).__name__}: {error}") from error
                 continue
             self._record(replica, reports, time.perf_counter() - began)
             if status == "oom":
@@ -421,9 +497,7 @@ class WorkerGroupRunner(BatchRunner):
 
     @staticmethod
     def _halve(replica: _Replica, chunk: Sequence[Item]) -> None:
-        if len(chunk) == 1:
-            raise ResourceError(f"one request of {chunk[0].length} tokens does not fit in memory on {replica.name}")
-        replica.token_budget = padded_tokens(chunk) // 2
+        replica.token_budget = halved_budget(chunk, replica.name)
         replica.oom_halvings += 1
 
     def _record(self, replica: _Replica, reports: list[dict[str, Any]], seconds: float) -> None:
@@ -454,8 +528,9 @@ class WorkerGroupRunner(BatchRunner):
                 replica.group.kill()
             try:
                 self._start_replica(replica)
-            except (ReplicaFailed, EvalfleetError) as error:
-                replica.failures.append(str(error))
+            except Exception as error:  # a lost rank, a load that failed, no space for its log folder, no process slot
+                replica.failures.append(str(error) if isinstance(error, ReplicaFailed | EvalfleetError)
+                                        else f"{replica.name} did not restart: {type(error).__name__}: {error}")
                 continue
             if not self._closing:
                 return True
