@@ -149,9 +149,11 @@ def run(
         if ray_address is None:
             result = evaluate_request(request, progress=progress, report=report)
         else:
-            from evalfleet.engines.ray_engine import evaluate_on_ray
+            from evalfleet.orchestrator.foreground import run_on_ray
 
-            result = evaluate_on_ray(request, ray_address, progress=progress)
+            result = run_on_ray(request, ray_address, progress=progress,  # retried after a lost node
+                                say=lambda line: progress.console.print(line, markup=False, highlight=False,
+                                                                           soft_wrap=True))
     console = Console()
     console.print(results_table(result.document()))
     timing = result.evalfleet["timing"]

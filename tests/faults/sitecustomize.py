@@ -16,12 +16,16 @@ rank's loading and computing with the fault named in `EVALFLEET_TEST_FAULT`:
   a Ray node).
 - `crash_on_token:T`: a rank SIGKILLs itself on any batch that holds a request whose context
   contains token id T (a poison request: it crashes every replica that computes it).
+- `hang_batch_once:AFTER:MARKER`: the first rank to reach its batch number AFTER + 1 creates the
+  file MARKER and never finishes that batch (its heartbeats go on: a hung batch, not a dead
+  process); once MARKER exists every batch runs normally, so the job's retry succeeds.
 """
 
 from __future__ import annotations
 
 import os
 import signal
+import threading
 import time
 
 FAULT = os.environ.get("EVALFLEET_TEST_FAULT", "")
@@ -93,7 +97,20 @@ def _install() -> None:
                 resource.setrlimit(resource.RLIMIT_DATA, (limit, resource.getrlimit(resource.RLIMIT_DATA)[1]))
         return part
 
+    batches = 0
+
     def faulty_compute(backend, items):
+        nonlocal batches
+        batches += 1
+        if FAULT.startswith("hang_batch_once:"):
+            _, after, marker = FAULT.split(":", 2)
+            if batches > int(after) and not os.path.exists(marker):
+                try:
+                    open(marker, "x").close()  # one rank of one attempt hangs, the others go on
+                except FileExistsError:
+                    pass
+                else:
+                    threading.Event().wait()
         if FAULT.startswith("slow_batch:"):
             time.sleep(float(FAULT.split(":", 1)[1]))
         if FAULT.startswith("crash_on_token:"):

@@ -199,6 +199,56 @@ def test_a_node_lost_mid_job_is_left_and_the_job_finishes_elsewhere(cluster, lla
                          for node in json.loads(fleet.cli("pool", "--json").stdout)["nodes"]), 30, "the new node")
 
 
+def test_run_retries_from_the_request_cache_after_a_node_loss(cluster, llama, reference, tmp_path, monkeypatch):
+    """`run --ray` whose rank's node dies mid-run says so in one line, runs a second attempt on the
+    nodes that remain, resumed from the request cache, and ends with an uninterrupted run's results."""
+    import contextlib
+    import sqlite3
+    import subprocess
+
+    from clitools import evalfleet_command
+
+    for key, value in fault_env("slow_batch:0.4").items():  # reaches the rank actors through runtime_env
+        monkeypatch.setenv(key, value)
+    cache, out = tmp_path / "cache.sqlite", tmp_path / "run"
+
+    def cached() -> int:
+        if not cache.exists():
+            return 0
+        with contextlib.closing(sqlite3.connect(cache)) as conn, contextlib.suppress(sqlite3.Error):
+            return conn.execute("SELECT COUNT(*) FROM results").fetchone()[0]
+        return 0
+
+    process = subprocess.Popen(
+        [*evalfleet_command(), "run", "--ray", cluster.address, "--model", str(llama), "--tasks", "demo_mc,demo_arith",
+         "--limit", LIMIT, "--batch-size", "1", "--log-samples", "--cache", str(cache), "--output", str(out)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    try:
+        wait_for(lambda: process.poll() is not None or cached() >= 2, 300, "the run to compute")
+        assert process.poll() is None, process.communicate()
+        (actor,) = rank_actors()
+        node = next(n for n in cluster.gpu_nodes if n.all_processes["raylet"][0].process.pid == actor.ppid())
+        done_before = cached()
+        cluster.remove_node(node, allow_graceful=False)
+        cluster.gpu_nodes.remove(node)
+        _, stderr = process.communicate(timeout=300)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+        if len(cluster.gpu_nodes) < 3:  # the module's later tests expect three GPU nodes
+            cluster.gpu_nodes.append(cluster.add_node(num_cpus=1, num_gpus=2))
+            cluster.wait_for_nodes()
+    assert process.returncode == 0, stderr
+    retries = [line for line in stderr.splitlines() if line.startswith("attempt ")]
+    assert len(retries) == 1 and retries[0].startswith("attempt 1 of 3 failed (") \
+        and retries[0].endswith("; retrying in 0s from the request cache"), stderr
+    document = json.loads((out / "results.json").read_text())
+    assert document["evalfleet"]["cache"]["hits"] >= done_before > 0
+    assert agrees(reference, out) == []
+    wait_for(lambda: not rank_actors(), 30, "the rank actors to exit")
+
+
 def test_a_restarted_scheduler_adopts_running_ray_jobs(cluster, llama, reference, fleet, monkeypatch, tmp_path):
     for key, value in fault_env("slow_batch:1.5").items():  # reaches the rank actors through runtime_env
         monkeypatch.setenv(key, value)

@@ -20,6 +20,7 @@ from evalfleet.orchestrator import (
     SubprocessExecutor,
     slot_inventory,
 )
+from evalfleet.orchestrator.scheduler import StallBounds
 from evalfleet.planning import Inventory
 from evalfleet.types import EvalfleetError, UsageError
 
@@ -258,6 +259,59 @@ def test_a_silent_job_is_restarted_after_the_heartbeat_timeout(tmp_path):
     record = orchestrator.status(job)
     assert record.state is JobState.QUEUED and record.error == "no heartbeat for 61s"
     assert psutil.wait_procs([psutil.Process(pid)], timeout=10)[1] == []
+
+
+def test_a_job_that_heartbeats_but_stops_moving_is_stalled_and_retried_blaming_no_device(tmp_path):
+    clock = Clock()
+    stall = StallBounds(floor_s=30.0, batch_factor=10.0, load_floor_s=600.0, load_factor=0.0)
+    orchestrator = _orchestrator(tmp_path, clock=clock, heartbeat_timeout_s=60.0, stall=stall)
+    job = orchestrator.submit_evaluation_request(_request("sleep"))
+    _run_until(orchestrator, lambda: _state(orchestrator, job) is JobState.RUNNING)
+    record = orchestrator.status(job)
+    store = orchestrator.store
+
+    def beat_and_round(seconds: float) -> JobState:
+        for _ in range(int(seconds // 50)):  # heartbeats keep coming all along
+            clock.now += 50
+            store.heartbeat(job, now=clock.now)
+        clock.now += seconds % 50
+        store.heartbeat(job, now=clock.now)
+        asyncio.run(orchestrator.run_once())
+        return _state(orchestrator, job)
+
+    assert beat_and_round(590) is JobState.RUNNING  # loading: only the load bound applies
+    store.update_progress(job, done=3, total=10, progress_at=clock.now, now=clock.now)
+    assert beat_and_round(590) is JobState.RUNNING  # one batch done, none measured yet: still the load bound
+    store.update_progress(job, done=4, total=10, progress_at=clock.now, slowest_batch_s=4.0, now=clock.now)
+    assert beat_and_round(39) is JobState.RUNNING  # 10 x 4 s: a 40 s bound
+    store.update_progress(job, done=10, total=10, progress_at=clock.now, slowest_batch_s=4.0, now=clock.now)
+    assert beat_and_round(590) is JobState.RUNNING  # every request done: scoring is held to the load bound
+    store.update_progress(job, done=10, total=20, progress_at=clock.now, slowest_batch_s=4.0, now=clock.now)
+    assert beat_and_round(39) is JobState.RUNNING  # the next kind of request has begun: 40 s again
+    assert beat_and_round(2) is JobState.QUEUED
+    requeued = orchestrator.status(job)
+    assert requeued.error.startswith("stalled: no request computed for 41s (bound 40s: 10 x its slowest batch"), \
+        requeued.error
+    assert requeued.attempts == 1
+    assert store.device_failures(record.placement[0], since=0) == []
+    assert psutil.wait_procs([psutil.Process(record.pid)], timeout=10)[1] == []
+
+
+def test_a_job_that_never_finishes_a_batch_is_stalled_after_the_load_bound(tmp_path):
+    clock = Clock()
+    stall = StallBounds(floor_s=30.0, batch_factor=10.0, load_floor_s=600.0, load_factor=0.0)
+    orchestrator = _orchestrator(tmp_path, clock=clock, heartbeat_timeout_s=60.0, stall=stall)
+    job = orchestrator.submit_evaluation_request(_request("sleep"))
+    _run_until(orchestrator, lambda: _state(orchestrator, job) is JobState.RUNNING)
+    for _ in range(12):
+        clock.now += 50
+        orchestrator.store.heartbeat(job, now=clock.now)
+    clock.now += 1
+    asyncio.run(orchestrator.run_once())
+    record = orchestrator.status(job)
+    assert record.state is JobState.QUEUED
+    assert record.error.startswith("stalled: no batch done since it started for 601s (bound 600s: no batch "), \
+        record.error
 
 
 def test_a_launch_that_fails_is_a_failed_attempt(tmp_path):

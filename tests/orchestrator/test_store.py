@@ -185,3 +185,25 @@ def test_migrations_upgrade_an_older_file_in_place(tmp_path, monkeypatch):
         assert new.schema_version == SCHEMA_VERSION + 1
         columns = [row[1] for row in new._conn.execute("PRAGMA table_info(jobs)")]
         assert "note" in columns and new.get(job).state is JobState.QUEUED
+
+
+def test_a_v5_store_gains_the_stall_columns_that_progress_writes(tmp_path, monkeypatch):
+    from evalfleet.orchestrator import store as store_module
+
+    path = tmp_path / "jobs.db"
+    with monkeypatch.context() as patch:
+        patch.setattr(store_module, "MIGRATIONS", store_module.MIGRATIONS[:5])
+        patch.setattr(store_module, "SCHEMA_VERSION", 5)
+        with JobStore(path) as old:
+            job = _add(old)
+    with JobStore(path) as store:
+        assert store.schema_version == SCHEMA_VERSION == 6
+        store.transition(job, JobState.PLACED)
+        record = store.transition(job, JobState.RUNNING)
+        assert (record.progress_at, record.slowest_batch_s) == (None, None)
+        store.update_progress(job, done=2, progress_at=10.0, slowest_batch_s=1.5, now=11.0)
+        store.update_progress(job, done=2, slowest_batch_s=1.5, now=20.0)  # nothing moved
+        record = store.get(job)
+        assert (record.progress_at, record.slowest_batch_s, record.heartbeat_at) == (10.0, 1.5, 20.0)
+        store.update_progress(job, done=2, now=30.0)  # another kind of request: no batch measured yet
+        assert (store.get(job).progress_at, store.get(job).slowest_batch_s) == (10.0, None)

@@ -80,6 +80,40 @@ def test_progress_is_throttled_and_rates_count_only_computed_requests(tmp_path):
         assert store.writes[0]["tokens_per_s"] is None  # nothing computed yet, no rate to report
 
 
+def test_progress_says_when_computed_requests_last_moved_and_the_slowest_gap_between_moves(tmp_path):
+    """What the scheduler's stall rule reads: requests from the cache are no move, and the time
+    to the first computed batch (the model's load) is no batch time."""
+    with JobStore(tmp_path / "jobs.db") as store:
+        job = _placed(store)
+        clock = Clock()
+        with ProgressReporter(store, job, min_interval_s=0, heartbeat_s=3600, clock=clock) as report:
+            report("loglikelihood", 100, 1000, 0)  # from the cache
+            assert store.get(job).progress_at is None
+            clock.now += 50.0
+            report("loglikelihood", 110, 1000, 500)
+            first = store.get(job)
+            assert first.progress_at is not None and first.slowest_batch_s is None
+            for gap, done in ((2.0, 120), (5.0, 130), (1.0, 140)):
+                clock.now += gap
+                report("loglikelihood", done, 1000, done * 50)
+            moved = store.get(job)
+            assert moved.slowest_batch_s == pytest.approx(5.0) and moved.progress_at >= first.progress_at
+            clock.now += 30.0
+            report("loglikelihood", 140, 1000, 7_000)  # reported again, not moved
+            report.flush()  # as the heartbeat thread does while a batch hangs
+            still = store.get(job)
+            assert (still.progress_at, still.slowest_batch_s) == (moved.progress_at, moved.slowest_batch_s)
+            clock.now += 1.0
+            report("generate_until", 0, 50, 7_000)  # another kind of request: its batches are unmeasured
+            clock.now += 1.0
+            report("generate_until", 1, 50, 7_100)
+            generating = store.get(job)
+            assert generating.slowest_batch_s is None and generating.progress_at >= still.progress_at
+            clock.now += 60.0
+            report("generate_until", 2, 50, 7_200)
+            assert store.get(job).slowest_batch_s == pytest.approx(60.0)
+
+
 def test_heartbeats_flow_while_nothing_reports(tmp_path):
     with JobStore(tmp_path / "jobs.db") as store:
         job = _placed(store)
@@ -133,6 +167,41 @@ def test_confirm_start_moves_placed_to_running_once(tmp_path):
         queued = store.add(_request(), priority="low", max_attempts=3)
         with pytest.raises(UsageError, match="is queued; only placed jobs"):
             confirm_start(store, queued)
+
+
+def test_one_process_holds_a_job_even_when_its_scheduler_died_before_recording_it(tmp_path):
+    import subprocess
+    import sys
+
+    import psutil
+
+    from evalfleet.orchestrator.executors.process import SubprocessExecutor
+
+    db = tmp_path / "jobs.db"
+    with JobStore(db) as store:
+        # The scheduler was killed between starting this worker and attaching it: no pid, no handle.
+        orphan = _placed(store)
+        record = confirm_start(store, orphan)
+        assert record.handle == {"pid": os.getpid(), "create_time": psutil.Process().create_time()}
+        adopted = SubprocessExecutor(["true"]).reattach(record)  # what the next scheduler's reconcile does
+        assert adopted is not None and adopted.pid == os.getpid()
+        # A launch by that next scheduler cannot take the job over.
+        assert store.attach(orphan, pid=os.getpid() + 1, handle={"pid": os.getpid() + 1}) is False
+        assert store.get(orphan).pid == os.getpid()
+        # The other way round: a worker started before the restart finds the job attached to the
+        # process the new scheduler launched, and leaves it.
+        relaunched = _placed(store)
+        assert store.attach(relaunched, pid=os.getpid(), handle={"pid": os.getpid()})
+    late = subprocess.run(
+        [sys.executable, "-c", "import sys; from evalfleet.orchestrator.store import JobStore;"
+         "from evalfleet.orchestrator.worker import confirm_start; from evalfleet.types import UsageError\n"
+         f"try:\n    confirm_start(JobStore({str(db)!r}), {relaunched!r})\n"
+         "except UsageError as error:\n    sys.exit(str(error))"],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert late.returncode == 1 and f"is held by process {os.getpid()}" in late.stderr, late.stderr
+    with JobStore(db) as store:
+        assert store.get(relaunched).state is JobState.PLACED and store.get(relaunched).pid == os.getpid()
 
 
 def test_limit_threads_follows_the_executor(monkeypatch):

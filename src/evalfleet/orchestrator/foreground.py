@@ -6,6 +6,10 @@ stops it: it stops launching, stops its workers (SIGTERM, then SIGKILL after the
 period) and requeues their jobs without counting an attempt, so the next scheduler resumes
 them from the request cache and no worker outlives it. A lock file next to the store keeps
 a second scheduler out.
+
+`evalfleet run --ray` is the other foreground loop (`run_on_ray`): one evaluation whose
+attempts are retried by the scheduler's rule (`run_with_retries`), each resuming from the
+request cache.
 """
 
 from __future__ import annotations
@@ -21,19 +25,36 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, TypeVar
 
 from evalfleet.orchestrator.executors.base import Executor
 from evalfleet.orchestrator.executors.local import LocalExecutor
+from evalfleet.orchestrator.failures import classify
 from evalfleet.orchestrator.policy import PolicyOptions
 from evalfleet.orchestrator.pool import record_pool
-from evalfleet.orchestrator.recovery import RecoveryOptions
+from evalfleet.orchestrator.recovery import RecoveryOptions, retry_delay
 from evalfleet.orchestrator.rounds import log as round_log
 from evalfleet.orchestrator.rounds import run_rounds
-from evalfleet.orchestrator.scheduler import SELF_REPORTING_HEARTBEAT_TIMEOUT_S, DistributedEvaluationOrchestrator
+from evalfleet.orchestrator.scheduler import (
+    SELF_REPORTING_HEARTBEAT_TIMEOUT_S,
+    DistributedEvaluationOrchestrator,
+    StallBounds,
+)
 from evalfleet.orchestrator.sizing import describe_pool
 from evalfleet.orchestrator.store import Event, JobStore
 from evalfleet.planning import Inventory
-from evalfleet.types import EvalfleetError
+from evalfleet.types import EvalfleetError, NodeLost
+
+if TYPE_CHECKING:
+    from evalfleet.runtime.lm import ProgressCallback
+    from evalfleet.types import EvaluationRequest, EvaluationResult
+
+Result = TypeVar("Result")
+NODE_DEATH_WAIT_S = 60.0
+"""After a lost node, the next `run --ray` attempt waits at most this long for Ray to count one of
+the last attempt's nodes dead (its health checks take seconds to tens of seconds): as long as the
+ranks' bound on reserving GPUs (`ray_ranks.PLACEMENT_TIMEOUT_S`), which the attempt would
+otherwise wait out on a node Ray still lists."""
 
 
 @dataclass(frozen=True)
@@ -46,6 +67,8 @@ class SchedulerOptions:
     """Delay before the first retry; it doubles with each failed attempt."""
     interval_s: float = 2.0
     heartbeat_timeout_s: float = SELF_REPORTING_HEARTBEAT_TIMEOUT_S
+    stall: StallBounds = StallBounds()
+    """When a job that heartbeats but computes nothing is stopped and retried (see `scheduler`)."""
     grace_s: float = 10.0
     busy_timeout_s: float = 30.0
     """How long a store write waits for another process's lock; past it the round fails and is retried."""
@@ -117,7 +140,7 @@ def run_scheduler(
             store, inventory, executor,
             policy=PolicyOptions(preemption=options.preempt, resize=options.resize),
             recovery=RecoveryOptions(max_attempts=options.max_attempts, backoff_base_s=options.backoff_s),
-            heartbeat_timeout_s=options.heartbeat_timeout_s,
+            heartbeat_timeout_s=options.heartbeat_timeout_s, stall=options.stall,
         )
         record_pool(store, inventory, max_attempts=options.max_attempts)
         say(f"evalfleet scheduler (pid {os.getpid()}) on {describe_pool(inventory)} ({executor.name}), "
@@ -152,3 +175,54 @@ async def _serve(orchestrator: DistributedEvaluationOrchestrator, options: Sched
             loop.remove_signal_handler(sig)
             signal.signal(sig, handler)
     say(f"scheduler stopped; {len(requeued)} job(s) requeued")
+
+
+def run_with_retries(attempt: Callable[[], Result], options: RecoveryOptions = RecoveryOptions(),
+                     say: Callable[[str], None] = _say, sleep: Callable[[float], None] = time.sleep) -> Result:
+    """`attempt()` until it succeeds, retried as the scheduler retries a job (`recovery.retry_delay`):
+    an infrastructure failure again, at once after a lost node and with backoff otherwise, one line
+    each, up to `options.max_attempts` in all; then the last failure is raised. Each attempt resumes
+    from the request cache, where the failed ones left every finished request."""
+    failures = 0
+    while True:
+        try:
+            return attempt()
+        except Exception as error:
+            failures += 1
+            delay = retry_delay(failures, classify(error), options, backoff=not isinstance(error, NodeLost))
+            if delay is None:
+                raise
+            say(f"attempt {failures} of {options.max_attempts} failed ({str(error).strip().splitlines()[0]}); "
+                f"retrying in {delay:.0f}s from the request cache")
+            sleep(delay)
+
+
+def run_on_ray(request: EvaluationRequest, address: str, *, progress: ProgressCallback | None = None,
+               options: RecoveryOptions = RecoveryOptions(), say: Callable[[str], None] = _say) -> EvaluationResult:
+    """`evalfleet run --ray`: `evaluate_on_ray` with the scheduler's retries (`run_with_retries`).
+
+    An attempt after a lost node first waits (`NODE_DEATH_WAIT_S` at most) until Ray counts a node
+    of the last attempt's ranks dead, so that its groups spread over the nodes that remain.
+    """
+    from evalfleet.engines.ray_engine import cluster_gpus, evaluate_on_ray
+
+    used: set[str] = set()
+    lost = False
+
+    def record(ranks: list[list[dict]]) -> None:
+        used.update(rank["node_id"] for replica in ranks for rank in replica)
+
+    def attempt() -> EvaluationResult:
+        nonlocal lost
+        if lost and used:
+            deadline = time.monotonic() + NODE_DEATH_WAIT_S
+            while used <= set(cluster_gpus()) and time.monotonic() < deadline:
+                time.sleep(0.5)
+        used.clear()
+        try:
+            return evaluate_on_ray(request, address, progress=progress, on_ranks=record)
+        except NodeLost:
+            lost = True
+            raise
+
+    return run_with_retries(attempt, options, say)

@@ -45,6 +45,17 @@ def backoff_seconds(failures: int, options: RecoveryOptions) -> float:
     return min(options.backoff_base_s * 2 ** (failures - 1), options.backoff_max_s)
 
 
+def retry_delay(failures: int, failure: FailureClass, options: RecoveryOptions, *, backoff: bool = True) -> float | None:
+    """Seconds to wait before the next attempt after `failures` failed ones, or None: give up.
+
+    Only infrastructure failures are retried, up to `max_attempts` in all; `backoff=False` (a
+    lost node) retries at once. The scheduler (`recover`) and `run --ray` decide alike.
+    """
+    if not failure.retried or failures >= options.max_attempts:
+        return None
+    return backoff_seconds(failures, options) if backoff else 0.0
+
+
 _RECOVERABLE = (JobState.PLACED, JobState.RUNNING)
 _NO_RETRY = {
     FailureClass.REQUEST: "the request itself is wrong",
@@ -82,8 +93,8 @@ def recover(
         quarantined = _blame(store, job_id, record.placement or [], model, reason, evidence, now, options,
                              count_failure=blame_devices)
     common = {"attempts": failures, "error": reason, "pid": None, "handle": None, "placement": None}
-    if failure.retried and failures < options.max_attempts:
-        delay = backoff_seconds(failures, options) if backoff else 0.0
+    delay = retry_delay(failures, failure, options, backoff=backoff)
+    if delay is not None:
         store.transition(
             job_id, JobState.QUEUED, now=now, not_before=now + delay,
             reason=f"attempt {failures} of {options.max_attempts} failed ({reason}); retry in {delay:.0f}s",

@@ -6,6 +6,22 @@ job, and the loop that owns the process stops it on its next round. Decisions co
 the pure `policy.create_allocation_plan`; launching goes through an `Executor`. Workers
 of a self-reporting executor (`LocalExecutor`) confirm their own start, heartbeat and
 record their own result; the loop then only settles processes that died without one.
+
+A worker that heartbeats but whose requests stop moving (a hung batch, a deadlocked main
+thread under a live heartbeat thread) is *stalled*: it is stopped as a silent one is and
+retried as an infrastructure failure that blames no device. Its bound (`StallBounds`) comes
+from its own measured speed: `batch_factor` (10) times the slowest batch this attempt
+measured for the kind of request now running (the longest gap between two moves of its
+computed requests, which the worker writes as `slowest_batch_s`), at least `floor_s` (300 s).
+Once every request it has reached is done (lm-eval scoring, or building the next kind of
+requests: work of the main thread that moves no request), the bound is `load_floor_s`. Until a batch has been measured
+(loading, the first batch of a kind, since a generation batch may take a hundred times a
+log-likelihood one, or requests that all came from the cache) the load bound applies instead:
+`load_factor` (3) times the planner's start-up estimate for the job (`JobDemand.startup_s`),
+at least `load_floor_s` (1800 s: imports, task building, a large model read from a slow disk
+or fetched from the hub take minutes, and it is the Ray ranks' own bound on a load,
+`RayGroupRunner`'s `load_timeout`, so a stall never cuts a load Ray would still wait for).
+Both are measured from the last move (`progress_at`), else from the worker's start.
 """
 
 from __future__ import annotations
@@ -49,6 +65,43 @@ SELF_REPORTING_HEARTBEAT_TIMEOUT_S = 120.0
 
 
 @dataclass(frozen=True)
+class StallBounds:
+    """How long a running job's computed requests may stand still before it is declared stalled
+    (the module's docstring says where the numbers come from)."""
+
+    floor_s: float = 300.0
+    batch_factor: float = 10.0
+    load_floor_s: float = 1800.0
+    load_factor: float = 3.0
+
+    def bound(self, record: JobRecord) -> tuple[float, str]:
+        """Seconds without a move that mean a stall, and what the bound rests on."""
+        finished = bool(record.total) and record.done >= record.total  # scoring, or building the next kind
+        if record.slowest_batch_s is not None and not finished:
+            bound = max(self.floor_s, self.batch_factor * record.slowest_batch_s)
+            return bound, f"{self.batch_factor:g} x its slowest batch of {record.slowest_batch_s:.1f}s, at least " \
+                          f"{self.floor_s:.0f}s"
+        startup = JobDemand.from_dict(record.demand).startup_s if record.demand else 0.0
+        bound = max(self.load_floor_s, self.load_factor * startup)
+        state = "every request it reached is done" if finished else "no batch measured yet"
+        return bound, f"{state}: {self.load_factor:g} x its start-up estimate of {startup:.0f}s, " \
+                      f"at least {self.load_floor_s:.0f}s"
+
+    def stalled(self, record: JobRecord, now: float) -> str | None:
+        """Why `record` counts as stalled at `now`, or None while it moves (or has not started)."""
+        if record.state is not JobState.RUNNING:
+            return None
+        since = record.progress_at or record.started_at
+        if since is None:
+            return None
+        bound, basis = self.bound(record)
+        if now - since <= bound:
+            return None
+        what = "no request computed" if record.progress_at is not None else "no batch done since it started"
+        return f"stalled: {what} for {now - since:.0f}s (bound {bound:.0f}s: {basis})"
+
+
+@dataclass(frozen=True)
 class TaskProgress:
     job_id: str
     state: JobState
@@ -73,6 +126,7 @@ class DistributedEvaluationOrchestrator:
         policy: PolicyOptions = PolicyOptions(),
         recovery: RecoveryOptions = RecoveryOptions(),
         heartbeat_timeout_s: float | None = None,
+        stall: StallBounds | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.store = store if isinstance(store, JobStore) else JobStore(Path(store))
@@ -83,6 +137,9 @@ class DistributedEvaluationOrchestrator:
         if heartbeat_timeout_s is None and executor is not None and executor.self_reporting:
             heartbeat_timeout_s = SELF_REPORTING_HEARTBEAT_TIMEOUT_S  # its workers heartbeat, so silence means trouble
         self.heartbeat_timeout_s = heartbeat_timeout_s
+        if stall is None and executor is not None and executor.self_reporting:
+            stall = StallBounds()  # only its workers write how far they got
+        self.stall = stall
         self.clock = clock
         self.owner = f"{socket.gethostname()}:{os.getpid()}"
         # Jobs whose processes this scheduler watches, and stopped ones whose processes have
@@ -270,10 +327,12 @@ class DistributedEvaluationOrchestrator:
             if isinstance(status, Exited):
                 del self._live[job_id]
                 self._exited(job_id, status.code, now)
-            elif self.heartbeat_timeout_s is not None:
-                last = record.heartbeat_at or record.started_at or now
-                if now - last > self.heartbeat_timeout_s:
-                    self.handle_fault_recovery(job_id, f"no heartbeat for {now - last:.0f}s")
+                continue
+            last = record.heartbeat_at or record.started_at or now
+            if self.heartbeat_timeout_s is not None and now - last > self.heartbeat_timeout_s:
+                self.handle_fault_recovery(job_id, f"no heartbeat for {now - last:.0f}s")
+            elif self.stall is not None and (stalled := self.stall.stalled(record, now)):
+                self.handle_fault_recovery(job_id, stalled, blame_devices=False)
 
     def _exited(self, job_id: str, code: int | None, now: float) -> None:
         """Settle a job whose process ended; a self-reporting worker may have settled it already."""
@@ -365,6 +424,7 @@ class DistributedEvaluationOrchestrator:
         now = self.clock()
         record = self.store.transition(start.job_id, JobState.PLACED, expect=JobState.QUEUED, now=now,
                                        placement=list(start.devices), owner=self.owner, error=None, failure=None,
+                                       progress_at=None, slowest_batch_s=None,
                                        reason=f"{start.replicas} replica(s) on {len(start.devices)} device(s)"
                                        + (" (backfilled)" if start.backfilled else ""))
         try:
@@ -375,7 +435,12 @@ class DistributedEvaluationOrchestrator:
             return
         self._live[start.job_id] = (handle, tuple(start.devices))
         if self.executor.self_reporting:  # its worker moves it to running once it has started
-            self.store.attach(start.job_id, pid=handle.pid, handle=handle.data, now=now)
+            if not self.store.attach(start.job_id, pid=handle.pid, handle=handle.data, now=now):
+                # A worker launched before a restart confirmed the job first: it keeps it, and the
+                # next round's reconcile adopts it.
+                del self._live[start.job_id]
+                self.executor.cancel(handle)
+                raise EvalfleetError(f"job {start.job_id} was taken by a worker started before this scheduler")
         else:
             try:
                 self.store.transition(start.job_id, JobState.RUNNING, expect=JobState.PLACED, now=now,

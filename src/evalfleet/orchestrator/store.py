@@ -115,9 +115,16 @@ _SCHEMA_V5 = """
 ALTER TABLE jobs ADD COLUMN resize TEXT
 """
 
+# v6: when a running job's computed requests last moved, and its slowest measured batch (the longest
+# gap between two moves), so the scheduler can tell a stalled job from a slow one (`scheduler.StallBounds`).
+_SCHEMA_V6 = """
+ALTER TABLE jobs ADD COLUMN progress_at REAL;
+ALTER TABLE jobs ADD COLUMN slowest_batch_s REAL
+"""
+
 MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [
     _run_script(_SCHEMA_V1), _run_script(_SCHEMA_V2), _run_script(_SCHEMA_V3), _run_script(_SCHEMA_V4),
-    _run_script(_SCHEMA_V5),
+    _run_script(_SCHEMA_V5), _run_script(_SCHEMA_V6),
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -125,7 +132,8 @@ _JSON_COLUMNS = ("request", "demand", "plan", "placement", "handle", "failure", 
 # Columns a transition may set alongside the state; everything else has its own method.
 _TRANSITION_FIELDS = frozenset(
     {"placement", "pid", "handle", "owner", "error", "not_before", "enqueued_at", "started_at",
-     "finished_at", "heartbeat_at", "result_path", "attempts", "failure", "resize"}
+     "finished_at", "heartbeat_at", "result_path", "attempts", "failure", "resize", "progress_at",
+     "slowest_batch_s"}
 )
 
 
@@ -161,6 +169,11 @@ class JobRecord:
     """The job's size at submit: requests by type and tokens, counted or modeled (`source`)."""
     resize: dict[str, Any] | None = None
     """Set by a worker whose replicas can join and leave while it runs (see `Resize`); None otherwise."""
+    progress_at: float | None = None
+    """When this attempt's computed requests last moved; None until its first batch is done."""
+    slowest_batch_s: float | None = None
+    """The longest gap between two such moves for the kind of request now running; None until there
+    are two."""
 
     @classmethod
     def from_row(cls, row: sqlite3.Row) -> JobRecord:
@@ -388,22 +401,31 @@ class JobStore:
         total: int | None = None,
         tokens_per_s: float | None = None,
         requests_per_s: float | None = None,
+        progress_at: float | None = None,
+        slowest_batch_s: float | None = None,
         now: float | None = None,
     ) -> None:
-        """Workers report here; it doubles as their heartbeat."""
+        """Workers report here; it doubles as their heartbeat. `progress_at` and `slowest_batch_s`
+        (see `JobRecord`) are the scheduler's evidence of a stall: a `progress_at` of None keeps the
+        last one, while `slowest_batch_s` is written as given (None: not measured for the kind of
+        request now running)."""
         now = time.time() if now is None else now
         with self._write() as conn:
             conn.execute(
                 "UPDATE jobs SET done = ?, total = COALESCE(?, total), tokens_per_s = COALESCE(?, tokens_per_s),"
-                " requests_per_s = COALESCE(?, requests_per_s), heartbeat_at = ? WHERE id = ?",
-                (done, total, tokens_per_s, requests_per_s, now, job_id),
+                " requests_per_s = COALESCE(?, requests_per_s), progress_at = COALESCE(?, progress_at),"
+                " slowest_batch_s = ?, heartbeat_at = ? WHERE id = ?",
+                (done, total, tokens_per_s, requests_per_s, progress_at, slowest_batch_s, now, job_id),
             )
 
-    def attach(self, job_id: str, *, pid: int | None, handle: dict[str, Any], now: float | None = None) -> None:
-        """Record a placed job's process without confirming it runs: its worker does that."""
+    def attach(self, job_id: str, *, pid: int | None, handle: dict[str, Any], now: float | None = None) -> bool:
+        """Record a placed job's process without confirming it runs: its worker does that. False, and
+        nothing written, where another process already holds the job (`worker.confirm_start`)."""
         with self._write() as conn:
-            conn.execute("UPDATE jobs SET pid = ?, handle = ?, heartbeat_at = ? WHERE id = ?",
-                         (pid, json.dumps(handle), time.time() if now is None else now, job_id))
+            cursor = conn.execute("UPDATE jobs SET pid = ?, handle = ?, heartbeat_at = ? WHERE id = ?"
+                                  " AND (pid IS NULL OR pid = ?)",
+                                  (pid, json.dumps(handle), time.time() if now is None else now, job_id, pid))
+            return cursor.rowcount == 1
 
     def report_error(self, job_id: str, message: str, failure: dict[str, Any] | None = None) -> None:
         """A worker's own account of why it is about to fail (and its exit report); the scheduler

@@ -26,6 +26,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import psutil
+
 from evalfleet.orchestrator.executors.local import THREADS_VARIABLE
 from evalfleet.orchestrator.failures import DeviceWatch, StorageFault, exit_report, storage_fault
 from evalfleet.orchestrator.live_replicas import LiveReplicas
@@ -75,6 +77,11 @@ class ProgressSnapshot:
     total: int | None
     tokens_per_s: float | None
     requests_per_s: float | None
+    progress_at: float | None = None
+    """Wall time at which this attempt's computed requests last moved (None before the first batch)."""
+    slowest_batch_s: float | None = None
+    """The longest gap between two such moves in the current kind of request: its slowest batch
+    measured (None before the second)."""
 
 
 class ProgressReporter:
@@ -83,6 +90,12 @@ class ProgressReporter:
     Writes are throttled to one per `min_interval_s`; a thread writes at least every
     `heartbeat_s`, so a long batch (or a slow model load) never looks like a dead worker.
     Totals add up lm-eval's request types as it reaches them (it runs them one after another).
+    It also keeps when the computed requests last moved and the longest gap between two moves,
+    which the scheduler reads to tell a stalled job from a slow one (`scheduler.StallBounds`):
+    the heartbeat thread goes on writing while the main thread hangs, but these stand still.
+    Requests from the cache are not moves: they say nothing of the model or its batches. The
+    slowest gap is that of the current kind of request (a generation batch may take a hundred
+    times a log-likelihood one), so it is unmeasured again when lm-eval moves to the next kind.
     """
 
     def __init__(
@@ -99,6 +112,10 @@ class ProgressReporter:
         self._phases: dict[str, tuple[int, int, int]] = {}  # phase -> (done from the cache, done, total)
         self._tokens = 0
         self._started: float | None = None
+        self._computed = 0
+        self._moved: float | None = None  # on `clock`, for the gaps
+        self._moved_at: float | None = None  # wall time, for the scheduler
+        self._slowest: float | None = None
         self._written = -math.inf
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -109,9 +126,16 @@ class ProgressReporter:
         with self._lock:
             if self._started is None:
                 self._started = now
+            if phase not in self._phases:  # another kind of request: its batches may take far longer
+                self._moved = self._slowest = None
             cached = self._phases[phase][0] if phase in self._phases else done
             self._phases[phase] = (cached, done, total)
             self._tokens = tokens
+            computed = sum(d - c for c, d, _ in self._phases.values())
+            if computed > self._computed:
+                if self._moved is not None:
+                    self._slowest = max(self._slowest or 0.0, now - self._moved)
+                self._computed, self._moved, self._moved_at = computed, now, time.time()
             due = now - self._written >= self.min_interval_s or done == total
         if due:
             self.flush()
@@ -126,9 +150,10 @@ class ProgressReporter:
             total = sum(t for _, _, t in self._phases.values())
             computed = sum(d - cached for cached, d, _ in self._phases.values())
             tokens = self._tokens
+            moved = {"progress_at": self._moved_at, "slowest_batch_s": self._slowest}
         if elapsed <= 0 or computed <= 0:
-            return ProgressSnapshot(done, total, None, None)
-        return ProgressSnapshot(done, total, round(tokens / elapsed, 3), round(computed / elapsed, 3))
+            return ProgressSnapshot(done, total, None, None, **moved)
+        return ProgressSnapshot(done, total, round(tokens / elapsed, 3), round(computed / elapsed, 3), **moved)
 
     def flush(self) -> None:
         """Write progress (or a heartbeat); a store that fails is only logged: the next write catches up."""
@@ -141,7 +166,9 @@ class ProgressReporter:
             else:
                 self.store.update_progress(self.job_id, done=snapshot.done, total=snapshot.total,
                                            tokens_per_s=snapshot.tokens_per_s,
-                                           requests_per_s=snapshot.requests_per_s)
+                                           requests_per_s=snapshot.requests_per_s,
+                                           progress_at=snapshot.progress_at,
+                                           slowest_batch_s=snapshot.slowest_batch_s)
         except sqlite3.Error as error:
             print(f"[evalfleet worker] progress not written: {error}", file=sys.stderr, flush=True)
 
@@ -165,12 +192,21 @@ class ProgressReporter:
 
 
 def confirm_start(store: JobStore, job_id: str) -> JobRecord:
-    """placed -> running, as this process; a job launched by a plain executor is running already."""
-    record = store.get(job_id)
+    """placed -> running, as this process; a job launched by a plain executor is running already.
+
+    A job is run by one process: the one its scheduler attached, or, where none is attached yet
+    (a scheduler killed between starting this worker and recording it), the first to confirm,
+    which records its own pid and start time so that the next scheduler adopts it. A worker that
+    finds another process attached stops: it was launched by a scheduler whose successor has
+    launched the job again."""
+    record, me = store.get(job_id), os.getpid()
+    if record.pid is not None and record.pid != me and record.state in (JobState.PLACED, JobState.RUNNING):
+        raise UsageError(f"job {job_id} is held by process {record.pid}; this worker ({me}) leaves it to that one")
     if record.state is JobState.PLACED:
         now = time.time()
+        mine = record.handle if record.pid == me else {"pid": me, "create_time": psutil.Process(me).create_time()}
         return store.transition(job_id, JobState.RUNNING, expect=JobState.PLACED, now=now, started_at=now,
-                                heartbeat_at=now, pid=os.getpid(), reason=f"worker {os.getpid()} started")
+                                heartbeat_at=now, pid=me, handle=mine, reason=f"worker {me} started")
     if record.state is not JobState.RUNNING:
         raise UsageError(f"job {job_id} is {record.state.value}; only placed jobs are run by a worker")
     return record
