@@ -16,6 +16,11 @@ rank's loading and computing with the fault named in `EVALFLEET_TEST_FAULT`:
   a Ray node).
 - `crash_on_token:T`: a rank SIGKILLs itself on any batch that holds a request whose context
   contains token id T (a poison request: it crashes every replica that computes it).
+- `chaos:SECONDS:PATH`: every batch takes SECONDS longer (a window for the chaos soak to act
+  in), and the first batch of two or more requests that any rank starts after the file PATH
+  appears fails as out of memory, once (that rank deletes the file): an out-of-memory at a
+  moment the soak chooses (`benchmarks/chaos.py`), on a batch that halving can split (one
+  request out of memory fails its job by design).
 - `hang_batch_once:AFTER:MARKER`: the first rank to reach its batch number AFTER + 1 creates the
   file MARKER and never finishes that batch (its heartbeats go on: a hung batch, not a dead
   process); once MARKER exists every batch runs normally, so the job's retry succeeds.
@@ -117,6 +122,16 @@ def _install() -> None:
             token = int(FAULT.split(":", 1)[1])
             if any(token in item.context for item in items):
                 os.kill(os.getpid(), signal.SIGKILL)
+        if FAULT.startswith("chaos:"):
+            _, seconds, trigger = FAULT.split(":", 2)
+            time.sleep(float(seconds))
+            if len(items) > 1:
+                try:
+                    os.unlink(trigger)  # only the rank that deletes the trigger fails
+                except FileNotFoundError:
+                    pass
+                else:
+                    raise OutOfMemory("test fault: out of memory on demand")
         if FAULT.startswith("oom_above:"):
             padded = len(items) * max(item.length for item in items)
             if padded > int(FAULT.split(":", 1)[1]):
