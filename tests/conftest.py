@@ -35,3 +35,18 @@ def isolated_cache(tmp_path, monkeypatch, shared_job_sizes):
     monkeypatch.setenv("EVALFLEET_SIZES", str(shared_job_sizes))
     monkeypatch.setenv("EVALFLEET_CALIBRATION", str(tmp_path / "calibration.sqlite"))
     return tmp_path / "cache.sqlite"
+
+
+# The suite runs in two parts (see the Makefile's `test`): every other module on two pytest-xdist
+# workers, one module per worker at a time (`--dist loadfile`, so a module's shared fixtures, a Ray
+# cluster or a vLLM run, are built once), then these modules alone, because they time real faults
+# against real waits (Ray's 3-second node health checks, a data-parallel job resized while it runs)
+# that a neighbour's load would stretch.
+SERIAL_MODULES = ("orchestrator/test_ray_cluster.py", "orchestrator/test_e2e_live_resize.py")
+
+
+def pytest_collection_modifyitems(items):
+    tests = Path(__file__).parent
+    for item in items:
+        if item.path.relative_to(tests).as_posix() in SERIAL_MODULES:
+            item.add_marker(pytest.mark.serial)
