@@ -13,9 +13,9 @@ from __future__ import annotations
 import os
 import signal
 import tempfile
-import threading
 
 import pytest
+from bounded import bounded
 from distributed_support import alive, run_all
 from faultenv import fault_env
 
@@ -36,22 +36,8 @@ def start_runner(model, dp: int, **kwargs) -> WorkerGroupRunner:
 
 
 def bounded_run(runner, batches, timeout: float = 120.0):
-    """What `run_all` raised (None if it finished); the test fails, rather than hangs, if the run
-    still waits after `timeout` seconds."""
-    outcome: list = []
-
-    def target() -> None:
-        try:
-            run_all(runner, batches)
-            outcome.append(None)
-        except BaseException as error:  # handed to the test
-            outcome.append(error)
-
-    thread = threading.Thread(target=target, daemon=True)
-    thread.start()
-    thread.join(timeout)
-    assert outcome, f"the run still waits after {timeout:.0f}s: a replica that could not restart hung it"
-    return outcome[0]
+    """What `run_all` raised (None if it finished), failing the test if the run still waits after `timeout`."""
+    return bounded(lambda: run_all(runner, batches), timeout, "the run: a replica that could not restart hung it")
 
 
 def test_a_replica_that_cannot_restart_fails_the_run_instead_of_hanging_it(llama, requests_and_reference,

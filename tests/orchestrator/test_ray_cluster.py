@@ -14,12 +14,12 @@ import json
 import os
 import shutil
 import tempfile
-import threading
 import time
 from pathlib import Path
 
 import psutil
 import pytest
+from bounded import bounded
 from faultenv import fault_env
 from fleet import fleet_in, wait_for
 from samples import compare_samples, load_samples
@@ -299,24 +299,6 @@ def ray_driver(cluster):
     connect(cluster.address)
     yield
     ray.shutdown()
-
-
-def bounded(call, timeout: float, what: str):
-    """`call()`'s result or the exception it raised; the test fails, rather than hangs, if it still
-    waits after `timeout` seconds."""
-    outcome = []
-
-    def target():
-        try:
-            outcome.append(call())
-        except BaseException as error:  # handed to the test
-            outcome.append(error)
-
-    thread = threading.Thread(target=target, daemon=True)
-    thread.start()
-    thread.join(timeout)
-    assert outcome, f"still waiting after {timeout:.0f}s for {what}: an unbounded wait"
-    return outcome[0]
 
 
 def test_a_node_lost_in_the_round_that_places_another_job_is_not_placed_on(cluster, ray_driver, llama, tmp_path,

@@ -261,12 +261,19 @@ def test_a_silent_job_is_restarted_after_the_heartbeat_timeout(tmp_path):
     assert psutil.wait_procs([psutil.Process(pid)], timeout=10)[1] == []
 
 
-def test_a_job_that_heartbeats_but_stops_moving_is_stalled_and_retried_blaming_no_device(tmp_path):
-    clock = Clock()
+def _running_stall_watched(tmp_path, clock: Clock):
+    """A running job on a scheduler whose stall bounds are 10 x the slowest batch (at least 30 s) and
+    600 s before a batch is measured, with a 60 s heartbeat timeout."""
     stall = StallBounds(floor_s=30.0, batch_factor=10.0, load_floor_s=600.0, load_factor=0.0)
     orchestrator = _orchestrator(tmp_path, clock=clock, heartbeat_timeout_s=60.0, stall=stall)
     job = orchestrator.submit_evaluation_request(_request("sleep"))
     _run_until(orchestrator, lambda: _state(orchestrator, job) is JobState.RUNNING)
+    return orchestrator, job
+
+
+def test_a_job_that_heartbeats_but_stops_moving_is_stalled_and_retried_blaming_no_device(tmp_path):
+    clock = Clock()
+    orchestrator, job = _running_stall_watched(tmp_path, clock)
     record = orchestrator.status(job)
     store = orchestrator.store
 
@@ -299,10 +306,7 @@ def test_a_job_that_heartbeats_but_stops_moving_is_stalled_and_retried_blaming_n
 
 def test_a_job_that_never_finishes_a_batch_is_stalled_after_the_load_bound(tmp_path):
     clock = Clock()
-    stall = StallBounds(floor_s=30.0, batch_factor=10.0, load_floor_s=600.0, load_factor=0.0)
-    orchestrator = _orchestrator(tmp_path, clock=clock, heartbeat_timeout_s=60.0, stall=stall)
-    job = orchestrator.submit_evaluation_request(_request("sleep"))
-    _run_until(orchestrator, lambda: _state(orchestrator, job) is JobState.RUNNING)
+    orchestrator, job = _running_stall_watched(tmp_path, clock)
     for _ in range(12):
         clock.now += 50
         orchestrator.store.heartbeat(job, now=clock.now)
