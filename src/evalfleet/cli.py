@@ -221,7 +221,7 @@ def scheduler(
     preempt: bool = typer.Option(False, "--preempt/--no-preempt", help="Let long-waiting jobs stop lower-priority ones (they resume from the cache)."),
     resize: bool = typer.Option(True, "--resize/--no-resize", help="Widen running data-parallel jobs onto idle devices and narrow them for higher-priority jobs (local jobs)."),
     max_attempts: int = typer.Option(3, "--max-attempts", min=1, help="Attempts per job before it fails for good."),
-    backoff: float = typer.Option(30.0, "--backoff", min=0, help="Seconds before the first retry; doubles each time."),
+    backoff: float = typer.Option(30.0, "--backoff", min=0, help="Seconds before a job's second retry in a row without progress; doubles each time (the first retry is at once)."),
     heartbeat_timeout: float = typer.Option(120.0, "--heartbeat-timeout", min=1, help="Restart a job silent this long."),
     interval: float = typer.Option(2.0, "--interval", min=0.05, help="Seconds between scheduling rounds."),
     ray_address: str | None = typer.Option(None, "--ray", help="Run jobs on the Ray cluster at ADDRESS ('auto': the local head); its nodes and GPUs are the pool."),

@@ -109,3 +109,23 @@ def test_pool_and_release_commands(tmp_path, capsys, monkeypatch):
     assert code == 2 and err.count("\n") == 1 and "not quarantined" in err and "Traceback" not in err
     code, out, _ = run_main(["pool", "--json", "--db", db], capsys, monkeypatch)
     assert json.loads(out)["quarantined"] == []
+
+
+def test_the_backoff_grows_only_with_failures_in_a_row_that_computed_nothing(tmp_path):
+    """Attempts that computed something (`progress_at` set) retry at once however many came before;
+    the first that computes nothing after one that failed at once waits the base, the next twice it."""
+    options = RecoveryOptions(max_attempts=10, backoff_base_s=30.0)
+    with JobStore(tmp_path / "jobs.db") as store:
+        job = _running(store, "m")
+        delays = []
+        for n, computed in enumerate([True, True, False, False, True, False]):
+            if computed:
+                store.update_progress(job, done=n + 1, progress_at=100.0 * n)
+            failed_on = store.get(job).placement
+            decision = recover(store, job, "killed by SIGKILL", 100.0 * n + 1, options)
+            delays.append(decision.retry_at - (100.0 * n + 1))
+            assert store.get(job).avoid == failed_on
+            store.transition(job, JobState.PLACED, placement=[[0, n % 2]], progress_at=None, now=100.0 * n + 2)
+            store.transition(job, JobState.RUNNING, now=100.0 * n + 2)
+        assert delays == [0.0, 0.0, 30.0, 60.0, 0.0, 30.0]
+        assert store.get(job).failure_streak == 2

@@ -132,8 +132,11 @@ def test_exits_without_a_result_are_failed_attempts_with_the_workers_reason(tmp_
     _run_until(orchestrator, lambda: _settled(orchestrator, silent) and _settled(orchestrator, crash))
     silent_record, crash_record = orchestrator.status(silent), orchestrator.status(crash)
     assert silent_record.state is JobState.QUEUED and "without reporting a result" in silent_record.error
-    assert crash_record.state is JobState.QUEUED and crash_record.attempts == 1
+    # retried at once, then (failing again without computing anything) held back for the backoff
+    assert crash_record.state is JobState.QUEUED and crash_record.attempts == 2
     assert crash_record.error == "exited with code 1: CUDA error: an illegal memory access"
+    retries = [e.reason for e in orchestrator.store.events(crash) if e.to_state is JobState.QUEUED and e.from_state]
+    assert [reason.rsplit("; ", 1)[1] for reason in retries] == ["retry in 0s", "retry in 60s"]
 
 
 def test_a_wrong_request_fails_at_once_and_blames_no_device(tmp_path):

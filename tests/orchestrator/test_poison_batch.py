@@ -53,7 +53,7 @@ def test_a_poison_batch_fails_its_job_once_and_quarantines_no_device(tmp_path):
     # One failure with device evidence would be enough to quarantine, were it counted.
     recovery = RecoveryOptions(max_attempts=3, backoff_base_s=0, quarantine_after=1)
     orchestrator = DistributedEvaluationOrchestrator(
-        db, slot_inventory(2, memory_gb=32), SubprocessExecutor(command, log_dir=tmp_path / "logs", grace_s=2.0),
+        db, slot_inventory(2, memory_gb=64), SubprocessExecutor(command, log_dir=tmp_path / "logs", grace_s=2.0),
         recovery=recovery,
     )
     jobs = [orchestrator.submit_evaluation_request({"model": {"path": model}, "tasks": {"names": ["demo_mc"]}})

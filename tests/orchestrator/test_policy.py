@@ -140,6 +140,21 @@ def test_affinity_prefers_gpus_that_ran_the_same_model():
     assert _starts(cold)["a"].devices != ((1, 2),)
 
 
+def test_a_retried_job_goes_off_the_devices_it_failed_on_where_there_is_room():
+    from dataclasses import replace
+
+    failed_on = ((1, 2), (1, 3))
+    warm = {device: "llama" for device in failed_on}  # even where affinity would pull it back
+    job = queued("a", model="llama", tp=2)
+    retry = replace(job, demand=replace(job.demand, avoid=failed_on))
+    assert _starts(create_allocation_plan([job], TWO_NODES, [], 0.0, warm=warm))["a"].devices == failed_on
+    elsewhere = _starts(create_allocation_plan([retry], TWO_NODES, [], 0.0, warm=warm))["a"].devices
+    assert len(elsewhere) == 2 and not set(elsewhere) & set(failed_on)
+    # no room elsewhere: the same devices rather than waiting
+    running = [RunningJob("r", tuple((n, g) for n in (0, 1) for g in range(4) if (n, g) not in failed_on), 10_000.0)]
+    assert _starts(create_allocation_plan([retry], TWO_NODES, running, 0.0))["a"].devices == failed_on
+
+
 def test_quarantined_gpus_are_never_used():
     quarantined = {(0, 0), (0, 1), (0, 2)}
     plan = create_allocation_plan([queued("a"), queued("b", submitted=1.0)], ONE_NODE, [], 0.0,

@@ -46,10 +46,21 @@ def test_the_last_attempt_s_failure_is_raised_once_attempts_are_used_up():
     assert attempt.calls == 3 and len(lines) == 2
 
 
-def test_other_infrastructure_failures_back_off_as_the_scheduler_does():
-    attempt = Attempts(InfrastructureError("replica 0 did not finish batch 3 in 900s"), TimeoutError("slow"))
-    result, lines, sleeps = _run(attempt)
-    assert result == "result" and sleeps == [30.0, 60.0] and len(lines) == 2
+def test_other_infrastructure_failures_retry_at_once_then_back_off_as_the_scheduler_does():
+    attempt = Attempts(InfrastructureError("replica 0 did not finish batch 3 in 900s"), TimeoutError("slow"),
+                       InfrastructureError("no slot"))
+    result, lines, sleeps = _run(attempt, RecoveryOptions(max_attempts=4, backoff_base_s=30.0))
+    assert result == "result" and sleeps == [0.0, 30.0, 60.0] and len(lines) == 3
+
+
+def test_an_attempt_that_computed_something_ends_the_streak():
+    """Failures after progress are no crash loop: each is a first failure again, retried at once."""
+    attempt = Attempts(TimeoutError("slow"), TimeoutError("slow"), TimeoutError("slow"))
+    computed = iter([True, False, True])
+    lines, sleeps = [], []
+    result = run_with_retries(attempt, RecoveryOptions(max_attempts=4, backoff_base_s=30.0), say=lines.append,
+                              sleep=sleeps.append, progressed=lambda: next(computed))
+    assert result == "result" and sleeps == [0.0, 30.0, 0.0]
 
 
 @pytest.mark.parametrize("failure", [UsageError("no such task"), EvalfleetError("no tp plan for gpt2"),

@@ -50,7 +50,7 @@ def _request(behaviour: str, priority: str = "normal", model: str = "gpt2") -> d
 
 def _orchestrator(tmp_path, slots=2, clock=None, **kwargs):
     return DistributedEvaluationOrchestrator(
-        tmp_path / "jobs.db", slot_inventory(slots, memory_gb=32),
+        tmp_path / "jobs.db", slot_inventory(slots, memory_gb=64),
         SubprocessExecutor(_command, log_dir=tmp_path / "logs", grace_s=2.0),
         clock=clock or time.time, **kwargs,
     )
@@ -109,20 +109,26 @@ def test_jobs_run_to_success_in_priority_order(tmp_path):
     assert orchestrator.status(low).placement == [(0, 0)]
 
 
-def test_failures_back_off_then_fail_for_good(tmp_path):
+def test_a_first_failure_retries_at_once_elsewhere_and_failures_in_a_row_back_off(tmp_path):
+    """Attempt 1 fails: retried at once, on the other slot. Attempt 2 fails without computing
+    anything (a crash loop): it waits the base backoff. Attempt 3 is the last."""
     clock = Clock()
-    orchestrator = _orchestrator(tmp_path, clock=clock, recovery=RecoveryOptions(max_attempts=2, backoff_base_s=30))
+    orchestrator = _orchestrator(tmp_path, clock=clock, recovery=RecoveryOptions(max_attempts=3, backoff_base_s=30))
     job = orchestrator.submit_evaluation_request(_request("fail"))
     _run_until(orchestrator, lambda: orchestrator.status(job).attempts == 1)
+    record = orchestrator.status(job)  # requeued and placed again in the round that saw the exit
+    assert record.state in (JobState.PLACED, JobState.RUNNING) and record.not_before == clock.now
+    assert record.placement == [(0, 1)] and (record.avoid, record.failure_streak) == ([(0, 0)], 1)
+    _run_until(orchestrator, lambda: orchestrator.status(job).attempts == 2)
     record = orchestrator.status(job)
-    assert record.state is JobState.QUEUED and record.not_before == clock.now + 30
-    assert record.error == "exited with code 3" and record.placement is None
+    assert record.not_before == clock.now + 30 and (record.avoid, record.failure_streak) == ([(0, 1)], 2)
     clock.now += 10
     assert asyncio.run(orchestrator.run_once()).starts == ()
     clock.now += 25
     _run_until(orchestrator, lambda: _state(orchestrator, job) is JobState.FAILED)
     reasons = [e.reason for e in orchestrator.store.events(job)]
-    assert "attempt 1 of 2 failed (exited with code 3); retry in 30s" in reasons
+    assert "attempt 1 of 3 failed (exited with code 3); retry in 0s" in reasons
+    assert "attempt 2 of 3 failed (exited with code 3); retry in 30s" in reasons
     assert "no attempts left" in reasons[-1]
 
 
@@ -256,16 +262,19 @@ def test_a_silent_job_is_restarted_after_the_heartbeat_timeout(tmp_path):
     assert _state(orchestrator, job) is JobState.RUNNING
     clock.now += 11
     asyncio.run(orchestrator.run_once())
-    record = orchestrator.status(job)
-    assert record.state is JobState.QUEUED and record.error == "no heartbeat for 61s"
+    record = orchestrator.status(job)  # retried at once, on the other slot, while the silent one is stopped
+    assert record.state is JobState.RUNNING and record.pid != pid and record.placement == [(0, 1)]
+    reasons = [e.reason for e in orchestrator.store.events(job)]
+    assert "attempt 1 of 3 failed (no heartbeat for 61s); retry in 0s" in reasons
     assert psutil.wait_procs([psutil.Process(pid)], timeout=10)[1] == []
 
 
 def _running_stall_watched(tmp_path, clock: Clock):
     """A running job on a scheduler whose stall bounds are 10 x the slowest batch (at least 30 s) and
-    600 s before a batch is measured, with a 60 s heartbeat timeout."""
+    600 s before a batch is measured, with a 60 s heartbeat timeout; one slot, so that a retry waits
+    for the stalled process to stop."""
     stall = StallBounds(floor_s=30.0, batch_factor=10.0, load_floor_s=600.0, load_factor=0.0)
-    orchestrator = _orchestrator(tmp_path, clock=clock, heartbeat_timeout_s=60.0, stall=stall)
+    orchestrator = _orchestrator(tmp_path, slots=1, clock=clock, heartbeat_timeout_s=60.0, stall=stall)
     job = orchestrator.submit_evaluation_request(_request("sleep"))
     _run_until(orchestrator, lambda: _state(orchestrator, job) is JobState.RUNNING)
     return orchestrator, job

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing
 import sqlite3
 
@@ -187,17 +188,24 @@ def test_migrations_upgrade_an_older_file_in_place(tmp_path, monkeypatch):
         assert "note" in columns and new.get(job).state is JobState.QUEUED
 
 
-def test_a_v5_store_gains_the_stall_columns_that_progress_writes(tmp_path, monkeypatch):
+@contextlib.contextmanager
+def _store_at_version(path, monkeypatch, version: int):
+    """A store made by an evalfleet whose schema stopped at `version`."""
     from evalfleet.orchestrator import store as store_module
 
-    path = tmp_path / "jobs.db"
     with monkeypatch.context() as patch:
-        patch.setattr(store_module, "MIGRATIONS", store_module.MIGRATIONS[:5])
-        patch.setattr(store_module, "SCHEMA_VERSION", 5)
+        patch.setattr(store_module, "MIGRATIONS", store_module.MIGRATIONS[:version])
+        patch.setattr(store_module, "SCHEMA_VERSION", version)
         with JobStore(path) as old:
-            job = _add(old)
+            yield old
+
+
+def test_a_v5_store_gains_the_stall_columns_that_progress_writes(tmp_path, monkeypatch):
+    path = tmp_path / "jobs.db"
+    with _store_at_version(path, monkeypatch, 5) as old:
+        job = _add(old)
     with JobStore(path) as store:
-        assert store.schema_version == SCHEMA_VERSION == 6
+        assert store.schema_version == SCHEMA_VERSION
         store.transition(job, JobState.PLACED)
         record = store.transition(job, JobState.RUNNING)
         assert (record.progress_at, record.slowest_batch_s) == (None, None)
@@ -207,3 +215,21 @@ def test_a_v5_store_gains_the_stall_columns_that_progress_writes(tmp_path, monke
         assert (record.progress_at, record.slowest_batch_s, record.heartbeat_at) == (10.0, 1.5, 20.0)
         store.update_progress(job, done=2, now=30.0)  # another kind of request: no batch measured yet
         assert (store.get(job).progress_at, store.get(job).slowest_batch_s) == (10.0, None)
+
+
+def test_a_v6_store_gains_the_retry_columns_that_recovery_writes(tmp_path, monkeypatch):
+    from evalfleet.orchestrator.recovery import RecoveryOptions, recover
+
+    path = tmp_path / "jobs.db"
+    with _store_at_version(path, monkeypatch, 6) as old:
+        job = _add(old)
+        with old._write() as conn:  # as a v6 scheduler left it: running on one device
+            conn.execute("UPDATE jobs SET state = 'running', placement = '[[0, 1]]' WHERE id = ?", (job,))
+    with JobStore(path) as store:
+        assert store.schema_version == SCHEMA_VERSION
+        record = store.get(job)
+        assert (record.failure_streak, record.avoid) == (0, None)
+        decision = recover(store, job, "killed by SIGKILL", 50.0, RecoveryOptions(backoff_base_s=30))
+        assert decision.retry_at == 50.0  # a first failure: at once
+        record = store.get(job)
+        assert (record.failure_streak, record.avoid, record.placement) == (1, [(0, 1)], None)

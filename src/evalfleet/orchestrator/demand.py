@@ -30,6 +30,8 @@ class JobDemand:
     """The same when the node already holds the weights (page cache): model affinity pays off here."""
     need_gb: float = 0.0
     """Free memory each GPU of a replica needs (the planner's per-GPU total)."""
+    avoid: tuple[Device, ...] = ()
+    """Devices its last attempt failed on: placed elsewhere where the pool has room (see `recovery`)."""
 
     def __post_init__(self) -> None:
         if not self.tokens_per_s or any(t <= 0 for t in self.tokens_per_s):
@@ -68,11 +70,12 @@ class JobDemand:
         return replace(self, work_tokens=max(0.0, work_tokens))
 
     def to_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "tokens_per_s": list(self.tokens_per_s)}
+        return {**asdict(self), "tokens_per_s": list(self.tokens_per_s), "avoid": [list(d) for d in self.avoid]}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> JobDemand:
-        return cls(**{**data, "tokens_per_s": tuple(data["tokens_per_s"])})
+        avoid = tuple(tuple(device) for device in data.get("avoid", ()))
+        return cls(**{**data, "tokens_per_s": tuple(data["tokens_per_s"]), "avoid": avoid})
 
 
 # Start-up costs for the runtime model: interpreter + lm-eval task building, then weights

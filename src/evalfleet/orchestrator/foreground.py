@@ -32,7 +32,7 @@ from evalfleet.orchestrator.executors.local import LocalExecutor
 from evalfleet.orchestrator.failures import classify
 from evalfleet.orchestrator.policy import PolicyOptions
 from evalfleet.orchestrator.pool import record_pool
-from evalfleet.orchestrator.recovery import RecoveryOptions, retry_delay
+from evalfleet.orchestrator.recovery import RecoveryOptions, next_streak, retry_delay
 from evalfleet.orchestrator.rounds import log as round_log
 from evalfleet.orchestrator.rounds import run_rounds
 from evalfleet.orchestrator.scheduler import (
@@ -178,18 +178,22 @@ async def _serve(orchestrator: DistributedEvaluationOrchestrator, options: Sched
 
 
 def run_with_retries(attempt: Callable[[], Result], options: RecoveryOptions = RecoveryOptions(),
-                     say: Callable[[str], None] = _say, sleep: Callable[[float], None] = time.sleep) -> Result:
+                     say: Callable[[str], None] = _say, sleep: Callable[[float], None] = time.sleep,
+                     progressed: Callable[[], bool] = lambda: False) -> Result:
     """`attempt()` until it succeeds, retried as the scheduler retries a job (`recovery.retry_delay`):
-    an infrastructure failure again, at once after a lost node and with backoff otherwise, one line
-    each, up to `options.max_attempts` in all; then the last failure is raised. Each attempt resumes
-    from the request cache, where the failed ones left every finished request."""
-    failures = 0
+    an infrastructure failure again, at once the first time in a row and after a lost node, with
+    backoff for failures in a row in which `progressed()` says the attempt computed nothing; one
+    line each, up to `options.max_attempts` in all; then the last failure is raised. Each attempt
+    resumes from the request cache, where the failed ones left every finished request."""
+    failures = streak = 0
     while True:
         try:
             return attempt()
         except Exception as error:
             failures += 1
-            delay = retry_delay(failures, classify(error), options, backoff=not isinstance(error, NodeLost))
+            streak = next_streak(streak, progressed())
+            delay = retry_delay(failures, classify(error), options, streak=streak,
+                                backoff=not isinstance(error, NodeLost))
             if delay is None:
                 raise
             say(f"attempt {failures} of {options.max_attempts} failed ({str(error).strip().splitlines()[0]}); "
@@ -207,22 +211,29 @@ def run_on_ray(request: EvaluationRequest, address: str, *, progress: ProgressCa
     from evalfleet.engines.ray_engine import cluster_gpus, evaluate_on_ray
 
     used: set[str] = set()
-    lost = False
+    lost = computed = False
 
     def record(ranks: list[list[dict]]) -> None:
         used.update(rank["node_id"] for replica in ranks for rank in replica)
 
+    def tracked(phase: str, done: int, total: int, tokens: int) -> None:
+        nonlocal computed
+        computed = computed or tokens > 0  # tokens computed by this attempt, not read from the cache
+        if progress is not None:
+            progress(phase, done, total, tokens)
+
     def attempt() -> EvaluationResult:
-        nonlocal lost
+        nonlocal lost, computed
+        computed = False
         if lost and used:
             deadline = time.monotonic() + NODE_DEATH_WAIT_S
             while used <= set(cluster_gpus()) and time.monotonic() < deadline:
                 time.sleep(0.5)
         used.clear()
         try:
-            return evaluate_on_ray(request, address, progress=progress, on_ranks=record)
+            return evaluate_on_ray(request, address, progress=tracked, on_ranks=record)
         except NodeLost:
             lost = True
             raise
 
-    return run_with_retries(attempt, options, say)
+    return run_with_retries(attempt, options, say, progressed=lambda: computed)

@@ -20,6 +20,7 @@ simulator and the live scheduler run exactly the same decisions. It combines:
   job of a higher class would otherwise wait longer than such a replica takes to load and
   finishes sooner for starting at once;
 - model affinity: replicas prefer GPUs that last ran the same model (warm page cache);
+- a job retried after a failure is placed off the devices it failed on where the pool has room;
 - optional preemption: a job kept waiting long enough may stop lower-class jobs, which
   later resume from the request cache; never one whose restart costs more than the wait.
 """
@@ -27,7 +28,7 @@ simulator and the live scheduler run exactly the same decisions. It combines:
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TypeVar
 
 from evalfleet.orchestrator.demand import PRIORITY_RANK, Device, JobDemand
@@ -157,6 +158,12 @@ class ReplicaPlacer:
         self._failed: dict[tuple[int, int, float], list[frozenset[Device]]] = {}
 
     def one(self, demand: JobDemand, avail: frozenset[Device]) -> tuple[Device, ...] | None:
+        if demand.avoid:  # off the devices its last attempt failed on, where there is room
+            elsewhere = avail - frozenset(demand.avoid)
+            found = self.one(replace(demand, avoid=()), elsewhere) if elsewhere != avail else None
+            if found is not None:
+                return found
+            demand = replace(demand, avoid=())
         shape = (demand.tp, demand.pp, demand.need_gb)
         if len(avail) < demand.replica_gpus or any(avail <= s for s in self._failed.get(shape, ())):
             return None

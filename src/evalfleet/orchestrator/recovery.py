@@ -1,7 +1,11 @@
 """What happens after a job fails: retry later, give up, or stop trusting a GPU.
 
-The failure's class (see `failures.py`) decides: only infrastructure failures are retried,
-with exponential backoff so a job that crashes at start does not hammer the pool. A GPU is
+The failure's class (see `failures.py`) decides: only infrastructure failures are retried. The
+first failure of a streak retries at once, on other devices where there are some (a killed
+worker on healthy GPUs, a lost node or a stall needs no waiting); an attempt that fails again
+without computing anything extends the streak, and the streak backs off exponentially, so a
+job that crashes at start does not hammer the pool. An attempt that computed something ends
+the streak: the next failure is a first one again. A GPU is
 quarantined only on device evidence: the GPU reported Xid or uncorrected ECC errors when a
 job failed on it, or jobs of `quarantine_after` different models failed on it recently (one
 model failing again and again says more about the model than the GPU). The evidence is kept
@@ -40,20 +44,32 @@ class RecoveryDecision:
     failure: FailureClass = FailureClass.INFRASTRUCTURE
 
 
-def backoff_seconds(failures: int, options: RecoveryOptions) -> float:
-    """Delay before retry number `failures` (1-based): base, 2 x base, 4 x base, ... capped."""
-    return min(options.backoff_base_s * 2 ** (failures - 1), options.backoff_max_s)
+def backoff_seconds(streak: int, options: RecoveryOptions) -> float:
+    """Delay after the `streak`-th failure in a row without progress (1-based): none after the
+    first, then base, 2 x base, 4 x base, ... capped."""
+    if streak <= 1:
+        return 0.0
+    return min(options.backoff_base_s * 2 ** (streak - 2), options.backoff_max_s)
 
 
-def retry_delay(failures: int, failure: FailureClass, options: RecoveryOptions, *, backoff: bool = True) -> float | None:
+def next_streak(streak: int, progressed: bool) -> int:
+    """The failure streak after one more failed attempt: 1 if that attempt computed something (it was
+    no crash loop), else one longer."""
+    return 1 if progressed else streak + 1
+
+
+def retry_delay(failures: int, failure: FailureClass, options: RecoveryOptions, *, streak: int | None = None,
+                backoff: bool = True) -> float | None:
     """Seconds to wait before the next attempt after `failures` failed ones, or None: give up.
 
-    Only infrastructure failures are retried, up to `max_attempts` in all; `backoff=False` (a
-    lost node) retries at once. The scheduler (`recover`) and `run --ray` decide alike.
+    Only infrastructure failures are retried, up to `max_attempts` in all. The wait grows with
+    `streak`, the failures in a row without progress (`failures` where it is not known); the
+    first retries at once. `backoff=False` (a lost node) always retries at once. The scheduler
+    (`recover`) and `run --ray` decide alike.
     """
     if not failure.retried or failures >= options.max_attempts:
         return None
-    return backoff_seconds(failures, options) if backoff else 0.0
+    return backoff_seconds(failures if streak is None else streak, options) if backoff else 0.0
 
 
 _RECOVERABLE = (JobState.PLACED, JobState.RUNNING)
@@ -82,6 +98,8 @@ def recover(
     devices (the scheduler itself died, the launch failed, a node was lost), so they never
     count towards quarantine; failures of the other classes never do. `backoff=False`
     retries at once (a lost node: the job was not at fault and the other nodes are ready).
+    A requeued job remembers the devices it failed on (`avoid`): the policy places it
+    elsewhere where the pool has room, and on them only where it has none.
     """
     record = store.get(job_id)
     if record.state not in _RECOVERABLE:
@@ -93,10 +111,12 @@ def recover(
         quarantined = _blame(store, job_id, record.placement or [], model, reason, evidence, now, options,
                              count_failure=blame_devices)
     common = {"attempts": failures, "error": reason, "pid": None, "handle": None, "placement": None}
-    delay = retry_delay(failures, failure, options, backoff=backoff)
+    streak = next_streak(record.failure_streak, progressed=record.progress_at is not None)
+    delay = retry_delay(failures, failure, options, streak=streak, backoff=backoff)
     if delay is not None:
         store.transition(
-            job_id, JobState.QUEUED, now=now, not_before=now + delay,
+            job_id, JobState.QUEUED, now=now, not_before=now + delay, failure_streak=streak,
+            avoid=list(record.placement or ()),
             reason=f"attempt {failures} of {options.max_attempts} failed ({reason}); retry in {delay:.0f}s",
             **common,
         )

@@ -194,6 +194,7 @@ class DistributedEvaluationOrchestrator:
                 continue
             demand = _remaining(record)
             if record.state is JobState.QUEUED:
+                demand = replace(demand, avoid=tuple(record.avoid or ()))
                 queue.append(QueuedJob(record.id, demand, record.priority, record.submitted_at, record.not_before))
             elif record.placement:
                 running.append(self._running_view(record, demand, now))

@@ -122,18 +122,25 @@ ALTER TABLE jobs ADD COLUMN progress_at REAL;
 ALTER TABLE jobs ADD COLUMN slowest_batch_s REAL
 """
 
+# v7: a requeued job's failures in a row without progress (its retry waits only from the second on)
+# and the devices its last failed attempt held (placed elsewhere where there is room); see `recovery`.
+_SCHEMA_V7 = """
+ALTER TABLE jobs ADD COLUMN failure_streak INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE jobs ADD COLUMN avoid TEXT
+"""
+
 MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [
     _run_script(_SCHEMA_V1), _run_script(_SCHEMA_V2), _run_script(_SCHEMA_V3), _run_script(_SCHEMA_V4),
-    _run_script(_SCHEMA_V5), _run_script(_SCHEMA_V6),
+    _run_script(_SCHEMA_V5), _run_script(_SCHEMA_V6), _run_script(_SCHEMA_V7),
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 
-_JSON_COLUMNS = ("request", "demand", "plan", "placement", "handle", "failure", "size", "resize")
+_JSON_COLUMNS = ("request", "demand", "plan", "placement", "handle", "failure", "size", "resize", "avoid")
 # Columns a transition may set alongside the state; everything else has its own method.
 _TRANSITION_FIELDS = frozenset(
     {"placement", "pid", "handle", "owner", "error", "not_before", "enqueued_at", "started_at",
      "finished_at", "heartbeat_at", "result_path", "attempts", "failure", "resize", "progress_at",
-     "slowest_batch_s"}
+     "slowest_batch_s", "failure_streak", "avoid"}
 )
 
 
@@ -174,6 +181,10 @@ class JobRecord:
     slowest_batch_s: float | None = None
     """The longest gap between two such moves for the kind of request now running; None until there
     are two."""
+    failure_streak: int = 0
+    """Its failed attempts in a row that computed nothing (see `recovery.next_streak`)."""
+    avoid: list[Device] | None = None
+    """The devices its last failed attempt held: a retry goes elsewhere where there is room."""
 
     @classmethod
     def from_row(cls, row: sqlite3.Row) -> JobRecord:
@@ -181,8 +192,9 @@ class JobRecord:
         for column in _JSON_COLUMNS:
             if values[column] is not None:
                 values[column] = json.loads(values[column])
-        if values["placement"] is not None:
-            values["placement"] = [tuple(device) for device in values["placement"]]
+        for column in ("placement", "avoid"):
+            if values[column] is not None:
+                values[column] = [tuple(device) for device in values[column]]
         values["state"] = JobState(values["state"])
         return cls(**values)
 
