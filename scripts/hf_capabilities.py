@@ -1,7 +1,8 @@
 """Write src/evalfleet/planning/hf_capabilities.json from the transformers installed here.
 
 The table says which model families transformers can split by tensor parallelism (a tp plan in the
-config class) and into pipeline stages (Llama-style modules), so that `evalfleet plan` answers
+config class), into pipeline stages (Llama-style modules) and by layers in one process (a device_map,
+which needs the blocks to keep whole: `_no_split_modules`), so that `evalfleet plan` answers
 without importing torch. Run it after changing the tested transformers version (Makefile's
 TRANSFORMERS_PIN); tests/planning/test_hf_capabilities.py checks the table against the live answer.
 """

@@ -40,9 +40,11 @@ def isolated_cache(tmp_path, monkeypatch, shared_job_sizes):
 # The suite runs in two parts (see the Makefile's `test`): every other module on two pytest-xdist
 # workers, one module per worker at a time (`--dist loadfile`, so a module's shared fixtures, a Ray
 # cluster or a vLLM run, are built once), then these modules alone, because they time real faults
-# against real waits (Ray's 3-second node health checks, a data-parallel job resized while it runs)
-# that a neighbour's load would stretch.
-SERIAL_MODULES = ("orchestrator/test_ray_cluster.py", "orchestrator/test_e2e_live_resize.py")
+# against real waits (Ray's 3-second node health checks, a data-parallel job resized while it runs, a
+# vLLM replica's node lost) that a neighbour's load would stretch.
+SERIAL_MODULES = (
+    "orchestrator/test_ray_cluster.py", "orchestrator/test_e2e_live_resize.py", "vllm_backend/test_vllm_ray.py",
+)
 
 
 def pytest_collection_modifyitems(items):

@@ -2,7 +2,8 @@
 # The GPU check, in one go (< 8 min) on a machine with CUDA, torch and transformers but no network:
 # installs the wheels scripts/gpu/prepare.sh put in .whl/, then compares evalfleet's hf backend with
 # lm-eval's on a random-weight ~1B Llama built on the GPU in bf16 (MC, HellaSwag/MMLU-shaped and
-# generation tasks): per-sample agreement, tokens/s for both, MFU against the bf16 matmul peak.
+# generation tasks): per-sample agreement, tokens/s for both, MFU against the bf16 matmul peak; then
+# the dtype decision: a rank on the GPU asked `auto` by a driver that sees no GPU loads bf16.
 #     scripts/gpu/check.sh [OUT.json]
 set -euo pipefail
 cd "$(dirname "$0")/../.."

@@ -2,12 +2,17 @@
 
 Per task: per-sample agreement (log-likelihoods within the float32 tolerance, and within a bf16
 one; same greedy answers; same generated text), wall time and tokens/s for both, and the MFU of
-each side's compute against the measured bf16 matmul peak. Run through scripts/gpu/check.sh.
+each side's compute against the measured bf16 matmul peak. Then the dtype decision: a worker-group
+rank on the GPU, asked `auto` by a driver that sees no GPU (as a Ray driver runs), must load
+bfloat16 (float16 on a GPU without it), and the driver must record what it loaded. Run through
+scripts/gpu/check.sh.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import subprocess
 import sys
 import tempfile
 import time
@@ -49,6 +54,30 @@ def compare(expected: list[dict], actual: list[dict]) -> dict:
     if texts:
         out["same_generation"] = sum(texts) / len(texts)
     return out
+
+
+def loaded_by_a_rank(model: Path) -> dict:
+    """What one rank on GPU 0 loads when asked `auto`, as the driver records it (run with no GPU of its own)."""
+    from evalfleet.runtime.group import GroupSpec
+    from evalfleet.runtime.workers import WorkerGroupRunner
+
+    runner = WorkerGroupRunner(GroupSpec(str(model), dtype="auto", device="auto"), [["cuda:0"]]).start()
+    try:
+        layout = runner.describe()
+    finally:
+        runner.close()
+    return {"dtype": layout["dtype"], "device_names": layout["device_names"]}
+
+
+def dtype_decision(model: Path) -> dict:
+    """The dtype decision of issue 21, on real hardware: the rank decides on its GPU, not the driver on its CPU."""
+    driver = subprocess.run([sys.executable, __file__, "--loaded-by-a-rank", str(model)], capture_output=True,
+                            text=True, env={**os.environ, "CUDA_VISIBLE_DEVICES": ""}, check=False)
+    expected = "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
+    if driver.returncode != 0:
+        return {"asked": "auto", "expected": expected, "ok": False, "error": driver.stderr.strip().splitlines()[-1:]}
+    loaded = json.loads(driver.stdout.strip().splitlines()[-1])
+    return {"asked": "auto", "expected": expected, **loaded, "ok": loaded["dtype"] == expected}
 
 
 def main(output: Path) -> None:
@@ -113,9 +142,14 @@ def main(output: Path) -> None:
         entry["speedup"] = round(lm_wall / wall, 2)
         report["tasks"][task] = entry
         print(task, json.dumps(entry), flush=True)
+    report["dtype_decision"] = dtype_decision(model)
+    print("dtype_decision", json.dumps(report["dtype_decision"]), flush=True)
     output.write_text(json.dumps(report, indent=2) + "\n")
     print(f"wrote {output}")
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1] if len(sys.argv) > 1 else "gpu_check.json"))
+    if sys.argv[1:2] == ["--loaded-by-a-rank"]:
+        print(json.dumps(loaded_by_a_rank(Path(sys.argv[2]))))
+    else:
+        main(Path(sys.argv[1] if len(sys.argv) > 1 else "gpu_check.json"))

@@ -26,6 +26,9 @@ class DistributionStrategy(str, enum.Enum):
     PIPELINE_PARALLEL = "pp"
     HYBRID = "hybrid"
     DATA_PARALLEL = "dp"
+    # The layers split over a node's GPUs in one process (accelerate's device_map, lm-eval's
+    # parallelize=True): for models transformers cannot pipeline; one GPU computes at a time.
+    DEVICE_MAP = "device_map"
     AUTO = "auto"
 
 

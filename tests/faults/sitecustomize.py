@@ -21,6 +21,10 @@ rank's loading and computing with the fault named in `EVALFLEET_TEST_FAULT`:
   appears fails as out of memory, once (that rank deletes the file): an out-of-memory at a
   moment the soak chooses (`benchmarks/chaos.py`), on a batch that halving can split (one
   request out of memory fails its job by design).
+- `fake_cuda:NAME:GIB:BF16`: torch.cuda reports one GPU named NAME with GIB GiB that runs
+  bfloat16 if BF16 is 1 (the CUDA boundary only: availability, name, memory, bf16 support), so
+  the rank decides its device and dtype as on that GPU; its weights then load in that dtype into
+  the CPU's memory, since there is no GPU to allocate on.
 - `hang_batch_once:AFTER:MARKER`: the first rank to reach its batch number AFTER + 1 creates the
   file MARKER and never finishes that batch (its heartbeats go on: a hung batch, not a dead
   process); once MARKER exists every batch runs normally, so the job's retry succeeds.
@@ -28,6 +32,7 @@ rank's loading and computing with the fault named in `EVALFLEET_TEST_FAULT`:
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import signal
 import threading
@@ -43,6 +48,23 @@ def _data_bytes() -> int:
     return int(line.split()[1]) * 1024
 
 
+def _fake_cuda(name: str, gib: str, bf16: str) -> None:
+    """torch.cuda answers as one GPU of this name, memory and bf16 support would; nothing is allocated."""
+    import types
+
+    import torch
+
+    total = int(float(gib) * 2**30)
+    properties = types.SimpleNamespace(name=name, total_memory=total, major=8 if bf16 == "1" else 7, minor=0)
+    torch.cuda.is_available = lambda: True
+    torch.cuda.device_count = lambda: 1
+    torch.cuda.is_bf16_supported = lambda *args, **kwargs: bf16 == "1"
+    torch.cuda.get_device_name = lambda *args: name
+    torch.cuda.get_device_properties = lambda *args: properties
+    torch.cuda.mem_get_info = lambda *args: (total, total)
+    torch.cuda.memory_allocated = lambda *args: 0
+
+
 def _install() -> None:
     import resource
 
@@ -54,11 +76,15 @@ def _install() -> None:
 
     rank = int(os.environ["EVALFLEET_WORKER_RANK"])
     load_part, compute = parallel.load_part, runner.compute
+    if FAULT.startswith("fake_cuda:") and os.environ.get("CUDA_VISIBLE_DEVICES") != "":  # "": no GPU for this rank
+        _fake_cuda(*FAULT.split(":", 1)[1].rsplit(":", 2))
 
     @torch.no_grad()
     def faulty_load(spec):
         if FAULT == "oom_at_load":
             raise torch.OutOfMemoryError("test fault: out of memory at load")
+        if FAULT.startswith("fake_cuda:") and spec.device == "cuda":
+            spec = dataclasses.replace(spec, device="cpu")  # the decided dtype, in the CPU's memory
         part = load_part(spec)
         model = part.backend.model
         if FAULT == "swap_tp_shards" and spec.tp > 1:

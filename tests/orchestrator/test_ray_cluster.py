@@ -13,7 +13,6 @@ import asyncio
 import json
 import os
 import shutil
-import tempfile
 import time
 from pathlib import Path
 
@@ -22,6 +21,7 @@ import pytest
 from bounded import bounded
 from faultenv import fault_env
 from fleet import fleet_in, wait_for
+from raycluster import cached_rows, local_cluster, remove_node_of
 from samples import compare_samples, load_samples
 from tinymodels import build_tiny_model
 
@@ -29,14 +29,6 @@ from evalfleet.orchestrator import JobState
 
 pytestmark = pytest.mark.slow
 
-# Fast health checks, so a lost node is declared dead in about three seconds (defaults: ~14 s
-# here); not faster, or a node busy on a loaded 2-core machine could be declared dead too.
-FAST_HEALTH_CHECKS = {
-    "health_check_initial_delay_ms": 0,
-    "health_check_period_ms": 1000,
-    "health_check_timeout_ms": 1000,
-    "health_check_failure_threshold": 3,
-}
 TASKS = ("demo_mc", "demo_arith", "demo_ppl")
 LIMIT = "3"
 
@@ -62,29 +54,10 @@ def rank_actors() -> list[psutil.Process]:
 
 @pytest.fixture(scope="module")
 def cluster():
-    from ray.cluster_utils import Cluster
-
-    tmpdir = tempfile.mkdtemp(prefix="ray", dir="/tmp")  # Ray's socket paths must stay short
-    saved = {key: os.environ.get(key) for key in ("RAY_AUTH_MODE", "RAY_TMPDIR")}
-    os.environ.update(RAY_AUTH_MODE="disabled", RAY_TMPDIR=tmpdir)
-    cluster = Cluster(initialize_head=True, head_node_args={
-        "num_cpus": 1, "num_gpus": 0, "_system_config": FAST_HEALTH_CHECKS,
-        "include_dashboard": False,
-    })
-    try:
-        nodes = [cluster.add_node(num_cpus=1, num_gpus=2) for _ in range(3)]
-        cluster.wait_for_nodes()
-        cluster.gpu_nodes = nodes
+    with local_cluster(3, 2) as cluster:
         yield cluster
-    finally:
-        cluster.shutdown()
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
-    wait_for(lambda: not _ray_processes(tmpdir), 30, "every Ray process to exit")
-    shutil.rmtree(tmpdir, ignore_errors=True)
+    wait_for(lambda: not _ray_processes(cluster.tmpdir), 30, "every Ray process to exit")
+    shutil.rmtree(cluster.tmpdir, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")
@@ -132,8 +105,11 @@ def test_run_spreads_pipeline_stages_and_replicas_over_nodes(cluster, llama, ref
                            "--limit", LIMIT, "--strategy", "pp", "--pp", "2", "--dp", "2", "--log-samples",
                            "--no-cache", "--output", str(out)], timeout=600)
     assert done.returncode == 0, done.stderr
-    layout = json.loads((out / "results.json").read_text())["evalfleet"]["layout"]
+    section = json.loads((out / "results.json").read_text())["evalfleet"]
+    layout = section["layout"]
     assert (layout["tp"], layout["pp"], layout["dp"]) == (1, 2, 2)
+    # `auto` on ranks without CUDA: float32, decided by each rank and recorded as they loaded it
+    assert section["model"]["dtype"] == layout["dtype"] == "float32" and set(layout["devices"]) == {"cpu"}
     replicas = layout["placement"]
     assert all(len(set(stages)) == 2 for stages in replicas), replicas  # each replica's stages on two nodes
     assert len({node for stages in replicas for node in stages}) == 3
@@ -202,8 +178,6 @@ def test_a_node_lost_mid_job_is_left_and_the_job_finishes_elsewhere(cluster, lla
 def test_run_retries_from_the_request_cache_after_a_node_loss(cluster, llama, reference, tmp_path, monkeypatch):
     """`run --ray` whose rank's node dies mid-run says so in one line, runs a second attempt on the
     nodes that remain, resumed from the request cache, and ends with an uninterrupted run's results."""
-    import contextlib
-    import sqlite3
     import subprocess
 
     from clitools import evalfleet_command
@@ -212,25 +186,16 @@ def test_run_retries_from_the_request_cache_after_a_node_loss(cluster, llama, re
         monkeypatch.setenv(key, value)
     cache, out = tmp_path / "cache.sqlite", tmp_path / "run"
 
-    def cached() -> int:
-        if not cache.exists():
-            return 0
-        with contextlib.closing(sqlite3.connect(cache)) as conn, contextlib.suppress(sqlite3.Error):
-            return conn.execute("SELECT COUNT(*) FROM results").fetchone()[0]
-        return 0
-
     process = subprocess.Popen(
         [*evalfleet_command(), "run", "--ray", cluster.address, "--model", str(llama), "--tasks", "demo_mc,demo_arith",
          "--limit", LIMIT, "--batch-size", "1", "--log-samples", "--cache", str(cache), "--output", str(out)],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     try:
-        wait_for(lambda: process.poll() is not None or cached() >= 2, 300, "the run to compute")
+        wait_for(lambda: process.poll() is not None or cached_rows(cache) >= 2, 300, "the run to compute")
         assert process.poll() is None, process.communicate()
         (actor,) = rank_actors()
-        node = next(n for n in cluster.gpu_nodes if n.all_processes["raylet"][0].process.pid == actor.ppid())
-        done_before = cached()
-        cluster.remove_node(node, allow_graceful=False)
-        cluster.gpu_nodes.remove(node)
+        done_before = cached_rows(cache)
+        remove_node_of(cluster, actor)
         _, stderr = process.communicate(timeout=300)
     finally:
         if process.poll() is None:
@@ -299,6 +264,24 @@ def ray_driver(cluster):
     connect(cluster.address)
     yield
     ray.shutdown()
+
+
+def test_ray_ranks_decide_the_dtype_on_their_own_gpus(cluster, ray_driver, llama, tmp_path, monkeypatch):
+    """This process, the driver, has no GPU (as the Ray executor starts it); its ranks see an H100 at the
+    CUDA boundary (`fake_cuda`), so `auto` is the bfloat16 they load, and results.json says so."""
+    from evalfleet.engines.ray_engine import evaluate_on_ray
+    from evalfleet.types import EvaluationRequest
+
+    for key, value in fault_env("fake_cuda:NVIDIA H100 80GB HBM3:80:1").items():  # reaches the rank actors
+        monkeypatch.setenv(key, value)
+    request = EvaluationRequest.model_validate({
+        "model": {"path": str(llama)}, "tasks": {"names": ["demo_mc"], "limit": 2}, "use_cache": False,
+        "output_dir": str(tmp_path),
+    })
+    section = evaluate_on_ray(request, cluster.address).evalfleet
+    assert section["model"]["dtype"] == section["layout"]["dtype"] == "bfloat16"
+    assert section["layout"]["devices"] == ["cuda"]
+    wait_for(lambda: not rank_actors(), 30, "the rank actor to exit")
 
 
 def test_a_node_lost_in_the_round_that_places_another_job_is_not_placed_on(cluster, ray_driver, llama, tmp_path,

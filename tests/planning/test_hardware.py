@@ -21,6 +21,17 @@ def test_cpu_spec_uses_ram():
     assert inventory.describe() == "cpu"
 
 
+@pytest.mark.parametrize(("spec", "asked", "loaded"), [
+    ("8xA100-80GB", "auto", "bfloat16"),
+    ("4xV100-32GB", "auto", "float16"),  # compute capability 7.0 runs no bfloat16
+    ("4xT4-16GB", "float32", "float32"),
+    ("cpu", "auto", "float32"),
+])
+def test_a_pool_answers_auto_as_its_ranks_will(spec, asked, loaded):
+    """Before launch, `auto` comes from the pool's devices, as each rank decides it on its own."""
+    assert Inventory.from_spec(spec).load_dtype(asked) == loaded
+
+
 @pytest.mark.parametrize(
     ("spec", "nodes", "per_node", "name", "total", "interconnect", "intra"),
     [

@@ -13,12 +13,14 @@ from clitools import run_main
 from evalfleet.planning import backends, parse_gpus, plan, profile_model
 
 
-def test_transformers_refuses_falcon_180b_on_two_nodes_with_the_reason(capsys, monkeypatch):
-    code, out, err = run_main(["plan", "--model", "tiiuae/falcon-180B", "--gpus", "2x8xH100-80GB"], capsys, monkeypatch)
+def test_transformers_refuses_falcon_180b_on_two_small_nodes_with_the_reason(capsys, monkeypatch):
+    """A device_map split stays inside one node, and 4 GPUs of 80 GB cannot hold 335 GB of weights."""
+    code, out, err = run_main(["plan", "--model", "tiiuae/falcon-180B", "--gpus", "2x4xH100-80GB"], capsys, monkeypatch)
     assert code != 0 and "does not fit" in out and "transformers" in out
     line = err.strip()
     assert "\n" not in line and line.startswith("error:")
     assert "no tensor-parallel plan for falcon" in line and "not Llama-style" in line
+    assert "(device_map over 4 GPUs)" in line and "a device_map split stays inside one node" in line
 
 
 def test_transformers_still_splits_llama(capsys, monkeypatch):

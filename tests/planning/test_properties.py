@@ -52,7 +52,7 @@ def inventories(draw):
     dtype=st.sampled_from(["float32", "bfloat16", "int8", "int4"]),
     max_length=st.sampled_from([256, 1024, 2048, 4096]),
     batch_size=st.integers(1, 32),
-    strategy=st.sampled_from(["auto", "auto", "single", "tp", "pp", "hybrid", "dp"]),
+    strategy=st.sampled_from(["auto", "auto", "single", "tp", "pp", "hybrid", "dp", "device_map"]),
 )
 def test_any_returned_plan_is_valid(cfg, inventory, data, dtype, max_length, batch_size, strategy):
     profile = profile_model(cfg)
@@ -90,9 +90,10 @@ def test_any_returned_plan_is_valid(cfg, inventory, data, dtype, max_length, bat
     assert result.gpus_used <= len(devices) - len(busy)
     if max_gpus is not None:
         assert result.gpus_used <= max_gpus
-    # node boundaries: each tensor-parallel group sits in one node
-    for start in range(0, len(result.placement), layout.tp):
-        assert len({n for n, _ in result.placement[start : start + layout.tp]}) == 1
+    # node boundaries: each tensor-parallel group, and each device_map replica (one process), sits in one node
+    group = layout.world_size if layout.device_map else layout.tp
+    for start in range(0, len(result.placement), group):
+        assert len({n for n, _ in result.placement[start : start + group]}) == 1
     assert result.nodes_used == len({n for n, _ in result.placement})
     assert result.estimated_tokens_per_s > 0
     if strategy != "auto":

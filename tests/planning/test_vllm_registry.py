@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -79,3 +80,36 @@ def test_plan_on_the_cpu_refuses_vllm_for_a_head_size_without_a_kernel(head_size
         "max_position_embeddings": 128}))
     answer = plan(profile_model(str(model)), Inventory.from_spec("cpu"), backend="vllm")
     assert not answer.fits and f"no kernel for this model's head size {head_size}" in answer.reason
+
+
+def _plan_without_architectures(config: dict, tmp_path, monkeypatch, gpus: str):
+    """vLLM's planner answer for `config` with its `architectures` removed, from registry answers kept on disk."""
+    from evalfleet.planning import Inventory, plan, profile_model
+
+    path = tmp_path / "vllm-registry.json"
+    path.write_text(json.dumps({"9.9": {"architectures": ["FalconForCausalLM", "LlamaForCausalLM"],
+                                        "supports_pp": {"FalconForCausalLM": True}}}))
+    monkeypatch.setattr(backends, "_vllm_registry", lambda: VllmRegistry(path, "9.9"))
+    monkeypatch.setattr(backends, "installed", lambda name: True)  # as in the vLLM environment
+    model = tmp_path / "model"
+    model.mkdir()
+    model.joinpath("config.json").write_text(json.dumps({k: v for k, v in config.items() if k != "architectures"}))
+    profile = profile_model(str(model))
+    return profile, plan(profile, Inventory.from_spec(gpus), backend="vllm")
+
+
+def test_a_config_without_architectures_is_known_by_its_model_type(tmp_path, monkeypatch):
+    """An older export or a hand-written config: the architecture is the causal LM class transformers'
+    auto classes map its model_type to, so vLLM's registry knows falcon."""
+    falcon = json.loads((Path(backends.__file__).parent / "configs" / "falcon-180b.json").read_text())
+    profile, answer = _plan_without_architectures(falcon, tmp_path, monkeypatch, "8xA100-80GB")
+    assert profile.architecture == "FalconForCausalLM"
+    assert answer.fits and answer.backend == "vllm", answer.reason
+
+
+def test_an_unknown_model_type_without_architectures_is_refused_in_one_sentence(tmp_path, monkeypatch):
+    config = {"model_type": "made_up_lm", "hidden_size": 64, "num_attention_heads": 4, "num_hidden_layers": 2,
+              "intermediate_size": 128, "vocab_size": 400, "max_position_embeddings": 128}
+    profile, answer = _plan_without_architectures(config, tmp_path, monkeypatch, "1xA100-80GB")
+    assert profile.architecture == "made_up_lm"
+    assert not answer.fits and answer.reason == "vLLM 9.9 has no implementation of made_up_lm"

@@ -18,7 +18,7 @@ import time
 import pytest
 
 from samples import compare_samples, load_samples, metric_differences
-from vllm_support import VLLM_EVALFLEET, evalfleet_vllm, python_vllm, vllm_env
+from vllm_support import VLLM_EVALFLEET, evalfleet_vllm, lm_eval_hf, python_vllm, vllm_env
 
 TASKS = ["demo_mc", "demo_arith", "demo_ppl"]
 SAMPLED = "demo_arith_sampled"
@@ -45,24 +45,7 @@ def _greedy(samples: dict) -> dict:
 
 @pytest.fixture(scope="module")
 def lm_eval_reference(vllm_model):
-    """lm-eval's HFLM on the same float32 model, in this (the main) environment."""
-    from lm_eval import simple_evaluate
-
-    from evalfleet.engines.evaluation import BOOTSTRAP_ITERS
-    from evalfleet.tasks import build_task_manager
-
-    out = simple_evaluate(
-        model="hf",
-        model_args={"pretrained": str(vllm_model), "dtype": "float32"},
-        tasks=TASKS,
-        task_manager=build_task_manager(TASKS),
-        batch_size=4,
-        device="cpu",
-        limit=LIMIT,
-        log_samples=True,
-        bootstrap_iters=BOOTSTRAP_ITERS,
-    )
-    return json.loads(json.dumps(out, default=str))
+    return lm_eval_hf(vllm_model, TASKS, LIMIT)
 
 
 def _cached_rows(path) -> int:

@@ -125,8 +125,10 @@ def run_evaluation(
     model_path = resolve_model_path(request.model.path)
     layout = runner.describe()
     # A pipeline fills and drains once per batch, and cuts each batch into micro-batches: its
-    # batches hold pp budgets, so each stage computes about a budget's share at a time.
-    token_budget = request.max_batch_tokens or default_token_budget(device) * max(1, layout.get("pp") or 1)
+    # batches hold pp budgets, so each stage computes about a budget's share at a time. A device_map's
+    # stages take the whole batch in turn: one budget.
+    stages = 1 if layout.get("strategy") == "device_map" else max(1, layout.get("pp") or 1)
+    token_budget = request.max_batch_tokens or default_token_budget(device) * stages
     if monitor is not None:  # its suggestions then name this run's settings, and it watches only these devices
         monitor.set_layout(tp=layout.get("tp"), pp=layout.get("pp"), dp=layout.get("dp"),
                            max_batch_tokens=token_budget, devices=layout.get("devices"))
@@ -202,9 +204,12 @@ def _hardware(layout: dict[str, Any]) -> dict[str, Any]:
     """What the run computed on, for its calibration key: GPU model, or CPU threads in all."""
     import torch
 
+    gpus = [name for name in layout.get("device_names", []) if name != "cpu"]  # as ranks elsewhere report them
+    if gpus:
+        return {"gpu_name": gpus[0]}
     devices = [str(d) for d in layout.get("devices") or ["cpu"]]
-    if any(d.startswith("cuda") for d in devices) and torch.cuda.is_available():
-        return {"gpu_name": torch.cuda.get_device_name(0)}
+    if "device_names" not in layout and any(d.startswith("cuda") for d in devices) and torch.cuda.is_available():
+        return {"gpu_name": torch.cuda.get_device_name(0)}  # this process holds the weights
     ranks = (layout.get("tp") or 1) * (layout.get("pp") or 1) * (layout.get("dp") or 1)
     per_rank = layout.get("threads_per_rank")
     return {"cpu_threads": per_rank * ranks if per_rank else torch.get_num_threads()}

@@ -32,10 +32,14 @@ def _start_of(first_in_process: bool) -> float:
     return time.perf_counter() - max(0.0, time.time() - psutil.Process().create_time())
 
 
-def check_request(request: EvaluationRequest) -> EvaluationRequest:
+def check_request(
+    request: EvaluationRequest, ranks_backend: str | None = None, *, local: bool = True
+) -> EvaluationRequest:
     """Every check that needs no model loaded, so a bad input costs seconds, not a model load.
 
-    Returns the request with its backend resolved (`auto` becomes hf or vllm).
+    Returns the request with its backend resolved (`auto` becomes hf or vllm). `ranks_backend`:
+    the backend already resolved, and checked, where the ranks run (a Ray cluster's nodes).
+    `local`: the weights live on this machine, so its device answers for the device and dtype.
     """
     from evalfleet.planning import profile_model
     from evalfleet.planning.backends import device_problem, resolve_backend
@@ -46,11 +50,15 @@ def check_request(request: EvaluationRequest) -> EvaluationRequest:
     check_model_folder(path)
     if request.harness.apply_chat_template and Path(path).is_dir():
         check_chat_template(request, path)
-    _, device = load_dtype_and_device(request)
-    backend = resolve_backend(request.backend, on_gpu=device.startswith("cuda"))
+    on_gpu = False
+    if local:  # ranks elsewhere decide their device, and check the dtype against it, as they load
+        _, device = load_dtype_and_device(request)
+        on_gpu = device.startswith("cuda")
+    backend = ranks_backend or resolve_backend(request.backend, on_gpu=on_gpu)
     if backend == "vllm" and request.engine == "lightweight":
         raise EvalfleetError("the lightweight engine runs transformers only; use --engine auto with --backend vllm")
-    problem = device_problem(backend, profile_model(request.model.path).head_dim, on_cpu=not device.startswith("cuda"))
+    problem = None if ranks_backend else device_problem(backend, profile_model(request.model.path).head_dim,
+                                                         on_cpu=not on_gpu)
     if problem:
         raise UsageError(problem)
     check_output_dir(request.output_dir)

@@ -95,7 +95,7 @@ def size_request(request: EvaluationRequest, inventory: Inventory) -> tuple[dict
     hints = {"strategy": "auto"} if slots else {"strategy": request.strategy.value, "tp": request.tp,
                                                 "pp": request.pp, "dp": request.dp}
     answer = plan(
-        profile, inventory, dtype=request.model.dtype, max_length=request.model.max_length or 2048,
+        profile, inventory, dtype=_sized_dtype(request, inventory), max_length=request.model.max_length or 2048,
         max_gpus=request.gpus, backend=request.backend, **hints,
     )
     if not answer.fits:
@@ -118,6 +118,12 @@ def size_request(request: EvaluationRequest, inventory: Inventory) -> tuple[dict
     if estimate["seconds"] > 0:
         demand = calibrated(demand, estimate["modeled_seconds"] / estimate["seconds"])
     return {**answer.to_dict(), "estimate": estimate}, demand, size
+
+
+def _sized_dtype(request: EvaluationRequest, inventory: Inventory) -> str:
+    """The dtype a job's memory is sized in: the one its ranks will load (`auto` answered by the pool's
+    devices, as each rank answers it on its own: float32 on CPU slots)."""
+    return inventory.load_dtype(request.model.dtype)
 
 
 def _slot_replicas(request: EvaluationRequest, inventory: Inventory) -> int:
@@ -161,7 +167,7 @@ def estimate_for(request: EvaluationRequest, inventory: Inventory) -> tuple[dict
     profile = profile_model(request.model.path)
     cpu_hints = inventory.is_cpu_only
     answer = plan(
-        profile, inventory, dtype=request.model.dtype, max_length=request.model.max_length or 2048,
+        profile, inventory, dtype=_sized_dtype(request, inventory), max_length=request.model.max_length or 2048,
         strategy="auto" if cpu_hints else request.strategy.value, tp=None if cpu_hints else request.tp,
         pp=None if cpu_hints else request.pp, dp=None if cpu_hints else request.dp, backend=request.backend,
     )
@@ -212,18 +218,19 @@ def estimate_request(request: EvaluationRequest, inventory: Inventory, answer: P
     # The job's own sequences where they were counted (attention over half of one, on average),
     # and as many rows per batch as the token budget holds (pp budgets for a pipeline).
     length = size["work_tokens"] / size["token_requests"] if size.get("token_requests") else answer.max_length
-    budget = request.max_batch_tokens or DEFAULT_TOKEN_BUDGET["cpu" if inventory.is_cpu_only else "cuda"] * pp
+    device_map = answer.layout.device_map and not inventory.is_cpu_only  # its stages run in turn: no pp budgets
+    budget = request.max_batch_tokens or DEFAULT_TOKEN_BUDGET["cpu" if inventory.is_cpu_only else "cuda"] * (
+        1 if device_map else pp)
     rates = modeled_rates(
         answer.profile, tp, pp, dp, tflops=tflops, bandwidth_gbps=node.gpus[0].spec.memory_bandwidth_gbps,
         link_gbps=node.intra_bandwidth_gbps or 1.0, dtype=answer.dtype, max_length=max(1, round(length)),
-        batch_size=max(1, int(budget // max(length, 1))),
+        batch_size=max(1, int(budget // max(length, 1))), device_map=device_map,
     )
     generated = float(size.get("generation_tokens") or 0)
     generation = float(work.get("generation", 0))
     modeled = {"loglikelihood": rates["prefill"], "generation": rates["decode"]}
     if generation > 0:  # its prompts at prefill speed, its budget at decode speed
         modeled["generation"] = generation / ((generation - generated) / rates["prefill"] + generated / rates["decode"])
-    # the dtype the run will load in: on the CPU "auto" is float32 (runtime.backends.hf.resolve_dtype)
-    dtype = "float32" if inventory.is_cpu_only and request.model.dtype == "auto" else answer.dtype
-    key = CalibrationKey(model_shape(answer.profile), answer.backend, dtype, tp, pp, dp, hardware)
+    key = CalibrationKey(model_shape(answer.profile), answer.backend, inventory.load_dtype(request.model.dtype), tp, pp,
+                         dp, hardware)
     return {**job_estimate(work, kind_estimates(key, modeled)), "key": key.describe()}

@@ -1,7 +1,7 @@
 """Putting a layout on concrete GPUs: which (node, gpu) runs each rank.
 
 Rules: a tensor-parallel group lives inside one node (its all-reduces need NVLink/PCIe, not the
-network); a replica's pipeline stages stay in one node when some node can hold them all, and
+network), and so does a device_map replica (one process holds its GPUs); a replica's pipeline stages stay in one node when some node can hold them all, and
 otherwise span the fewest, largest nodes; busy GPUs and GPUs without `need_gb` free are never
 used; among the rest, GPUs with more free memory come first. A replica that fits a node goes to
 the node it fills best, which keeps whole nodes free for the big jobs a scheduler sees next.
@@ -42,6 +42,9 @@ def place(
 ) -> list[Device]:
     """The device of each rank, dp-major (replica, then stage, then tp rank); raises PlacementError."""
     tp, pp, dp = layout.tp, layout.pp, layout.dp
+    group = "a tensor-parallel group"
+    if layout.device_map:  # placed as one group of pp GPUs inside a node
+        tp, pp, group = pp, 1, "a device_map replica"
     usable = usable_devices(inventory, busy, need_gb)
     if layout.total_gpus > 1 and inventory.is_cpu_only:
         raise PlacementError(
@@ -51,7 +54,7 @@ def place(
     if largest < tp:
         memory = f" with {need_gb:.1f} GB free" if need_gb > 0 else ""
         raise PlacementError(
-            f"a tensor-parallel group of {tp} GPUs must stay inside one node, and no node has {tp} "
+            f"{group} of {tp} GPUs must stay inside one node, and no node has {tp} "
             f"usable GPUs{memory} (the most is {largest})"
         )
     capacity = [len(gpus) // tp for gpus in usable]

@@ -2,8 +2,10 @@
 
 transformers splits a model over GPUs only where the model brings a tensor-parallel plan
 (`base_model_tp_plan` in its config class) and, for pipeline stages, only Llama-style models
-(`embed_tokens`, `layers`, `norm`). vLLM runs tp and pp itself for every architecture in its
-model registry (pp where the model implements it). `evalfleet plan` proposes only layouts that a
+(`embed_tokens`, `layers`, `norm`). Every other family whose model class names the blocks to
+keep whole (`_no_split_modules`) can still be split by layers over one node's GPUs in one process
+(accelerate's device_map, the `device_map` strategy), as lm-eval's `parallelize=True` does. vLLM
+runs tp and pp itself for every architecture in its model registry (pp where the model implements it). `evalfleet plan` proposes only layouts that a
 backend installed here can run, and the engines refuse the others with the same sentence.
 """
 
@@ -74,8 +76,12 @@ def candidates(name: str, on_gpu: bool) -> list[str]:
     return [backend for backend in preferred if installed(backend)]
 
 
-def layout_problem(backend: str, model_type: str, architecture: str, tp: int, pp: int) -> str | None:
-    """Why `backend` cannot run this architecture with tp x pp, or None."""
+def layout_problem(
+    backend: str, model_type: str, architecture: str, tp: int, pp: int, device_map: bool = False
+) -> str | None:
+    """Why `backend` cannot run this architecture with tp x pp (pp stages of a device_map), or None."""
+    if device_map:
+        return device_map_problem(backend, model_type)
     if backend == "any":
         return None
     if backend == "vllm":
@@ -86,6 +92,15 @@ def layout_problem(backend: str, model_type: str, architecture: str, tp: int, pp
     if pp > 1 and not _llama_style(model_type):
         reasons.append(f"{model_type} is not Llama-style (embed_tokens, layers, norm), which pipeline stages need")
     return "; ".join(reasons) or None
+
+
+def device_map_problem(backend: str, model_type: str) -> str | None:
+    """Why `backend` cannot split this family by layers over a node's GPUs in one process, or None."""
+    if backend != "hf":
+        return f"{LABELS[backend]} does not split models with a device_map; only transformers (--backend hf) does"
+    if not _hf_capability("layer_split", model_type, _live_layer_split):
+        return f"transformers names no blocks to keep whole (_no_split_modules) in {model_type}, which a device_map needs"
+    return None
 
 
 def device_problem(backend: str, head_dim: int, on_cpu: bool) -> str | None:
@@ -130,7 +145,7 @@ def _llama_style(model_type: str) -> bool:
 def _hf_capability(kind: str, model_type: str, live: Callable[[str], bool]) -> bool:
     """The shipped table's answer where it covers this transformers and family, transformers' own otherwise."""
     table = _hf_table()
-    if table is not None and model_type in table["families"]:
+    if table is not None and model_type in table["families"] and kind in table:
         return model_type in table[kind]
     return live(model_type)
 
@@ -142,6 +157,7 @@ def read_hf_table(families: tuple[str, ...] = TABLE_FAMILIES) -> dict[str, Any]:
         "families": sorted(families),
         "tp_plan": sorted(f for f in families if _live_has_tp_plan(f)),
         "llama_style": sorted(f for f in families if _live_llama_style(f)),
+        "layer_split": sorted(f for f in families if _live_layer_split(f)),
     }
 
 
@@ -153,21 +169,32 @@ def _live_has_tp_plan(model_type: str) -> bool:
 
 @functools.cache
 def _live_llama_style(model_type: str) -> bool:
-    """Built on the meta device from a two-layer config of the family: no memory, no weights."""
+    model = _meta_model(model_type)
+    base = getattr(model, model.base_model_prefix, None) if model is not None else None
+    return all(hasattr(base, part) for part in ("embed_tokens", "layers", "norm"))
+
+
+@functools.cache
+def _live_layer_split(model_type: str) -> bool:
+    model = _meta_model(model_type)
+    return bool(getattr(model, "_no_split_modules", None))
+
+
+@functools.cache
+def _meta_model(model_type: str) -> Any:
+    """The family's causal LM built on the meta device from a two-layer config: no memory, no weights."""
     import torch
     from transformers import AutoModelForCausalLM
 
     config = _text_config(model_type)
     if config is None:
-        return False
+        return None
     config.num_hidden_layers = 2
     try:
         with torch.device("meta"):
-            model = AutoModelForCausalLM.from_config(config)
+            return AutoModelForCausalLM.from_config(config)
     except (ValueError, KeyError):
-        return False
-    base = getattr(model, model.base_model_prefix, None)
-    return all(hasattr(base, part) for part in ("embed_tokens", "layers", "norm"))
+        return None
 
 
 def _vllm_problem(architecture: str, pp: int) -> str | None:

@@ -91,10 +91,12 @@ def inventory_hardware(inventory: Any) -> str:
 
 
 def modeled_rates(profile: Any, tp: int, pp: int, dp: int, *, tflops: float, bandwidth_gbps: float,
-                  link_gbps: float, dtype: str, max_length: int, batch_size: int) -> dict[str, float]:
+                  link_gbps: float, dtype: str, max_length: int, batch_size: int,
+                  device_map: bool = False) -> dict[str, float]:
     """The cost model's prompt ("prefill") and generated-token ("decode") speeds of dp replicas."""
     figures = {"tflops": tflops, "memory_bandwidth_gbps": bandwidth_gbps, "intra_gbps": link_gbps,
-               "stage_link_gbps": link_gbps, "dtype": dtype, "max_length": max_length, "batch_size": batch_size}
+               "stage_link_gbps": link_gbps, "dtype": dtype, "max_length": max_length, "batch_size": batch_size,
+               "device_map": device_map}
     prefill, decode = replica_speeds(profile, tp, pp, **figures)
     return {"prefill": dp * prefill, "decode": dp * decode}
 
@@ -248,6 +250,7 @@ def plan_speeds(result: Any, inventory: Any) -> dict[str, Any]:
         result.profile, layout.tp, layout.pp, layout.dp, tflops=device.spec.bf16_tflops,
         bandwidth_gbps=device.spec.memory_bandwidth_gbps, link_gbps=node.intra_bandwidth_gbps or 1.0,
         dtype=result.dtype, max_length=result.max_length, batch_size=result.batch_size or 8,
+        device_map=layout.device_map,
     )
     prefill = result.estimated_tokens_per_s
     modeled = {"loglikelihood": prefill, "generation": 2 / (1 / prefill + 1 / rates["decode"])}

@@ -119,6 +119,17 @@ class Inventory:
     def is_cpu_only(self) -> bool:
         return all(gpu.is_cpu for node in self.nodes for gpu in node.gpus)
 
+    def load_dtype(self, dtype: str) -> str:
+        """The dtype ranks on this pool load for `dtype`, as each decides it on its own device
+        (`runtime.group.GroupSpec.on_this_device`): `auto` is float32 on CPUs, and on GPUs bfloat16
+        where every GPU runs it (compute capability 8.0 or newer, or not known), else float16."""
+        if dtype != "auto":
+            return dtype
+        if self.is_cpu_only:
+            return "float32"
+        capabilities = [gpu.compute_capability for node in self.nodes for gpu in node.gpus if not gpu.is_cpu]
+        return "bfloat16" if all(c is None or c >= (8, 0) for c in capabilities) else "float16"
+
     def describe(self) -> str:
         parts = []
         for node in self.nodes:

@@ -133,6 +133,14 @@ class MemoryModel:
         )
 
 
+def device_map_budgets(per_gpu: MemoryBreakdown, free_gb: list[float]) -> list[int]:
+    """Bytes of weights each GPU of a device_map replica may take (accelerate's `max_memory`): its
+    free memory less what the memory model sets aside beside the weights (KV cache, activations,
+    overhead, margin) on the worst stage."""
+    reserve = per_gpu.total - per_gpu.weights
+    return [max(0, int((free - reserve) * GIB)) for free in free_gb]
+
+
 def estimate_memory(
     profile: ModelProfile,
     tp: int = 1,

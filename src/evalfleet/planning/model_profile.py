@@ -225,11 +225,10 @@ def _build_profile(cfg: dict[str, Any], name: str, exact: bool) -> ModelProfile:
         counts, method = formula(shape, cfg), "analytic"
     else:
         counts, method = _meta_counts(cfg, shape, name)
-    architectures = cfg.get("architectures") or [family]
     return ModelProfile(
         name=name,
         family=family,
-        architecture=str(architectures[0]),
+        architecture=architecture_of(cfg, family),
         params=counts.total(shape.num_layers),
         params_per_layer=counts.per_layer,
         embedding_params=counts.embedding,
@@ -249,6 +248,17 @@ def _build_profile(cfg: dict[str, Any], name: str, exact: bool) -> ModelProfile:
         default_dtype=_config_dtype(cfg),
         count_method=method,
     )
+
+
+def architecture_of(cfg: dict[str, Any], family: str) -> str:
+    """The model class a config names (`architectures`), else the causal LM class transformers' auto
+    classes map its `model_type` to, as `AutoModelForCausalLM` would load a config without one (a
+    hand-written config, an older export), else the `model_type` (`family`) itself."""
+    if cfg.get("architectures"):
+        return str(cfg["architectures"][0])
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES  # imports torch: only here
+
+    return MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(family, family)
 
 
 def _config_dtype(cfg: dict[str, Any]) -> str:

@@ -2,8 +2,9 @@
 
 Every (tp, pp) the model's shape allows and the nodes can hold is sized by the memory model;
 those that fit get as many data-parallel replicas as the usable GPUs allow, and the cost model
-ranks them by the whole job's tokens/s. A forced strategy or explicit tp/pp/dp only narrows the
-candidates; when none is left the plan says why instead of raising, because the scheduler asks
+ranks them by the whole job's tokens/s. Where transformers cannot pipeline the family, layers
+split over one node's GPUs in one process (the `device_map` strategy) are candidates too, at
+their own, slower speed. A forced strategy or explicit tp/pp/dp only narrows the candidates; when none is left the plan says why instead of raising, because the scheduler asks
 thousands of "what if" questions and a refusal is an answer.
 """
 
@@ -35,6 +36,7 @@ _SPLIT = (
     DistributionStrategy.PIPELINE_PARALLEL,
     DistributionStrategy.HYBRID,
     DistributionStrategy.DATA_PARALLEL,
+    DistributionStrategy.DEVICE_MAP,
 )
 
 
@@ -107,6 +109,10 @@ class _Candidate:
     memory: MemoryBreakdown
     replicas: int = 0
     tokens_per_s: float = 0.0
+    device_map: bool = False
+
+    def describe(self) -> str:
+        return f"(device_map over {self.pp} GPUs)" if self.device_map else f"(tp={self.tp}, pp={self.pp})"
 
 
 @dataclass(frozen=True)
@@ -240,6 +246,20 @@ def _problem(profile: ModelProfile, ask: _Ask, tp: int, pp: int) -> str | None:
     )
 
 
+def _device_map_degrees(profile: ModelProfile, ask: _Ask, pool: _Pool) -> list[int]:
+    """GPUs a device_map replica may take: offered where transformers cannot pipeline the family
+    (or where it is asked for by name), within one node."""
+    if ask.tp not in (None, 1) or not shape_allowed(ask.forced, 1, 2, device_map=True):
+        return []
+    if backends.device_map_problem(ask.backend, profile.family):
+        return []
+    asked = ask.forced is DistributionStrategy.DEVICE_MAP
+    if not asked and backends.layout_problem(ask.backend, profile.family, profile.architecture, 1, 2) is None:
+        return []  # real pipeline stages do better
+    degrees = range(2, pool.largest_node + 1) if ask.pp is None else [ask.pp] if ask.pp > 1 else []
+    return [k for k in degrees if layout_problem(profile, 1, k) is None]
+
+
 def _plan_gpus(profile: ModelProfile, inventory: Inventory, ask: _Ask) -> Plan:
     pool = _Pool(inventory, ask.busy, ask.max_gpus)
     memory_of = MemoryModel(profile, **ask.sizes)
@@ -249,6 +269,34 @@ def _plan_gpus(profile: ModelProfile, inventory: Inventory, ask: _Ask) -> Plan:
     tried: list[_Candidate] = []
     degrees: list[int] = []
     best = 0.0
+
+    def consider(candidate: _Candidate) -> None:
+        """Size a candidate's replicas and speed; keep it among the feasible ones if enough fit."""
+        tried.append(candidate)
+        t, p = candidate.tp, candidate.pp
+        if candidate.device_map:  # one process holds the replica's GPUs: they share a node, as a tp group does
+            replicas = pool.replicas(candidate.memory.total, p, 1)
+        else:
+            replicas = pool.replicas(candidate.memory.total, t, p)
+        if ask.dp is not None or ask.forced is DistributionStrategy.SINGLE:
+            replicas = min(replicas, ask.wanted)
+        if replicas < ask.wanted:
+            return
+        stage_link = pool.intra_gbps if t * p <= pool.largest_node else pool.inter_gbps
+        rate = replica_tokens_per_s(
+            profile,
+            t,
+            p,
+            stage_link_gbps=stage_link,
+            tflops=pool.tflops,
+            memory_bandwidth_gbps=pool.memory_bandwidth_gbps,
+            intra_gbps=pool.intra_gbps,
+            device_map=candidate.device_map,
+            **ask.sizes,
+        )
+        candidate.replicas, candidate.tokens_per_s = replicas, replicas * rate
+        feasible.append(candidate)
+
     for t in range(1, pool.largest_node + 1) if ask.tp is None else [ask.tp]:
         problem = _problem(profile, ask, t, 1)
         if problem is None and t > pool.largest_node:
@@ -267,27 +315,10 @@ def _plan_gpus(profile: ModelProfile, inventory: Inventory, ask: _Ask) -> Plan:
             micro = microbatches(ask.batch_size, p)[1]
             if best and pool.budget * per_gpu_rate * micro / (micro + p - 1) < best:
                 break  # even perfect scaling of a deeper pipeline cannot beat the best so far
-            candidate = _Candidate(t, p, memory_of(t, p))
-            tried.append(candidate)
-            replicas = pool.replicas(candidate.memory.total, t, p)
-            if ask.dp is not None or ask.forced is DistributionStrategy.SINGLE:
-                replicas = min(replicas, ask.wanted)
-            if replicas < ask.wanted:
-                continue
-            stage_link = pool.intra_gbps if t * p <= pool.largest_node else pool.inter_gbps
-            rate = replica_tokens_per_s(
-                profile,
-                t,
-                p,
-                stage_link_gbps=stage_link,
-                tflops=pool.tflops,
-                memory_bandwidth_gbps=pool.memory_bandwidth_gbps,
-                intra_gbps=pool.intra_gbps,
-                **ask.sizes,
-            )
-            candidate.replicas, candidate.tokens_per_s = replicas, replicas * rate
-            feasible.append(candidate)
-            best = max(best, candidate.tokens_per_s)
+            consider(_Candidate(t, p, memory_of(t, p)))
+            best = max((c.tokens_per_s for c in feasible), default=0.0)
+    for k in _device_map_degrees(profile, ask, pool):
+        consider(_Candidate(1, k, memory_of(1, k), device_map=True))
 
     if not feasible:
         if ask.pp is None:
@@ -326,7 +357,7 @@ def _beyond_budget(
 
 
 def _placed(profile: ModelProfile, inventory: Inventory, ask: _Ask, c: _Candidate) -> Plan:
-    layout = ParallelLayout(c.tp, c.pp, c.replicas)
+    layout = ParallelLayout(c.tp, c.pp, c.replicas, device_map=c.device_map)
     placement = place(layout, inventory, ask.busy, need_gb=c.memory.total)
     nodes = {n for n, _ in placement}
     device_gb = min(inventory.nodes[n].gpus[g].free_gb for n, g in placement)
@@ -336,6 +367,8 @@ def _placed(profile: ModelProfile, inventory: Inventory, ask: _Ask, c: _Candidat
         DistributionStrategy.TENSOR_PARALLEL: f"tensor parallel over {c.tp} GPUs of one node",
         DistributionStrategy.PIPELINE_PARALLEL: f"a pipeline of {c.pp} stages",
         DistributionStrategy.HYBRID: f"a pipeline of {c.pp} stages, each tensor parallel over {c.tp} GPUs",
+        DistributionStrategy.DEVICE_MAP: f"layers split over {c.pp} GPUs of one node in one process (device_map; "
+        "one GPU computes at a time)",
     }[layout.strategy]
     if layout.world_size > 1 and c.replicas > 1:
         kind += f", {c.replicas} replicas"
@@ -368,8 +401,8 @@ def _refusal(
             least = min(holdable, key=lambda c: (c.tp * c.pp, c.memory.total))
         else:
             least = min(tried, key=lambda c: (c.memory.total, c.tp * c.pp))
-        memory, layout = least.memory, ParallelLayout(least.tp, least.pp)
-        where = f"(tp={least.tp}, pp={least.pp})"
+        memory, layout = least.memory, ParallelLayout(least.tp, least.pp, device_map=least.device_map)
+        where = least.describe()
         needed = least.tp * least.pp * ask.wanted
         if not holdable:
             gpu = "free GPU" if ask.busy else "GPU"
@@ -379,11 +412,13 @@ def _refusal(
         else:
             usable = sum(len(node) - bisect_left(node, memory.total) for node in pool.free)
             reason = (
-                f"needs {needed} GPUs {where} with {memory.total:.1f} GB free, in groups of {least.tp} "
-                f"within a node; {usable} such GPUs are usable"
+                f"needs {needed} GPUs {where} with {memory.total:.1f} GB free, in groups of "
+                f"{least.pp if least.device_map else least.tp} within a node; {usable} such GPUs are usable"
             )
     limits = [backends.layout_problem(ask.backend, profile.family, profile.architecture, t, p) for t, p in ((2, 1), (1, 2))]
     if tried and any(limits):
+        if any(c.device_map for c in tried):
+            limits.append("a device_map split stays inside one node")
         reason += f", and {backends.LABELS[ask.backend]} cannot split it further: {'; '.join(filter(None, limits))}"
     engine = "lightweight" if not ask.explicit and _light(profile, ask) else "distributed"
     return Plan(profile, ask.dtype, layout, engine, False, reason, [], memory, 0.0, 0, 0)

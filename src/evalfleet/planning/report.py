@@ -93,7 +93,8 @@ def render(result: Plan, inventory: Inventory, console: Console, speeds: dict | 
     memory.add_row(*(f"{value:.2f}" for value in result.per_gpu.to_dict().values()))
     console.print(memory)
     if result.placement:
-        console.print("placement (replica: node:gpu per rank): " + _placement_text(result))
+        each = "of its one process" if result.layout.device_map else "per rank"
+        console.print(f"placement (replica: node:gpu {each}): " + _placement_text(result))
     if result.alternatives:
         others = Table(title="alternatives")
         for column in ("strategy", "tp", "pp", "dp", "GPUs", "GB/GPU", "tokens/s"):

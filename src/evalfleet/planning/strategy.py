@@ -22,6 +22,15 @@ step reads every weight once, so
                   + layers * host seconds per layer call + all-reduces (tp) + p2p (pp)
     decode tokens/s = B / decode step
 
+A device_map replica (`ParallelLayout.device_map`: the layers split over pp GPUs of one node
+inside one process, accelerate's `device_map` as lm-eval's `parallelize=True` makes it) has no
+micro-batches: the whole batch goes through one GPU after the other, so one GPU computes at a
+time and the replica runs at one GPU's speed over the whole model, plus a hop per boundary:
+
+    batch     = max(FLOPs(batch) / (peak * efficiency), weights / bandwidth) + (pp - 1) * p2p(batch)
+
+and decoding is the pp formula above (which already runs the stages one after another).
+
 Both are models: `planning/calibration.py` replaces them by measured speeds once a run of the
 same shape, layout and hardware has finished, and reports the model's error against them.
 """
@@ -66,17 +75,24 @@ def microbatches(rows: int, stages: int, per_stage: int = MICROBATCHES_PER_STAGE
 
 @dataclass(frozen=True)
 class ParallelLayout:
-    """tp GPUs share each layer, pp stages split the layers, dp replicas split the data."""
+    """tp GPUs share each layer, pp stages split the layers, dp replicas split the data.
+
+    With `device_map`, a replica's pp stages are pp GPUs of one node held by one process, which
+    runs them one after another (accelerate's device_map): no tensor parallelism, no pipelining.
+    """
 
     tp: int = 1
     pp: int = 1
     dp: int = 1
+    device_map: bool = False
 
     def __post_init__(self) -> None:
         for name in ("tp", "pp", "dp"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise PlanningError(f"{name} must be a positive whole number, not {value!r}")
+        if self.device_map and (self.tp > 1 or self.pp < 2):
+            raise PlanningError(f"a device_map split has tp=1 and pp of 2 or more, not tp={self.tp}, pp={self.pp}")
 
     @property
     def world_size(self) -> int:
@@ -89,6 +105,8 @@ class ParallelLayout:
 
     @property
     def strategy(self) -> DistributionStrategy:
+        if self.device_map:
+            return DistributionStrategy.DEVICE_MAP
         if self.tp > 1 and self.pp > 1:
             return DistributionStrategy.HYBRID
         if self.tp > 1:
@@ -110,10 +128,12 @@ def to_strategy(value: DistributionStrategy | str) -> DistributionStrategy:
         raise PlanningError(f"unknown strategy '{value}'; use one of {names}") from None
 
 
-def shape_allowed(strategy: DistributionStrategy, tp: int, pp: int) -> bool:
-    """Whether a replica of tp x pp GPUs is of the kind a forced strategy asks for."""
+def shape_allowed(strategy: DistributionStrategy, tp: int, pp: int, device_map: bool = False) -> bool:
+    """Whether a replica of tp x pp GPUs (split by a device_map or not) is of the kind a forced strategy asks for."""
     if strategy is DistributionStrategy.AUTO:
         return True
+    if device_map or strategy is DistributionStrategy.DEVICE_MAP:
+        return device_map and strategy is DistributionStrategy.DEVICE_MAP
     if strategy in (DistributionStrategy.SINGLE, DistributionStrategy.DATA_PARALLEL):
         return tp == 1 and pp == 1
     if strategy is DistributionStrategy.TENSOR_PARALLEL:
@@ -152,8 +172,10 @@ def replica_speeds(
     memory_bandwidth_gbps: float,
     intra_gbps: float,
     stage_link_gbps: float,
+    device_map: bool = False,
 ) -> tuple[float, float]:
-    """(prompt tokens/s, generated tokens/s) of one replica, B rows of S tokens (module docstring)."""
+    """(prompt tokens/s, generated tokens/s) of one replica, B rows of S tokens (module docstring);
+    `device_map`: its pp stages in one process, one after another."""
     b = profile.bytes_per_param(dtype)
     peak = tp * tflops * 1e12 * COMPUTE_EFFICIENCY
 
@@ -163,17 +185,21 @@ def replica_speeds(
     def hop(activation_bytes: float) -> float:  # one stage boundary
         return activation_bytes / (stage_link_gbps * 1e9) + COLLECTIVE_LATENCY_S
 
-    size, micro = microbatches(batch_size, pp)
+    size, micro = (batch_size, 1) if device_map else microbatches(batch_size, pp)
     micro_tokens = size * max_length
     compute = profile.flops_per_token(context=max_length // 2) * micro_tokens / (pp * peak)
     floor = profile.params * b / (tp * pp) / (memory_bandwidth_gbps * 1e9)
     activation_bytes = micro_tokens * profile.hidden_size * max(b, 2.0)
-    step = max(compute, floor)
-    if tp > 1:
-        step += 2 * -(-profile.num_layers // pp) * ring(activation_bytes)
-    if pp > 1:
-        step += hop(activation_bytes)
-    prefill = batch_size * max_length / ((micro + pp - 1) * step)
+    if device_map:  # every stage in turn on the whole batch: one GPU's speed, plus the hops between them
+        batch_seconds = pp * max(compute, floor) + (pp - 1) * hop(activation_bytes)
+        prefill = batch_size * max_length / batch_seconds
+    else:
+        step = max(compute, floor)
+        if tp > 1:
+            step += 2 * -(-profile.num_layers // pp) * ring(activation_bytes)
+        if pp > 1:
+            step += hop(activation_bytes)
+        prefill = batch_size * max_length / ((micro + pp - 1) * step)
 
     decode_compute = profile.flops_per_token(context=max_length // 2) * batch_size / peak
     weights = profile.params * b / tp / (memory_bandwidth_gbps * 1e9)

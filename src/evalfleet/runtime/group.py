@@ -8,7 +8,7 @@ other; both import this module.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from importlib.metadata import version
 from typing import Any
 
@@ -28,6 +28,7 @@ PATHS = {
     (False, True): "transformers-pp",
     (True, True): "torch-hybrid",
 }
+DEVICE_MAP_PATH = "accelerate-device-map"
 # transformers' tensor/pipeline-parallel internals (DistributedConfig(pp_size=...), _pp_stage,
 # _device_mesh) are tested on this version; older ones serve the single-device and vLLM paths only.
 TRANSFORMERS_FOR_SPLITS = (5, 24)
@@ -53,20 +54,30 @@ class GroupSpec:
     seed: int = 0
     gpu_memory_utilization: float | None = None
     engine_args: dict[str, Any] = field(default_factory=dict)
+    # A device_map replica: one process splits the layers over its pp devices (accelerate's
+    # device_map), each device's weights within its bytes here ("0".."pp-1"; "cpu" and "disk" too).
+    max_memory: dict[str, int] | None = None
 
     @property
     def world_size(self) -> int:
+        """Devices per replica (its ranks, except where one process holds them all)."""
         return self.tp * self.pp
 
     @property
+    def device_map(self) -> bool:
+        return self.max_memory is not None
+
+    @property
     def processes(self) -> int:
-        """Processes the driver starts per replica: every rank, or one vLLM engine."""
-        return 1 if self.backend == "vllm" else self.world_size
+        """Processes the driver starts per replica: every rank, or one vLLM engine or device_map process."""
+        return 1 if self.backend == "vllm" or self.device_map else self.world_size
 
     @property
     def path(self) -> str:
         """Which loading path (`parallel.py`'s docstring) this layout takes."""
-        return "vllm" if self.backend == "vllm" else PATHS[(self.tp > 1, self.pp > 1)]
+        if self.backend == "vllm":
+            return "vllm"
+        return DEVICE_MAP_PATH if self.device_map else PATHS[(self.tp > 1, self.pp > 1)]
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))
@@ -75,12 +86,26 @@ class GroupSpec:
     def from_json(cls, text: str) -> GroupSpec:
         return cls(**json.loads(text))
 
+    def on_this_device(self) -> GroupSpec:
+        """The spec with its device and dtype decided here, in the rank, where the weights will live.
+
+        The driver sends what the request asked for (`auto` included): it may see other devices
+        than its ranks (a Ray driver sees none), so `auto` becomes bfloat16 on a GPU that runs it,
+        float16 on one that does not, float32 on the CPU, and a dtype the device cannot run is
+        refused, by each rank for its own device. The ranks report what they loaded.
+        """
+        from evalfleet.runtime.backends.hf import resolve_device, resolve_dtype
+
+        device = resolve_device(self.device)
+        kind = "cuda" if device.startswith("cuda") else "cpu"
+        return replace(self, device=kind, dtype=resolve_dtype(self.dtype, device))
+
 
 def check_layout(spec: GroupSpec) -> None:
     """Refuse, in one sentence and before any process starts, a layout the model cannot take."""
     if spec.backend == "vllm":
         return  # vLLM splits every architecture it registers; the engine checked the declaration
-    if spec.world_size > 1:
+    if spec.processes > 1:
         installed = version("transformers")
         if _release(installed) < TRANSFORMERS_FOR_SPLITS:
             raise EvalfleetError(
@@ -95,6 +120,9 @@ def check_layout(spec: GroupSpec) -> None:
     )
     text = config.get_text_config()
     name = getattr(config, "model_type", "this model")
+    if spec.device_map:
+        _check_device_map(spec, config, text, name)
+        return
     if spec.tp > 1:
         heads = getattr(text, "num_attention_heads", None)
         kv_heads = getattr(text, "num_key_value_heads", None) or heads
@@ -112,12 +140,28 @@ def check_layout(spec: GroupSpec) -> None:
         base = getattr(model, model.base_model_prefix, None)
         if not all(hasattr(base, part) for part in ("embed_tokens", "layers", "norm")):
             raise EvalfleetError(
-                f"pipeline parallelism needs a Llama-style model (embed_tokens, layers, norm); {name} is not one"
+                f"pipeline parallelism needs a Llama-style model (embed_tokens, layers, norm); {name} is not one "
+                "(--strategy device_map splits it by layers in one process)"
             )
     if spec.tp > 1 and spec.pp > 1:
         styles = set(getattr(text, "base_model_tp_plan", {}).values())
         if not styles <= set(torch_styles()):
             raise EvalfleetError(f"hybrid tp x pp cannot shard {name}'s tensor-parallel styles {sorted(styles)}")
+
+
+def _check_device_map(spec: GroupSpec, config: Any, text: Any, name: str) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    layers = getattr(text, "num_hidden_layers", 0)
+    if spec.tp > 1 or not 1 < spec.pp <= layers:
+        raise EvalfleetError(f"a device_map splits the model's {layers} layers over 2 to {layers} devices without "
+                             f"tensor parallelism, not tp={spec.tp}, pp={spec.pp}")
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, trust_remote_code=spec.trust_remote_code)
+    if not getattr(model, "_no_split_modules", None):
+        raise EvalfleetError(f"{name} models name no blocks to keep whole (_no_split_modules), which a device_map "
+                             "needs; use --strategy dp or another layout")
 
 
 def torch_styles() -> dict[str, Any]:

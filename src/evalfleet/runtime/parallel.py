@@ -12,6 +12,8 @@ Which path each layout takes (checked on transformers 5.24, torch 2.13):
   wait; log-likelihood batches instead go through `PipelinedHFBackend`, which splits each
   batch into micro-batches that flow through the stages under torch's GPipe schedule
   (forward only): stage 1 works on micro-batch k + 1 while stage 2 works on k.
+- a device_map (`GroupSpec.max_memory` set): one process holds pp devices and the whole model,
+  its layers spread over them by accelerate (`device_map.py`); no collectives.
 - tp > 1 and pp > 1: transformers 5.24 cannot combine them (it expands the TP plan before the
   stage split removes layers, then fails on the missing ones), so we load the whole model,
   split it with transformers' own `apply_pipeline_parallelism` over the pp sub-mesh, and shard
@@ -35,6 +37,7 @@ from transformers import DynamicCache
 
 from evalfleet.planning.strategy import MICROBATCHES_PER_STAGE, microbatches
 from evalfleet.runtime.backends.hf import HFBackend
+from evalfleet.runtime.device_map import load_split
 from evalfleet.runtime.group import PATHS, GroupSpec, check_layout, torch_styles
 
 
@@ -157,6 +160,8 @@ def load_part(spec: GroupSpec) -> LoadedPart:
     }
     if spec.path == "single":
         return LoadedPart(HFBackend.load(spec.model_path, device=device, **common))
+    if spec.device_map:
+        return LoadedPart(load_split(spec, device, common))
     if spec.path == "torch-hybrid":
         return _load_hybrid(spec, device, common)
     config = DistributedConfig(tp_size=spec.tp, pp_size=spec.pp)
@@ -211,16 +216,24 @@ def rank_report(part: LoadedPart, rank: int) -> dict[str, Any]:
         parameters += local.numel()
         global_parameters += parameter.numel()
         nbytes += local.numel() * local.element_size()
-    if part.backend.device.type == "cuda":
-        memory = torch.cuda.memory_allocated()
+    on_gpu = part.backend.device.type == "cuda"
+    if on_gpu:
+        memory = sum(torch.cuda.memory_allocated(i) for i in range(torch.cuda.device_count()))  # a device_map's all
     else:
         import psutil
 
         memory = psutil.Process().memory_info().rss
+    model = part.backend.model
     return {
         "rank": rank,
         "stage": part.stage,
         "tp_rank": part.tp_rank,
+        # what this rank decided and loaded (GroupSpec.on_this_device): the driver records these
+        "dtype": str(model.dtype).removeprefix("torch."),
+        "device_name": torch.cuda.get_device_name() if on_gpu else "cpu",
+        "attn_implementation": getattr(model.config, "_attn_implementation", None),
+        # a device_map's placement, module by module (accelerate's hf_device_map), else None
+        "device_map": {name: str(where) for name, where in getattr(model, "hf_device_map", {}).items()} or None,
         "parameters": parameters,
         "parameters_of_full_tensors": global_parameters,
         "parameter_bytes": nbytes,

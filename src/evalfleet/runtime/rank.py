@@ -73,10 +73,11 @@ class _Control:
 
 def serve(spec: GroupSpec, rank: int, store_port: int, conn: Connection | None) -> None:
     """A worker's life: join the group, load its part, then compute batches until told to stop."""
+    spec = spec.on_this_device()
     torch.set_num_threads(spec.threads)
     exit_with_parent()
-    group = _join_group(spec, rank, store_port) if spec.world_size > 1 else None
-    control = _Control(rank, spec.world_size, group, conn)
+    group = _join_group(spec, rank, store_port) if spec.processes > 1 else None
+    control = _Control(rank, spec.processes, group, conn)
     started = time.perf_counter()
     part = load_or_exit(lambda: load_part(spec))
     on_gpu = part.backend.device.type == "cuda"
@@ -87,7 +88,7 @@ def serve(spec: GroupSpec, rank: int, store_port: int, conn: Connection | None) 
     while (message := control.next_message())[0] == "batch":
         _, index, items, timed = message
         # Timing adds device syncs to every collective, so only the batches the driver samples pay for it.
-        timed = timed and spec.time_communication and spec.world_size > 1
+        timed = timed and spec.time_communication and spec.processes > 1
         if timed:
             timer.install()
         began = time.perf_counter()
@@ -97,7 +98,7 @@ def serve(spec: GroupSpec, rank: int, store_port: int, conn: Connection | None) 
         except Exception as error:
             if not out_of_memory(error):
                 raise
-            if spec.world_size > 1:
+            if spec.processes > 1:
                 # Peers may wait in a collective this rank will never join, so the group cannot
                 # agree on anything: leave at once, and the driver restarts the group.
                 print(f"out of memory in batch {index}", file=sys.stderr, flush=True)

@@ -39,7 +39,7 @@ from typing import Any
 from evalfleet.runtime.backends.base import Item
 from evalfleet.runtime.group import GroupSpec, check_layout
 from evalfleet.runtime.runner import BatchCallback, BatchRunner, first_chunk, halved_budget
-from evalfleet.runtime.workers import BATCH_TIMEOUT_S, describe_layout
+from evalfleet.runtime.workers import BATCH_TIMEOUT_S, describe_layout, loaded_dtype
 from evalfleet.types import EvalfleetError, InfrastructureError, NodeLost
 
 NODE_LABEL = "ray.io/node-id"
@@ -64,8 +64,7 @@ class RankActor:
     def __init__(self, spec_json: str, rank: int) -> None:
         import torch
 
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-        self.spec = dataclasses.replace(GroupSpec.from_json(spec_json), device=device)
+        self.spec = GroupSpec.from_json(spec_json)  # device and dtype as asked: `load` decides them here
         self.rank = rank
         self.part: Any = None
         self.store: Any = None
@@ -96,6 +95,7 @@ class RankActor:
         from evalfleet.runtime.rank import COLLECTIVE_TIMEOUT
 
         started = time.perf_counter()
+        self.spec = self.spec.on_this_device()
         if self.spec.world_size > 1:
             on_gpu = self.spec.device == "cuda"
             if on_gpu:
@@ -191,8 +191,14 @@ class RayGroupRunner(BatchRunner):
 
         check_layout(self.spec)
         began = time.perf_counter()
-        bundles = [{"GPU": 1.0} for _ in self.nodes]
-        selectors = [{NODE_LABEL: node} if node else {} for node in self.nodes]
+        per_actor = self.gpus_per_actor
+        nodes = self.nodes[::per_actor]
+        for r in range(self.dp) if per_actor > 1 else ():
+            if len(set(self.nodes[r * per_actor:(r + 1) * per_actor])) > 1:
+                raise EvalfleetError(f"a vLLM replica runs on one node, and replica {r} was placed on several; "
+                                     f"place each replica's {per_actor} GPUs on one node")
+        bundles = [{"GPU": float(per_actor)} for _ in nodes]
+        selectors = [{NODE_LABEL: node} if node else {} for node in nodes]
         self.group = placement_group(bundles, strategy="PACK", bundle_label_selector=selectors)
         ready, _ = ray.wait([self.group.ready()], timeout=self.placement_timeout)
         if not ready:
@@ -201,29 +207,43 @@ class RayGroupRunner(BatchRunner):
                            f"{self.placement_timeout:.0f}s (a node it was placed on may be gone)")
         self.replicas = [_Replica(r, self._actors(r)) for r in range(self.dp)]
         self._load(self.replicas)
+        try:
+            loaded_dtype([rank for replica in self.replicas for rank in replica.ranks], self.spec.dtype)
+        except EvalfleetError:
+            self.close()
+            raise
         self.load_seconds = time.perf_counter() - began
         return self
 
+    @property
+    def gpus_per_actor(self) -> int:
+        """A rank's one GPU; a vLLM replica is one actor over its tp x pp GPUs (`ray_vllm`)."""
+        return self.spec.world_size if self.spec.backend == "vllm" else 1
+
     def _actors(self, r: int) -> list[Any]:
-        """The rank actors of replica `r`, each in its own bundle of the job's placement group."""
+        """The actors of replica `r`, each in its own bundle of the job's placement group: one per rank,
+        or a vLLM replica's one."""
         import ray
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-        remote = ray.remote(RankActor)
-        world = self.spec.world_size
+        actor: Any = RankActor
+        if self.spec.backend == "vllm":
+            from evalfleet.runtime.ray_vllm import VllmReplicaActor as actor
+        remote = ray.remote(actor)
+        count = self.spec.world_size // self.gpus_per_actor
         return [
-            remote.options(num_cpus=0, num_gpus=1, max_restarts=0, runtime_env={"env_vars": rank_env(k)},
+            remote.options(num_cpus=0, num_gpus=self.gpus_per_actor, max_restarts=0,
+                           runtime_env={"env_vars": rank_env(k)},
                            scheduling_strategy=
-                           PlacementGroupSchedulingStrategy(self.group, placement_group_bundle_index=r * world + k))
-            .remote(self.spec.to_json(), k)
-            for k in range(world)
+                           PlacementGroupSchedulingStrategy(self.group, placement_group_bundle_index=r * count + k))
+            .remote(self.spec.to_json(), r if self.spec.backend == "vllm" else k)
+            for k in range(count)
         ]
 
     def _load(self, replicas: list[_Replica]) -> None:
         """Join each replica's ranks and load the model, within `load_timeout`; on failure stop every rank."""
         import ray
 
-        world = self.spec.world_size
         deadline = time.monotonic() + self.load_timeout  # one bound for the whole load
 
         def get(refs: Any) -> Any:
@@ -234,7 +254,7 @@ class RayGroupRunner(BatchRunner):
             for replica in replicas:
                 head = replica.actors[0]
                 address = get(head.where.remote())["address"]
-                port = get(head.host_store.remote()) if world > 1 else 0
+                port = get(head.host_store.remote()) if len(replica.actors) > 1 else 0
                 loads.append([actor.load.remote(address, port) for actor in replica.actors])
             for replica, refs in zip(replicas, loads):
                 replica.ranks = get(refs)
@@ -350,6 +370,8 @@ class RayGroupRunner(BatchRunner):
             "oom_restarts": sum(replica.oom_restarts for replica in self.replicas),
             "token_budgets": [replica.token_budget for replica in self.replicas],
             "ray": {"ranks": self.rank_nodes()},
+            **{key: rank[key] for replica in self.replicas[:1] for rank in replica.ranks[:1]
+               for key in ("backend_version", "vllm") if key in rank},  # what a vLLM replica reports of its engine
         }
 
     def close(self, grace: float = 0.0) -> None:

@@ -137,11 +137,14 @@ class WorkerGroup:
     """The processes of one replica, as the driver sees them."""
 
     def __init__(
-        self, spec: GroupSpec, devices: Sequence[str], name: str = "replica-0", env: dict[str, str] | None = None
+        self, spec: GroupSpec, devices: Sequence[str], name: str = "replica-0", env: dict[str, str] | None = None,
+        python: str = sys.executable,
     ) -> None:
+        """`python`: the interpreter of the ranks, another environment's for a vLLM replica on Ray (`ray_vllm`)."""
         if len(devices) != spec.world_size:
             raise ValueError(f"{name} needs {spec.world_size} devices, got {len(devices)}")
         self.spec = spec
+        self.python = python
         self.devices = list(devices)
         self.name = name
         self.extra_env = dict(env or {})
@@ -173,7 +176,7 @@ class WorkerGroup:
                 with open(self._log_dir / f"rank{rank}.log", "wb") as log:
                     self.processes.append(
                         subprocess.Popen(
-                            [sys.executable, "-m", "evalfleet.runtime.rank"],
+                            [self.python, "-m", "evalfleet.runtime.rank"],
                             env=env,
                             stdin=subprocess.DEVNULL,
                             stdout=log,
@@ -191,6 +194,9 @@ class WorkerGroup:
 
     def _environment(self, rank: int, device: str, conn_fd: int | None) -> dict[str, str]:
         env = {**os.environ, **self.extra_env}
+        if self.python != sys.executable:  # another environment's Python finds its own packages
+            for name in ("PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV"):
+                env.pop(name, None)
         threads = str(self.spec.threads)
         env.update(
             {

@@ -100,11 +100,15 @@ def serve(spec: GroupSpec, conn: Connection) -> None:
     import torch
 
     exit_with_parent()
+    spec = spec.on_this_device()
     prepare_environment(spec)
     started = time.perf_counter()
     backend = load_or_exit(lambda: load(spec))
     dtype_bytes = torch.empty((), dtype=getattr(torch, spec.dtype)).element_size()
     rank = weights_report(spec, dtype_bytes) | {
+        "dtype": spec.dtype,
+        "dtype": spec.dtype,
+        "device_name": torch.cuda.get_device_name() if spec.device == "cuda" else "cpu",
         "memory_bytes": psutil.Process().memory_info().rss,
         "load_seconds": time.perf_counter() - started,
     }

@@ -307,6 +307,7 @@ class WorkerGroupRunner(BatchRunner):
         replica.group = group
         info = group.start(self.load_timeout)
         with self._lock:
+            loaded_dtype([*self._info.get("ranks", []), *info["ranks"]], self.spec.dtype)  # one dtype for all
             self._info = self._info or info
 
     @property
@@ -583,17 +584,28 @@ def describe_layout(spec: GroupSpec, dp: int, ranks: Sequence[dict[str, Any]], l
                     devices: list[Any], placement: list[Any]) -> dict[str, Any]:
     """The layout part of results.json that every runner of worker groups writes, local or on Ray."""
     return {
-        "strategy": ParallelLayout(spec.tp, spec.pp, dp).strategy.value,
+        "strategy": ParallelLayout(spec.tp, spec.pp, dp, device_map=spec.device_map).strategy.value,
         "tp": spec.tp,
         "pp": spec.pp,
         "dp": dp,
         "devices": devices,
         "placement": placement,
         "backend": spec.backend,
-        "dtype": spec.dtype,
+        "dtype": loaded_dtype(ranks, spec.dtype),
+        "device_names": sorted({rank["device_name"] for rank in ranks if "device_name" in rank}),
         "parallel_path": spec.path,
         "threads_per_rank": spec.threads,
         "load_seconds": round(load_seconds, 3),
         "parameters_per_rank": [rank["parameters"] for rank in ranks],
         "parameter_bytes_per_rank": [rank["parameter_bytes"] for rank in ranks],
     }
+
+
+def loaded_dtype(ranks: Sequence[dict[str, Any]], asked: str) -> str:
+    """The dtype the ranks loaded, as they report it (each decides `auto` for its own device), or
+    `asked` before any has; ranks that decided differently would mix scores under one cache key."""
+    dtypes = sorted({rank["dtype"] for rank in ranks if "dtype" in rank})
+    if len(dtypes) > 1:
+        raise EvalfleetError(f"the ranks loaded the model in different dtypes ({', '.join(dtypes)}) on different "
+                             f"devices; pass --dtype to choose one")
+    return dtypes[0] if dtypes else asked

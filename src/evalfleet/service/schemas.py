@@ -40,7 +40,7 @@ class JobSubmission(BaseModel):
     num_fewshot: int | None = None
     priority: Literal["high", "normal", "low"] = "normal"
     gpus: int | None = None
-    strategy: Literal["auto", "single", "tp", "pp", "hybrid", "dp"] = "auto"
+    strategy: Literal["auto", "single", "tp", "pp", "hybrid", "dp", "device_map"] = "auto"
     tp: int | None = None
     pp: int | None = None
     dp: int | None = None

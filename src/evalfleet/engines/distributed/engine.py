@@ -21,7 +21,7 @@ from evalfleet.engines.base import EngineCapabilities, EvaluationEngine
 from evalfleet.engines.distributed.loader import DistributedModelInfo, MultiGPUModelLoader, WorkerLayout
 from evalfleet.engines.evaluation import run_evaluation
 from evalfleet.runtime.backends.hf import load_tokenizer, resolve_device
-from evalfleet.runtime.group import PATHS
+from evalfleet.runtime.group import DEVICE_MAP_PATH, PATHS
 from evalfleet.runtime.lm import ProgressCallback
 from evalfleet.runtime.workers import BATCH_TIMEOUT_S
 from evalfleet.types import DistributionStrategy, EvalfleetError, EvaluationRequest, EvaluationResult, ModelConfig
@@ -31,6 +31,7 @@ _SPLIT = [
     DistributionStrategy.PIPELINE_PARALLEL,
     DistributionStrategy.HYBRID,
     DistributionStrategy.DATA_PARALLEL,
+    DistributionStrategy.DEVICE_MAP,
 ]
 
 
@@ -118,9 +119,12 @@ class DistributedEvaluationEngine(EvaluationEngine):
             request.model, max_gpus=request.gpus or None, backend=backend, **_hints(request)
         )
         profile = profile_model(request.model.path)
-        problem = backends.layout_problem(backend, profile.family, profile.architecture, layout.tp, layout.pp)
+        problem = backends.layout_problem(
+            backend, profile.family, profile.architecture, layout.tp, layout.pp, layout.device_map
+        )
         if problem:
-            raise EvalfleetError(f"cannot run tp={layout.tp}, pp={layout.pp}: {problem}")
+            what = f"a device_map over {layout.pp} GPUs" if layout.device_map else f"tp={layout.tp}, pp={layout.pp}"
+            raise EvalfleetError(f"cannot run {what}: {problem}")
         return layout
 
     def can_handle_request(self, request: EvaluationRequest) -> bool:
@@ -164,6 +168,7 @@ class DistributedEvaluationEngine(EvaluationEngine):
                 "pp": PATHS[(False, True)],
                 "hybrid": PATHS[(True, True)],
                 "dp": PATHS[(False, False)],
+                "device_map": DEVICE_MAP_PATH,
             },
         )
 

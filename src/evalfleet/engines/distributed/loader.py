@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from evalfleet.engines.distributed.vllm_layout import gpu_memory_utilization, vllm_spec_fields
+from evalfleet.planning.memory import device_map_budgets
 from evalfleet.planning.strategy import ParallelLayout
 from evalfleet.runtime.backends.hf import resolve_device, resolve_dtype
 from evalfleet.runtime.group import GroupSpec
@@ -26,6 +27,7 @@ from evalfleet.runtime.workers import (
     LoadOutOfMemory,
     StepCallback,
     WorkerGroupRunner,
+    loaded_dtype,
 )
 from evalfleet.types import DistributionStrategy, EvalfleetError, ModelConfig, ResourceError, resolve_model_path
 
@@ -47,10 +49,16 @@ class WorkerLayout:
     # For vLLM, from the planner's memory model: its share of each GPU, and the longest sequence.
     gpu_memory_utilization: float | None = None
     max_model_len: int | None = None
+    # A device_map replica (one process over its pp GPUs): bytes of weights each of its GPUs may take.
+    device_map_budgets: tuple[int, ...] = ()
+
+    @property
+    def device_map(self) -> bool:
+        return bool(self.device_map_budgets)
 
     @property
     def strategy(self) -> DistributionStrategy:
-        return ParallelLayout(self.tp, self.pp, self.dp).strategy
+        return ParallelLayout(self.tp, self.pp, self.dp, device_map=self.device_map).strategy
 
     @property
     def world_size(self) -> int:
@@ -117,6 +125,9 @@ def cpu_layout(strategy: DistributionStrategy, tp: int | None, pp: int | None, d
     """The hints made concrete on the CPU: forced strategies get degree 2, `auto` one replica per core."""
     cores = _cpu_cores()
     default = CPU_DEFAULT_DEGREE
+    if strategy is DistributionStrategy.DEVICE_MAP:
+        raise EvalfleetError("the device_map layout splits a model over a node's GPUs, and the CPU is one device; "
+                             "use --strategy single, dp, tp or pp on the CPU")
     if strategy is DistributionStrategy.SINGLE:
         if max(tp or 1, pp or 1, dp or 1) > 1:
             raise EvalfleetError("strategy 'single' cannot take --tp, --pp or --dp above 1")
@@ -160,6 +171,14 @@ def gpu_layout(plan: Any, inventory: Any = None) -> WorkerLayout:
     devices = [f"cuda:{gpu}" for _, gpu in plan.placement]
     size = layout.tp * layout.pp
     replicas = tuple(tuple(devices[r * size : (r + 1) * size]) for r in range(layout.dp))
+    budgets: tuple[int, ...] = ()
+    if layout.device_map:  # the same limits for every replica: its GPUs' least free memory, place by place
+        placed = [plan.placement[r * size : (r + 1) * size] for r in range(layout.dp)]
+        free = [
+            min(inventory.nodes[n].gpus[g].free_gb for n, g in column) if inventory is not None else plan.per_gpu.total
+            for column in zip(*placed, strict=True)
+        ]
+        budgets = tuple(device_map_budgets(plan.per_gpu, free))
     return WorkerLayout(
         layout.tp,
         layout.pp,
@@ -170,6 +189,7 @@ def gpu_layout(plan: Any, inventory: Any = None) -> WorkerLayout:
         plan.reason,
         gpu_memory_utilization(plan, inventory) if inventory is not None else None,
         getattr(plan, "max_length", 0) or None,
+        budgets,
     )
 
 
@@ -235,8 +255,8 @@ class MultiGPUModelLoader:
             torch.cuda.empty_cache()
 
     def optimize_memory_usage(self, model_config: ModelConfig) -> str:
-        """The dtype to load in (bfloat16 where the GPU runs it, else float16; float32 on the CPU),
-        after freeing caches."""
+        """The dtype a rank on this process's device loads in (bfloat16 where the GPU runs it, else
+        float16; float32 on the CPU), after freeing caches. Ranks decide for their own device."""
         self.free_caches()
         return resolve_dtype(model_config.dtype, resolve_device(model_config.device))
 
@@ -256,7 +276,7 @@ class MultiGPUModelLoader:
         from evalfleet.planning import plan, profile_model
 
         profile = profile_model(model_config.path)
-        dtype = resolve_dtype(model_config.dtype, "cuda")
+        dtype = self.inventory.load_dtype(model_config.dtype)  # the pool's answer, not this process's
         # vLLM sizes its engine for the model's whole context unless told otherwise, as lm-eval does.
         length = model_config.max_length or (profile.max_positions if backend == "vllm" else None) or 2048
         return plan(
@@ -324,13 +344,13 @@ class MultiGPUModelLoader:
         Out of memory while loading on GPUs retries with the planner's next larger layout
         when there is one; otherwise it is a clear error.
         """
-        dtype = self.optimize_memory_usage(model_config)
-        device = resolve_device(model_config.device)
+        self.free_caches()
         while True:
             fields: dict[str, Any] = {
                 "model_path": resolve_model_path(model_config.path),
-                "dtype": dtype,
-                "device": "cuda" if device.startswith("cuda") else "cpu",
+                # as asked: each rank decides them on the device its replica gives it (GroupSpec.on_this_device)
+                "dtype": model_config.dtype,
+                "device": model_config.device,
                 "tp": layout.tp,
                 "pp": layout.pp,
                 "threads": layout.threads,
@@ -339,6 +359,8 @@ class MultiGPUModelLoader:
                 "trust_remote_code": model_config.trust_remote_code,
                 "share_prefixes": share_prefixes and backend == "hf",
             }
+            if layout.device_map:
+                fields["max_memory"] = {str(i): size for i, size in enumerate(layout.device_map_budgets)}
             if backend == "vllm":
                 fields.update(vllm_spec_fields(model_config, layout.tp, layout.pp, layout.gpu_memory_utilization,
                                                layout.max_model_len, seed))
@@ -359,7 +381,7 @@ class MultiGPUModelLoader:
                 runner.start()
                 break
             except LoadOutOfMemory as error:
-                larger = next_larger_plan(self.plan(model_config, backend=backend), layout.world_size) if device != "cpu" else None
+                larger = next_larger_plan(self.plan(model_config, backend=backend), layout.world_size) if layout.placement else None
                 if larger is None:
                     raise ResourceError(
                         f"the model does not fit in memory with tp={layout.tp}, pp={layout.pp} "
@@ -369,7 +391,7 @@ class MultiGPUModelLoader:
         ranks = runner.info["ranks"]
         return DistributedModelInfo(
             model_path=spec.model_path,
-            dtype=dtype,
+            dtype=loaded_dtype(ranks, spec.dtype),
             layout=layout,
             parallel_path=spec.path,
             max_length=runner.max_length,

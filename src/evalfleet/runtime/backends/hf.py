@@ -169,8 +169,8 @@ class HFBackend(Backend):
         except (OSError, ValueError, SafetensorError) as error:  # a missing file, a bad config, cut-short weights
             first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
             raise EvalfleetError(f"could not load model '{path}': {first_line}") from error
-        whole = "device_mesh" not in from_pretrained and "tp_plan" not in from_pretrained
-        if whole:
+        whole = not any(key in from_pretrained for key in ("device_mesh", "tp_plan", "device_map"))
+        if whole:  # a device_map places the weights itself; inputs go to `device`, its first device
             model.to(device)
         model.eval()
         return cls(model, tokenizer, device, max_length, share_prefixes, reuse_prefixes=whole)
