@@ -20,7 +20,7 @@ from evalfleet.orchestrator import JobState, JobStore, RecoveryOptions, Subproce
 from evalfleet.orchestrator import worker as worker_module
 from evalfleet.orchestrator.failures import FailureClass, StorageFault, classify, exit_report
 from evalfleet.orchestrator.scheduler import DistributedEvaluationOrchestrator
-from evalfleet.orchestrator.worker import ProgressReporter, run_worker
+from evalfleet.orchestrator.worker import ProgressReporter, progress_store, run_worker
 from evalfleet.types import EvaluationResult
 
 REQUEST = {"model": {"path": "demo"}, "tasks": {"names": ["demo_mc"], "limit": 2}}
@@ -184,3 +184,28 @@ def test_a_disk_that_fills_during_the_job_is_retried_without_blame(tmp_path, mon
     with JobStore(db) as store:
         failure = store.get(job).failure
     assert failure["failure"] == "infrastructure" and failure["blame_devices"] is False
+
+
+def test_progress_reported_after_a_batch_does_not_wait_out_a_held_lock(tmp_path):
+    """The computing reports progress after each batch: under another writer's lock the report is
+    skipped after a short wait, not after the store's whole busy timeout (30 s here), so batches go
+    on while the lock is held. The lock's holder lets go after 20 s at most, or when the report returns."""
+    db = tmp_path / "jobs.db"
+    with JobStore(db, busy_timeout_s=30.0) as store:
+        job = _running(store)
+    returned, released_first = threading.Event(), []
+    with held_lock(db) as lock:
+        def holder() -> None:
+            released_first.append(not returned.wait(20.0))
+            lock.release()
+
+        thread = threading.Thread(target=holder)
+        thread.start()
+        with progress_store(db, busy_timeout_s=30.0) as writes:
+            report = ProgressReporter(writes, job, min_interval_s=0, heartbeat_s=3600)
+            report("loglikelihood", 1, 10, 100)
+            returned.set()
+            thread.join()
+    assert released_first == [False], "the report waited for the lock to be released"
+    with JobStore(db) as store:
+        assert store.get(job).done == 0  # skipped, not written late

@@ -36,6 +36,7 @@ from evalfleet.orchestrator.store import JobRecord, JobStore
 from evalfleet.types import EvalfleetError, EvaluationRequest, EvaluationResult, UsageError
 
 RESULTS_FOLDER = "results"
+PROGRESS_BUSY_TIMEOUT_S = 1.0
 COMMIT_ATTEMPTS = 4
 COMMIT_BACKOFF_S = 2.0
 """The result's commit waits out a busy store this many times (each after the store's busy
@@ -258,6 +259,13 @@ def _evaluate(request: EvaluationRequest, store: JobStore, record: JobRecord, re
         live.close()
 
 
+def progress_store(db_path: str | os.PathLike[str], busy_timeout_s: float = 30.0) -> JobStore:
+    """The store a worker's progress and heartbeats are written through: one that waits for a busy
+    store `PROGRESS_BUSY_TIMEOUT_S` at most, then skips the write (the next catches up), so that the
+    computing, which reports its progress after each batch, never waits out another writer's lock."""
+    return JobStore(db_path, busy_timeout_s=min(busy_timeout_s, PROGRESS_BUSY_TIMEOUT_S))
+
+
 def run_worker(job_id: str, db_path: str | os.PathLike[str], *, heartbeat_s: float = 5.0,
                busy_timeout_s: float = 30.0) -> EvaluationResult:
     """Run a placed job to its result; heartbeats start before the (slow) imports and model load."""
@@ -266,7 +274,8 @@ def run_worker(job_id: str, db_path: str | os.PathLike[str], *, heartbeat_s: flo
             record = confirm_start(store, job_id)
         except sqlite3.Error as error:
             raise StorageFault(f"cannot start job {job_id}: the job store failed: {error}") from error
-        with ProgressReporter(store, job_id, heartbeat_s=heartbeat_s) as reporter:
+        with progress_store(store.path, busy_timeout_s) as writes, \
+                ProgressReporter(writes, job_id, heartbeat_s=heartbeat_s) as reporter:
             on_gpus = os.environ.get("CUDA_VISIBLE_DEVICES") != ""  # a CPU slot's job sees no GPU
             watch = DeviceWatch(record.placement or () if on_gpus else ())
             try:
