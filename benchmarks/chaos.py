@@ -25,6 +25,14 @@ GPU-declaring nodes (`evalfleet scheduler --ray`), where a `node_swap` fault rem
 running a rank mid-job and adds another (the rank faults, which look for local rank processes,
 are left out there).
 
+Recovery is measured per fault, one per job at a time (a job hit is not hit again before it computes
+again; other jobs may be, but faults that reach every job wait until none is recovering): from the fault (its end, for the lock held and the disk filled) to the
+job's next completed batch, as its worker records it (`progress_at`, the moment its computed requests
+moved); a job whose retry finds every request in the cache has no next batch, and its success counts
+instead. The store's events split it into detection (the job requeued), the worker running again and
+the first batch. For a data-parallel job whose rank was killed, the other replica's next batch counts:
+the job did not stop (`through_scheduler` says whether a recovery took a new attempt).
+
 A job "hung" is one not ended by the deadline while its worker is alive; "lost" is one missing
 from the store or left in a non-terminal state with no worker. The run fails (exit 1) unless
 every job succeeded with the reference's metrics and nothing was lost, hung or quarantined.
@@ -46,7 +54,9 @@ import signal
 import sqlite3
 import subprocess
 import sys
+import statistics
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -66,8 +76,18 @@ from evalfleet.orchestrator.foreground import SchedulerOptions  # noqa: E402
 RESULTS = Path(__file__).parent / "results" / "chaos.json"
 LOCAL_FAULTS = ("worker_kill", "rank_kill", "scheduler_kill", "store_lock", "disk_full", "oom")
 RANK_FAULTS = ("rank_kill", "oom")
+FLEET_FAULTS = ("scheduler_kill", "store_lock", "disk_full")
+"""Faults that reach every job (the scheduler, the store, the disk): they wait until no job is recovering."""
+LATE = ("store_lock", "disk_full")
+"""Faults that wait for every other kind, in this order."""
 BUSY_TIMEOUT_S = SchedulerOptions().busy_timeout_s
-SCHEDULER_ARGS = ("--interval", "0.2", "--backoff", "0", "--max-attempts", "10")
+SCHEDULER_ARGS = ("--max-attempts", "10")
+"""The scheduler as it runs by default (rounds every 2 s, a 30 s backoff from the second failure in a row
+without progress), with room for the soak's attempts: a job may be hit by several faults."""
+RECOVERY_POLL_S = 0.2
+CONFIRM_S = {"local": 3.0, "ray": 10.0}
+"""A recovery stands once this long passes without the job's attempt failing (on Ray, a lost node's
+attempt fails a few seconds after its last batches on the other nodes)."""
 TMPFS_BYTES = 8 * 2**20
 BATCH_TOKENS = 256
 """Small batches of several requests: many batches (windows for the faults), and one that runs out of
@@ -94,8 +114,8 @@ def job_mix(count: int, short: bool, rng: random.Random) -> list[JobSpec]:
     for the faults). Else `count` jobs drawn from the seed, every other one data-parallel."""
     dp = ("--strategy", "dp")
     if short:
-        return [JobSpec("demo-dp", "demo", "demo_mc,demo_arith,demo_ppl", 40, "normal", dp),
-                JobSpec("neox-dp", "tiny-neox", "demo_mc,demo_arith", 25, "high", dp),
+        return [JobSpec("demo-dp", "demo", "demo_mc,demo_arith,demo_ppl", 100, "normal", dp),
+                JobSpec("neox-dp", "tiny-neox", "demo_mc,demo_arith", 60, "high", dp),
                 JobSpec("llama", "tiny-llama", "demo_arith,demo_ppl", 20, "low")]
     tasks = ("demo_mc", "demo_arith", "demo_ppl", "demo_mc,demo_ppl", "demo_mc,demo_arith,demo_ppl")
     specs = []
@@ -261,12 +281,141 @@ class ResultsDisk:
             self.mounted = False
 
 
+@dataclass
+class Watched:
+    kind: str
+    job: str
+    start: float
+    """Wall time of the fault."""
+    end: float
+    """Wall time the fault ended (its start, for a kill)."""
+    attempts: int
+    """Its failed attempts when the fault hit."""
+    recovered_at: float | None = None
+    attempts_then: int | None = None
+    """Its failed attempts when it recovered: more than at the fault if the recovery took a new attempt."""
+    by: str | None = None
+    """"batch" (the job's next completed batch) or "finished" (its retry found everything in the cache)."""
+    failed: str | None = None
+    found_at: float | None = None
+    """When the recovery was seen; it stands once `CONFIRM_S` pass without the job's attempt failing."""
+    confirmed: bool = False
+
+    @property
+    def open(self) -> bool:
+        return not self.confirmed and self.failed is None
+
+
+def _lateness(kind: str) -> int:
+    return LATE.index(kind) + 1 if kind in LATE else 0
+
+
+class RecoveryWatch:
+    """Polls the store while the soak runs: for each fault, when its job next completed a batch."""
+
+    def __init__(self, db: Path, confirm_s: float) -> None:
+        self.db, self.watched, self.confirm_s = db, [], confirm_s
+        self._lock, self._stop = threading.Lock(), threading.Event()
+        self._thread = threading.Thread(target=self._run, name="recovery-watch", daemon=True)
+        self._thread.start()
+
+    def add(self, kind: str, job: str, start: float, end: float, attempts: int) -> Watched:
+        entry = Watched(kind, job, start, end, attempts)
+        with self._lock:
+            self.watched.append(entry)
+        return entry
+
+    def _run(self) -> None:
+        while not self._stop.wait(RECOVERY_POLL_S):
+            with self._lock:
+                open_ = [w for w in self.watched if w.open]
+            if not open_:
+                continue
+            with contextlib.suppress(sqlite3.Error), JobStore(self.db) as store:  # the lock fault holds it
+                for entry in open_:
+                    self._follow(entry, store.get(entry.job))
+
+    def _follow(self, entry: Watched, record: JobRecord) -> None:
+        """A batch after the fault counts only if the attempt that computed it lives on: one that was
+        computing elsewhere when its node was lost fails seconds later, and then the next attempt's
+        first batch is the recovery."""
+        if entry.recovered_at is not None and record.attempts > entry.attempts_then:
+            entry.recovered_at = entry.by = entry.found_at = None
+        if entry.recovered_at is None:
+            this_attempt = record.started_at or 0.0  # a progress_at older than it is the last attempt's
+            if (record.state is JobState.RUNNING and record.progress_at is not None
+                    and record.progress_at > max(entry.end, this_attempt)):
+                entry.recovered_at, entry.by = record.progress_at, "batch"
+            elif record.state is JobState.SUCCEEDED:
+                entry.recovered_at, entry.by = max(record.finished_at, entry.end), "finished"
+            if entry.recovered_at is not None:
+                entry.attempts_then, entry.found_at = record.attempts, time.time()
+            elif record.state.terminal:
+                entry.failed = f"{record.state.value}: {record.error}"
+        elif record.state.terminal or time.time() - entry.found_at >= self.confirm_s:
+            entry.confirmed = True
+
+    def recovering(self) -> set[str]:
+        """Jobs hit by a fault whose recovery is not yet seen, or not yet confirmed."""
+        with self._lock:
+            return {w.job for w in self.watched if w.open}
+
+    def settle(self, timeout_s: float) -> None:
+        """Wait up to `timeout_s` until every fault's job recovered (or ended)."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline and any(w.open for w in self.watched):
+            time.sleep(RECOVERY_POLL_S)
+
+    def report(self, timeout_s: float) -> list[dict]:
+        """Each fault's recovery, waiting up to `timeout_s` for those still open; then the watch stops."""
+        self.settle(timeout_s)
+        self.close()
+        with JobStore(self.db) as store:
+            return [self._describe(store, entry) for entry in self.watched]
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    @staticmethod
+    def _describe(store: JobStore, entry: Watched) -> dict:
+        after = [e for e in store.events(entry.job) if e.at >= entry.start]
+        first = {state: next((e.at for e in after if e.to_state is state and e.from_state is not state), None)
+                 for state in (JobState.QUEUED, JobState.RUNNING)}
+
+        def since(at: float | None) -> float | None:
+            return None if at is None else round(at - entry.start, 2)
+
+        return {"kind": entry.kind, "job": entry.job, "fault_lasted_s": round(entry.end - entry.start, 2),
+                "recovery_s": None if entry.recovered_at is None else round(entry.recovered_at - entry.end, 2),
+                "by": entry.by, "failed": entry.failed,
+                "through_scheduler": (entry.attempts_then if entry.attempts_then is not None
+                                      else store.get(entry.job).attempts) > entry.attempts,
+                "requeued_after_s": since(first[JobState.QUEUED]), "running_after_s": since(first[JobState.RUNNING])}
+
+
+def recovery_summary(recoveries: list[dict]) -> dict[str, dict]:
+    """Per fault kind: how many recovered, and the median and max seconds from the fault to the next batch."""
+    kinds: dict[str, list[dict]] = {}
+    for entry in recoveries:
+        kinds.setdefault(entry["kind"], []).append(entry)
+    summary = {}
+    for kind, entries in sorted(kinds.items()):
+        times = [e["recovery_s"] for e in entries if e["recovery_s"] is not None]
+        summary[kind] = {"faults": len(entries), "recovered": len(times),
+                         "median_s": round(statistics.median(times), 2) if times else None,
+                         "max_s": max(times) if times else None,
+                         "through_scheduler": sum(e["through_scheduler"] for e in entries)}
+    return summary
+
+
 class Chaos:
     """The faults, each injected when it hits something (see the module's docstring)."""
 
     def __init__(self, fleet: Fleet, disk: ResultsDisk, oom_trigger: Path, rng: random.Random, t0: float,
-                 ray: RayNodes | None = None) -> None:
+                 watch: RecoveryWatch, ray: RayNodes | None = None) -> None:
         self.fleet, self.disk, self.oom_trigger, self.rng, self.t0, self.ray = fleet, disk, oom_trigger, rng, t0, ray
+        self.watch = watch
         self.first_done: dict[tuple[str, int], int] = {}
         """Progress first seen for each attempt (job, worker pid): an attempt computes once it has moved."""
 
@@ -278,7 +427,8 @@ class Chaos:
 
     def soak(self, faults: list[str], pause: tuple[float, float], deadline_s: float) -> list[dict]:
         """Inject `faults` in their order, each once it has something to hit; a fault with no target yet
-        waits while later ones go ahead. The disk is filled last (it lets its job run to its end)."""
+        waits while later ones go ahead. The held lock comes after the others (the soak holds it for 35 s,
+        while the jobs run on), and the disk is filled last (it lets its job run to its end)."""
         pending, injected = list(faults), []
         end = time.monotonic() + deadline_s
         while pending and time.monotonic() < end:
@@ -291,8 +441,10 @@ class Chaos:
                     pending.remove(kind)
                     injected.append({"kind": kind, "hit": False, "why": "no data-parallel job left"})
                     continue
-                others = [k for k in pending if k != "disk_full" and not (k in RANK_FAULTS and not ranks_possible)]
-                if kind == "disk_full" and others:
+                if any(_lateness(k) < _lateness(kind) and not (k in RANK_FAULTS and not ranks_possible)
+                       for k in pending):
+                    continue
+                if kind in FLEET_FAULTS and self.watch.recovering():  # it would slow every recovery under way
                     continue
                 entry = getattr(self, kind)()
                 if entry is not None:
@@ -308,10 +460,13 @@ class Chaos:
 
     def _computing(self, records: dict[str, JobRecord]) -> list[JobRecord]:
         """Running jobs whose current attempt has computed something and has more to do (a record's
-        progress outlives its attempt, so it must have moved since this attempt was first seen)."""
+        progress outlives its attempt, so it must have moved since this attempt was first seen), and
+        that are not recovering from an earlier fault (one recovery per job at a time, so that each is
+        measured alone)."""
         found = []
+        recovering = self.watch.recovering()
         for r in records.values():
-            if r.state is not JobState.RUNNING or not _alive(r.pid):
+            if r.state is not JobState.RUNNING or not _alive(r.pid) or r.id in recovering:
                 continue
             first = self.first_done.setdefault((r.id, r.pid), r.done)
             if first < r.done < (r.total or 0):
@@ -339,6 +494,7 @@ class Chaos:
             return None
         at, wall = self._at(), time.time()
         os.kill(target.pid, signal.SIGKILL)
+        self.watch.add("worker_kill", target.id, wall, wall, target.attempts)
         ended = self._attempt_ended(target.id, wall - 1, 30)
         return {"at_s": at, "job": target.id, "pid": target.pid, "progress": [target.done, target.total],
                 "hit": ended is not None, "outcome": ended}
@@ -352,9 +508,10 @@ class Chaos:
         if found is None:
             return None
         record, rank = found
-        at = self._at()
+        at, wall = self._at(), time.time()
         with contextlib.suppress(psutil.Error):
             rank.kill()
+        self.watch.add("rank_kill", record.id, wall, wall, record.attempts)
         time.sleep(3)
         after = self.fleet.records().get(record.id)
         return {"at_s": at, "job": record.id, "rank_pid": rank.pid, "progress": [record.done, record.total],
@@ -365,9 +522,10 @@ class Chaos:
         target = self._any_computing()
         if target is None:
             return None
-        at = self._at()
+        at, wall = self._at(), time.time()
         self.fleet.process.kill()
         self.fleet.process.wait(30)
+        self.watch.add("scheduler_kill", target.id, wall, wall, target.attempts)
         pause = round(self.rng.uniform(0.5, 2.0), 2)
         time.sleep(pause)
         survived = _alive(target.pid)
@@ -387,10 +545,12 @@ class Chaos:
         conn = sqlite3.connect(self.fleet.db, isolation_level=None, timeout=60)
         try:
             conn.execute("BEGIN IMMEDIATE")
+            start = time.time()
             time.sleep(hold)
             conn.execute("ROLLBACK")
         finally:
             conn.close()
+        self.watch.add("store_lock", target.id, start, time.time(), target.attempts)
         failed_rounds = self.fleet.log.read_text().count("round failed (")
         return {"at_s": at, "job": target.id, "held_s": hold, "busy_timeout_s": BUSY_TIMEOUT_S, "hit": True,
                 "scheduler_log_failed_rounds": failed_rounds}
@@ -409,6 +569,8 @@ class Chaos:
             ended = self._first_attempt_end(wall, 180)  # whichever job writes its results first meets the full disk
         finally:
             self.disk.free()
+        if ended is not None:
+            self.watch.add("disk_full", ended[0], wall, time.time(), self.fleet.records()[ended[0]].attempts - 1)
         return {"at_s": at, "freed_at_s": self._at(), "job": ended[0] if ended else target.id,
                 "method": self.disk.method, "detail": detail, "outcome": ended[1] if ended else None,
                 "hit": ended is not None and "No space left" in ended[1]}
@@ -431,12 +593,14 @@ class Chaos:
         target = self._pick(pick)
         if target is None:
             return None
-        at = self._at()
+        at, wall = self._at(), time.time()
         self.oom_trigger.touch()
         deadline = time.monotonic() + 60
         while self.oom_trigger.exists() and time.monotonic() < deadline:
             time.sleep(0.1)
         hit = not self.oom_trigger.exists()
+        if hit:
+            self.watch.add("oom", target.id, wall, time.time(), target.attempts)
         self.oom_trigger.unlink(missing_ok=True)
         return {"at_s": at, "job": target.id, "progress": [target.done, target.total], "hit": hit}
 
@@ -446,8 +610,10 @@ class Chaos:
         target = self._any_computing()
         if target is None:
             return None
-        at = self._at()
+        at, wall = self._at(), time.time()
         removed = self.ray.swap(self.rng)
+        if removed is not None:
+            self.watch.add("node_swap", target.id, wall, wall, target.attempts)
         ended = self._attempt_ended(target.id, time.time() - 5, 60)
         return {"at_s": at, "job": target.id, "hit": removed is not None, "removed_node": removed, "outcome": ended}
 
@@ -526,15 +692,20 @@ def run_phase(folder: Path, specs: list[JobSpec], models: dict[str, Path], sizes
     fleet = Fleet(folder, _environment(folder, sizes, f"chaos:{slow_s}:{trigger}"), pool_args)
     disk = ResultsDisk(folder / "results") if faults else None
     injected: list[dict] = []
+    recoveries: list[dict] = []
+    watch = None
     try:
         fleet.start()
         t0 = time.monotonic()
         jobs = {spec.name: fleet.submit(spec, models) for spec in specs}
         if faults:
+            watch = RecoveryWatch(fleet.db, CONFIRM_S["ray" if ray else "local"])
             time.sleep(rng.uniform(*pause))
-            injected = Chaos(fleet, disk, trigger, rng, t0, ray).soak(faults, pause, deadline_s)
+            injected = Chaos(fleet, disk, trigger, rng, t0, watch, ray).soak(faults, pause, deadline_s)
         records, _ = _settle(fleet, jobs, deadline_s)
         wall = time.monotonic() - t0
+        if watch is not None:
+            recoveries = watch.report(timeout_s=5.0)
         documents = {}
         for spec_name, job in jobs.items():
             record = records.get(job)
@@ -545,6 +716,8 @@ def run_phase(folder: Path, specs: list[JobSpec], models: dict[str, Path], sizes
                     if job in records}
         scheduler_alive = fleet.process.poll() is None
     finally:
+        if watch is not None:
+            watch.close()
         fleet.stop()
         if disk is not None:
             disk.unmount()
@@ -562,6 +735,7 @@ def run_phase(folder: Path, specs: list[JobSpec], models: dict[str, Path], sizes
                               "failed_attempts": launched.get("failures"),
                               "error": record.error if record and status != "succeeded" else None}
     return {"wall_s": round(wall, 1), "jobs": outcome, "documents": documents, "faults": injected,
+            "recoveries": recoveries,
             "quarantined": quarantined, "scheduler_alive_at_end": scheduler_alive,
             "disk_method": disk.method if disk else None, "mount_error": disk.mount_error if disk else None}
 
@@ -603,12 +777,16 @@ def run(seed: int, jobs: int, faults: list[str], short: bool, ray: bool, deadlin
         if spec.name in chaos["documents"] and spec.name in reference["documents"]:
             differences = metric_differences(reference["documents"][spec.name], chaos["documents"][spec.name])
         cache = chaos["documents"].get(spec.name, {}).get("evalfleet", {}).get("cache", {})
+        startup = {phase: run_["documents"].get(spec.name, {}).get("evalfleet", {}).get("timing", {})
+                   .get("split", {}).get("startup_seconds") for phase, run_ in (("reference", reference),
+                                                                                ("final_attempt", chaos))}
         per_job[spec.name] = {
             "model": spec.model, "tasks": spec.tasks, "limit": spec.limit, "priority": spec.priority,
             "data_parallel": "--strategy" in spec.extra, "status": mine["status"], "attempts": mine["attempts"],
             "failed_attempts": mine["failed_attempts"],
             "reference_status": theirs["status"], "metrics_equal": differences == [],
             "metric_differences": differences, "final_attempt_cache": {k: cache.get(k) for k in ("hits", "computed")},
+            "startup_s": startup,
             "error": mine["error"],
         }
     by_kind: dict[str, dict] = {}
@@ -626,6 +804,10 @@ def run(seed: int, jobs: int, faults: list[str], short: bool, ray: bool, deadlin
         "pool": "ray cluster: head + 3 nodes x 2 declared GPUs" if ray else "2 CPU slots (local executor)",
         "jobs": len(specs), "job_specs": [spec.__dict__ | {"extra": list(spec.extra)} for spec in specs],
         "faults_injected": by_kind, "fault_log": chaos["faults"],
+        "recovery_by_kind": recovery_summary(chaos["recoveries"]), "recoveries": chaos["recoveries"],
+        "recovery_note": "seconds from the fault (its end, for the held lock and the full disk) to the job's next "
+                         "completed batch as its worker recorded it; 'finished' where the retry found every "
+                         "request cached",
         "disk_full_method": chaos["disk_method"], "mount_error": chaos["mount_error"],
         **{f"jobs_{k}": v for k, v in counts.items()},
         "attempts_per_job": {name: job["attempts"] for name, job in per_job.items()},
@@ -676,7 +858,7 @@ def main(argv: list[str] | None = None) -> int:
         document = run(args.seed, args.jobs, faults, args.short, args.ray, deadline, work, args.slow_batch)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(document, indent=2) + "\n")
-    print(json.dumps({k: v for k, v in document.items() if k not in ("per_job", "job_specs", "fault_log")}, indent=2))
+    print(json.dumps({k: v for k, v in document.items() if k not in ("per_job", "job_specs", "fault_log", "recoveries")}, indent=2))
     return 0 if document["ok"] else 1
 
 

@@ -5,7 +5,7 @@ Three small jobs (one data-parallel, so it has rank processes) run on `evalfleet
 is computing: its worker and one of its ranks SIGKILLed, the scheduler SIGKILLed and started
 again, the store's write lock held past its busy timeout, the results folder's disk full, one
 rank out of memory. Every job must succeed with the reference's metrics; nothing may be lost,
-hung or quarantined.
+hung or quarantined, and each fault's recovery (fault to the job's next batch) must be measured.
 """
 
 from __future__ import annotations
@@ -36,4 +36,12 @@ def test_a_short_chaos_soak_loses_nothing_and_changes_no_metric(tmp_path):
     assert report["devices_quarantined"] == 0, report["quarantined"]
     for kind in LOCAL_FAULTS:  # each fault found a computing job to hit
         assert report["faults_injected"].get(kind, {}).get("hit", 0) >= 1, (kind, details)
+    # Each fault's job computed again afterwards (or its retry found everything cached), and the time it
+    # took is measured; a rank killed or out of memory is recovered inside its job, never by a new attempt.
+    recovery = report["recovery_by_kind"]
+    assert set(recovery) == set(LOCAL_FAULTS), recovery
+    assert all(row["recovered"] == row["faults"] and row["max_s"] >= row["median_s"] >= 0
+               for row in recovery.values()), json.dumps(report["recoveries"], indent=1)
+    assert recovery["rank_kill"]["through_scheduler"] == recovery["oom"]["through_scheduler"] == 0, recovery
+    assert recovery["worker_kill"]["through_scheduler"] == recovery["worker_kill"]["faults"], recovery
     assert report["ok"] and done.returncode == 0, done.stderr[-4000:]
