@@ -88,3 +88,20 @@ def test_the_table_shows_the_device_map_and_its_one_process(capsys, monkeypatch)
     assert "fits: device_map tp=1" in out and "placement (replica: node:gpu of its one process)" in out
     code, out, _ = run_main(["plan", "--help"], capsys, monkeypatch)
     assert code == 0 and "device_map" in out
+
+
+def test_a_ray_pool_refuses_a_device_map_job_at_submit_in_one_sentence(tmp_path):
+    """Ray pools run tp, pp and dp over rank actors; a job only a device_map fits is refused when it is
+    submitted, not failed when its driver starts."""
+    from evalfleet.orchestrator.ray_pool import inventory_from_ray
+    from evalfleet.orchestrator.sizing import size_request
+    from evalfleet.types import EvaluationRequest, UsageError
+
+    falcon_180b_config(tmp_path, with_architectures=True)
+    request = EvaluationRequest.model_validate({"model": {"path": str(tmp_path)}, "tasks": {"names": "demo_mc"}})
+    nodes = [{"NodeID": node, "Alive": True, "Resources": {"CPU": 8.0, "GPU": 8.0, "accelerator_type:A100": 1.0}}
+             for node in ("a", "b")]
+    ray_pool, _ = inventory_from_ray(nodes)
+    assert plan(profile_model(str(tmp_path)), ray_pool, backend="hf").strategy.value == "device_map"
+    with pytest.raises(UsageError, match=r"fits this pool only as a device_map .*, which a Ray pool does not run"):
+        size_request(request, ray_pool)

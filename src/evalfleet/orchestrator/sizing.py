@@ -101,6 +101,10 @@ def size_request(request: EvaluationRequest, inventory: Inventory) -> tuple[dict
     if not answer.fits:
         pool = describe_pool(inventory)
         raise EvalfleetError(f"{request.model.path} can never run on this pool ({pool}): {answer.reason}")
+    if answer.layout.device_map and any(node.interconnect == "ray" for node in inventory.nodes):
+        raise UsageError(f"{request.model.path} fits this pool only as a device_map (its layers over one node's "
+                         f"GPUs in one process), which a Ray pool does not run; run it on one node with "
+                         f"`evalfleet run`, or submit it to a scheduler of that node")
     from evalfleet.engines.sizing import job_size
 
     size = job_size(request)

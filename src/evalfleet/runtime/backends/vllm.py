@@ -101,6 +101,10 @@ class VLLMBackend(Backend):
         }
         if gpu_memory_utilization is not None:  # on GPUs; the CPU's KV cache comes in bytes (engine_args)
             settings["gpu_memory_utilization"] = gpu_memory_utilization
+        if not getattr(config, "architectures", None):  # vLLM refuses such a config; the planner names its class
+            from evalfleet.planning.model_profile import architecture_of
+
+            settings["hf_overrides"] = {"architectures": [architecture_of(config.to_dict(), config.model_type)]}
         try:
             llm = vllm.LLM(**settings)
         except (OSError, ValueError) as error:
