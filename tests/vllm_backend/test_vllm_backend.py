@@ -158,9 +158,15 @@ def test_plan_for_falcon_180b_proposes_a_vllm_layout():
     plan = json.loads(done.stdout)
     assert plan["fits"] and plan["backend"]["name"] == "vllm"
     assert plan["tp"] * plan["pp"] > 1 and plan["tp"] <= 8 and plan["gpus_used"] <= 16
-    refused = evalfleet_vllm(["plan", "--model", "tiiuae/falcon-180B", "--gpus", "2x8xH100-80GB", "--backend", "hf"])
-    assert refused.returncode != 0
-    assert "no tensor-parallel plan for falcon" in refused.stderr and "not Llama-style" in refused.stderr
+    # transformers can neither shard nor pipeline falcon: it splits the layers over one node's GPUs instead
+    with_hf = evalfleet_vllm(["plan", "--model", "tiiuae/falcon-180B", "--gpus", "2x8xH100-80GB", "--backend", "hf",
+                              "--json"])
+    assert with_hf.returncode == 0, with_hf.stderr
+    hf_plan = json.loads(with_hf.stdout)
+    assert hf_plan["backend"]["name"] == "hf" and hf_plan["strategy"] == "device_map" and 2 <= hf_plan["pp"] <= 8
+    refused = evalfleet_vllm(["plan", "--model", "tiiuae/falcon-180B", "--gpus", "2x8xH100-80GB", "--backend", "hf",
+                              "--strategy", "tp"])
+    assert refused.returncode != 0 and "no tensor-parallel plan for falcon" in refused.stderr
 
 
 
