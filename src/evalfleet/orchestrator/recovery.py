@@ -58,18 +58,17 @@ def next_streak(streak: int, progressed: bool) -> int:
     return 1 if progressed else streak + 1
 
 
-def retry_delay(failures: int, failure: FailureClass, options: RecoveryOptions, *, streak: int | None = None,
+def retry_delay(failures: int, failure: FailureClass, options: RecoveryOptions, *, streak: int,
                 backoff: bool = True) -> float | None:
     """Seconds to wait before the next attempt after `failures` failed ones, or None: give up.
 
     Only infrastructure failures are retried, up to `max_attempts` in all. The wait grows with
-    `streak`, the failures in a row without progress (`failures` where it is not known); the
-    first retries at once. `backoff=False` (a lost node) always retries at once. The scheduler
-    (`recover`) and `run --ray` decide alike.
+    `streak`, the failures in a row without progress; the first retries at once. `backoff=False`
+    (a lost node) always retries at once. The scheduler (`recover`) and `run --ray` decide alike.
     """
     if not failure.retried or failures >= options.max_attempts:
         return None
-    return backoff_seconds(failures if streak is None else streak, options) if backoff else 0.0
+    return backoff_seconds(streak, options) if backoff else 0.0
 
 
 _RECOVERABLE = (JobState.PLACED, JobState.RUNNING)

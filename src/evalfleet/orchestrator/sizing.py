@@ -95,7 +95,7 @@ def size_request(request: EvaluationRequest, inventory: Inventory) -> tuple[dict
     hints = {"strategy": "auto"} if slots else {"strategy": request.strategy.value, "tp": request.tp,
                                                 "pp": request.pp, "dp": request.dp}
     answer = plan(
-        profile, inventory, dtype=_sized_dtype(request, inventory), max_length=request.model.max_length or 2048,
+        profile, inventory, dtype=inventory.load_dtype(request.model.dtype), max_length=request.model.max_length or 2048,
         max_gpus=request.gpus, backend=request.backend, **hints,
     )
     if not answer.fits:
@@ -122,12 +122,6 @@ def size_request(request: EvaluationRequest, inventory: Inventory) -> tuple[dict
     if estimate["seconds"] > 0:
         demand = calibrated(demand, estimate["modeled_seconds"] / estimate["seconds"])
     return {**answer.to_dict(), "estimate": estimate}, demand, size
-
-
-def _sized_dtype(request: EvaluationRequest, inventory: Inventory) -> str:
-    """The dtype a job's memory is sized in: the one its ranks will load (`auto` answered by the pool's
-    devices, as each rank answers it on its own: float32 on CPU slots)."""
-    return inventory.load_dtype(request.model.dtype)
 
 
 def _slot_replicas(request: EvaluationRequest, inventory: Inventory) -> int:
@@ -171,7 +165,7 @@ def estimate_for(request: EvaluationRequest, inventory: Inventory) -> tuple[dict
     profile = profile_model(request.model.path)
     cpu_hints = inventory.is_cpu_only
     answer = plan(
-        profile, inventory, dtype=_sized_dtype(request, inventory), max_length=request.model.max_length or 2048,
+        profile, inventory, dtype=inventory.load_dtype(request.model.dtype), max_length=request.model.max_length or 2048,
         strategy="auto" if cpu_hints else request.strategy.value, tp=None if cpu_hints else request.tp,
         pp=None if cpu_hints else request.pp, dp=None if cpu_hints else request.dp, backend=request.backend,
     )
@@ -235,6 +229,6 @@ def estimate_request(request: EvaluationRequest, inventory: Inventory, answer: P
     modeled = {"loglikelihood": rates["prefill"], "generation": rates["decode"]}
     if generation > 0:  # its prompts at prefill speed, its budget at decode speed
         modeled["generation"] = generation / ((generation - generated) / rates["prefill"] + generated / rates["decode"])
-    key = CalibrationKey(model_shape(answer.profile), answer.backend, inventory.load_dtype(request.model.dtype), tp, pp,
-                         dp, hardware)
+    # answer.dtype: the one its ranks will load (the plan was sized in `Inventory.load_dtype`'s answer)
+    key = CalibrationKey(model_shape(answer.profile), answer.backend, answer.dtype, tp, pp, dp, hardware)
     return {**job_estimate(work, kind_estimates(key, modeled)), "key": key.describe()}
