@@ -81,3 +81,24 @@ def metric_differences(expected: dict[str, Any], actual: dict[str, Any], rel_tol
             if not same:
                 problems.append(f"{task} {name}: {value} vs {other}")
     return problems
+
+
+def lm_eval_hf(model: Path, tasks: list[str], limit: int, batch_size: int = 4) -> dict[str, Any]:
+    """lm-eval's HFLM on a float32 model, in this (the main) environment: the reference (as JSON)."""
+    from lm_eval import simple_evaluate
+
+    from evalfleet.engines.evaluation import BOOTSTRAP_ITERS
+    from evalfleet.tasks import build_task_manager
+
+    out = simple_evaluate(
+        model="hf",
+        model_args={"pretrained": str(model), "dtype": "float32"},
+        tasks=tasks,
+        task_manager=build_task_manager(tasks),
+        batch_size=batch_size,
+        device="cpu",
+        limit=limit,
+        log_samples=True,
+        bootstrap_iters=BOOTSTRAP_ITERS,
+    )
+    return json.loads(json.dumps(out, default=str))

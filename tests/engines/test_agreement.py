@@ -7,7 +7,7 @@ import json
 import pytest
 
 from clitools import run_subprocess
-from samples import compare_samples, load_samples, metric_differences, metrics_of
+from samples import compare_samples, lm_eval_hf, load_samples, metric_differences, metrics_of
 
 TASKS = ["demo_mc", "demo_arith", "demo_ppl"]
 LIMIT = 30
@@ -16,23 +16,7 @@ LIMIT = 30
 @pytest.fixture(scope="module")
 def lm_eval_reference(tiny_model, tmp_path_factory):
     """lm-eval's HFLM on the tiny GPT-NeoX model, batch size 3 so batches are padded."""
-    from lm_eval import simple_evaluate
-
-    from evalfleet.engines.evaluation import BOOTSTRAP_ITERS
-    from evalfleet.tasks import build_task_manager
-
-    out = simple_evaluate(
-        model="hf",
-        model_args={"pretrained": str(tiny_model), "dtype": "float32"},
-        tasks=TASKS,
-        task_manager=build_task_manager(TASKS),
-        batch_size=3,
-        device="cpu",
-        limit=LIMIT,
-        log_samples=True,
-        bootstrap_iters=BOOTSTRAP_ITERS,
-    )
-    return out
+    return lm_eval_hf(tiny_model, TASKS, LIMIT, batch_size=3)
 
 
 @pytest.fixture(scope="module")

@@ -17,8 +17,8 @@ import time
 
 import pytest
 
-from samples import compare_samples, load_samples, metric_differences
-from vllm_support import VLLM_EVALFLEET, evalfleet_vllm, lm_eval_hf, python_vllm, vllm_env
+from samples import compare_samples, lm_eval_hf, load_samples, metric_differences
+from vllm_support import VLLM_EVALFLEET, evalfleet_vllm, python_vllm, vllm_env
 
 TASKS = ["demo_mc", "demo_arith", "demo_ppl"]
 SAMPLED = "demo_arith_sampled"

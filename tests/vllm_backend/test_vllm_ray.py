@@ -19,9 +19,9 @@ import time
 import psutil
 import pytest
 from clitools import evalfleet_command
-from samples import compare_samples, load_samples, metric_differences
+from samples import compare_samples, lm_eval_hf, load_samples, metric_differences
 from raycluster import cached_rows, local_cluster, remove_node_of
-from vllm_support import VLLM_PYTHON, lm_eval_hf, require_vllm_env
+from vllm_support import VLLM_PYTHON, require_vllm_env
 
 pytestmark = pytest.mark.slow
 

@@ -7,11 +7,9 @@ runs stay in this one.
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 from pathlib import Path
-from typing import Any
 
 REPO = Path(__file__).resolve().parents[2]
 VLLM_VENV = REPO / ".venv-vllm"
@@ -47,24 +45,3 @@ def python_vllm(code: str, timeout: float = 300) -> str:
     )
     assert done.returncode == 0, done.stderr[-2000:]
     return done.stdout.strip()
-
-
-def lm_eval_hf(model: Path, tasks: list[str], limit: int) -> dict[str, Any]:
-    """lm-eval's HFLM on the same float32 model, in this (the main) environment: the reference."""
-    from lm_eval import simple_evaluate
-
-    from evalfleet.engines.evaluation import BOOTSTRAP_ITERS
-    from evalfleet.tasks import build_task_manager
-
-    out = simple_evaluate(
-        model="hf",
-        model_args={"pretrained": str(model), "dtype": "float32"},
-        tasks=tasks,
-        task_manager=build_task_manager(tasks),
-        batch_size=4,
-        device="cpu",
-        limit=limit,
-        log_samples=True,
-        bootstrap_iters=BOOTSTRAP_ITERS,
-    )
-    return json.loads(json.dumps(out, default=str))
