@@ -114,7 +114,7 @@ def job_mix(count: int, short: bool, rng: random.Random) -> list[JobSpec]:
     for the faults). Else `count` jobs drawn from the seed, every other one data-parallel."""
     dp = ("--strategy", "dp")
     if short:
-        return [JobSpec("demo-dp", "demo", "demo_mc,demo_arith,demo_ppl", 100, "normal", dp),
+        return [JobSpec("demo-dp", "demo", "demo_mc,demo_arith,demo_ppl", 160, "normal", dp),
                 JobSpec("neox-dp", "tiny-neox", "demo_mc,demo_arith", 60, "high", dp),
                 JobSpec("llama", "tiny-llama", "demo_arith,demo_ppl", 20, "low")]
     tasks = ("demo_mc", "demo_arith", "demo_ppl", "demo_mc,demo_ppl", "demo_mc,demo_arith,demo_ppl")
@@ -298,7 +298,7 @@ class Watched:
     """"batch" (the job's next completed batch) or "finished" (its retry found everything in the cache)."""
     failed: str | None = None
     found_at: float | None = None
-    """When the recovery was seen; it stands once `CONFIRM_S` pass without the job's attempt failing."""
+    """When the recovery was seen; it stands once `CONFIRM_S` passes without the job's attempt failing."""
     confirmed: bool = False
 
     @property
@@ -319,11 +319,9 @@ class RecoveryWatch:
         self._thread = threading.Thread(target=self._run, name="recovery-watch", daemon=True)
         self._thread.start()
 
-    def add(self, kind: str, job: str, start: float, end: float, attempts: int) -> Watched:
-        entry = Watched(kind, job, start, end, attempts)
+    def add(self, kind: str, job: str, start: float, end: float, attempts: int) -> None:
         with self._lock:
-            self.watched.append(entry)
-        return entry
+            self.watched.append(Watched(kind, job, start, end, attempts))
 
     def _run(self) -> None:
         while not self._stop.wait(RECOVERY_POLL_S):
@@ -360,15 +358,11 @@ class RecoveryWatch:
         with self._lock:
             return {w.job for w in self.watched if w.open}
 
-    def settle(self, timeout_s: float) -> None:
-        """Wait up to `timeout_s` until every fault's job recovered (or ended)."""
+    def report(self, timeout_s: float) -> list[dict]:
+        """Each fault's recovery, waiting up to `timeout_s` for those still open; then the watch stops."""
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline and any(w.open for w in self.watched):
             time.sleep(RECOVERY_POLL_S)
-
-    def report(self, timeout_s: float) -> list[dict]:
-        """Each fault's recovery, waiting up to `timeout_s` for those still open; then the watch stops."""
-        self.settle(timeout_s)
         self.close()
         with JobStore(self.db) as store:
             return [self._describe(store, entry) for entry in self.watched]
