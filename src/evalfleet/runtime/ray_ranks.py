@@ -12,8 +12,11 @@ A node that declares GPUs but has no CUDA runs its ranks on the CPU, one thread 
 GPU, so the whole path runs on a CPU-only test cluster.
 
 Results come back to the driver through Ray, never through a shared filesystem. A rank that
-dies (its node lost, its process killed) fails the run with `NodeLost`; the scheduler then
-requeues the job and it resumes from the request cache on the nodes that remain.
+dies (its node lost, its process killed) takes its replica out of the run: the batch it had in
+hand goes back on the queue and the other replicas finish the job, in the same attempt, with
+nothing computed twice but that batch. Only when no replica is left does the run fail with
+`NodeLost`; the scheduler then requeues the job and it resumes from the request cache on the
+nodes that remain.
 
 Out of memory is handled as in local groups (`workers.py`): a rank whose batch runs out of
 memory answers "oom" instead of raising, the driver halves that replica's token budget for the
@@ -184,6 +187,8 @@ class RayGroupRunner(BatchRunner):
         self.replicas: list[_Replica] = []
         self.group: Any = None
         self.load_seconds = 0.0
+        self.began = time.perf_counter()
+        self.changes: list[dict[str, Any]] = []
 
     def start(self) -> RayGroupRunner:
         import ray
@@ -312,10 +317,18 @@ class RayGroupRunner(BatchRunner):
                 raise InfrastructureError(f"replica {late.index} did not finish batch {late_index} "
                                           f"in {self.batch_timeout:.0f}s")
             replica, index, chunk, refs, _ = owner.pop(finished[0])
-            status, _ = self._get(finished[0], replica)  # a dead rank fails here, before its peers time out
-            if status != "oom" and any(ref in owner for ref in refs):
+            try:
+                status, _ = self._get(finished[0], replica)  # a dead rank fails here, before its peers time out
+                if status != "oom" and any(ref in owner for ref in refs):
+                    continue
+                oom = status == "oom" or any(self._get(ref, replica)[0] == "oom" for ref in refs)
+            except NodeLost as lost:
+                for ref in refs:
+                    owner.pop(ref, None)
+                todo.appendleft(index)  # what it had in hand is another replica's now
+                self._lose(replica, lost)
                 continue
-            if status == "oom" or any(self._get(ref, replica)[0] == "oom" for ref in refs):
+            if oom:
                 # The rank's peers may wait in a collective it left: their answers are dropped.
                 for ref in refs:
                     owner.pop(ref, None)
@@ -334,6 +347,19 @@ class RayGroupRunner(BatchRunner):
             else:
                 on_batch_done(index, done.pop(index))
             idle.append(replica)
+
+    def _lose(self, replica: _Replica, lost: NodeLost) -> None:
+        """Take a replica whose rank died out of the run; raise `lost` if it was the last one."""
+        import ray
+
+        for actor in replica.actors:
+            ray.kill(actor)
+        self.replicas.remove(replica)
+        self.changes.append({"at_s": round(time.perf_counter() - self.began, 3), "change": "lost",
+                             "replica": replica.name, "reason": str(lost),
+                             "nodes": sorted({rank["node_id"] for rank in replica.ranks})})
+        if not self.replicas:
+            raise lost
 
     def _get(self, ref: Any, replica: _Replica) -> Any:
         import ray
@@ -369,6 +395,7 @@ class RayGroupRunner(BatchRunner):
             "oom_halvings": sum(replica.oom_halvings for replica in self.replicas),
             "oom_restarts": sum(replica.oom_restarts for replica in self.replicas),
             "token_budgets": [replica.token_budget for replica in self.replicas],
+            **({"replica_changes": self.changes, "replicas_at_end": len(self.replicas)} if self.changes else {}),
             "ray": {"ranks": self.rank_nodes()},
             **{key: rank[key] for replica in self.replicas[:1] for rank in replica.ranks[:1]
                for key in ("backend_version", "vllm") if key in rank},  # what a vLLM replica reports of its engine
