@@ -225,6 +225,7 @@ def scheduler(
     heartbeat_timeout: float = typer.Option(120.0, "--heartbeat-timeout", min=1, help="Restart a job silent this long."),
     interval: float = typer.Option(2.0, "--interval", min=0.05, help="Seconds between scheduling rounds."),
     ray_address: str | None = typer.Option(None, "--ray", help="Run jobs on the Ray cluster at ADDRESS ('auto': the local head); its nodes and GPUs are the pool."),
+    standby: bool = typer.Option(True, "--standby/--no-standby", help="Keep one worker process warm, its imports done (and joined to the Ray cluster), so the next job or retry starts with its model load."),
 ) -> None:
     """Run the job scheduler in the foreground (Ctrl-C stops it and requeues its running jobs)."""
     from evalfleet.orchestrator.foreground import SchedulerOptions, run_scheduler
@@ -232,7 +233,7 @@ def scheduler(
     from evalfleet.orchestrator.store import resolve_db_path
 
     options = SchedulerOptions(preempt=preempt, resize=resize, max_attempts=max_attempts, backoff_s=backoff,
-                               interval_s=interval, heartbeat_timeout_s=heartbeat_timeout)
+                               interval_s=interval, heartbeat_timeout_s=heartbeat_timeout, standby=standby)
     db_path = resolve_db_path(db)
     if ray_address is None:
         run_scheduler(db_path, pool_from_options(gpus, slots), options)
@@ -241,7 +242,7 @@ def scheduler(
         raise UsageError("with --ray the Ray cluster is the pool; drop --gpus and --slots")
     from evalfleet.orchestrator.executors.ray import ray_pool_and_executor
 
-    inventory, executor = ray_pool_and_executor(ray_address, db_path, grace_s=options.grace_s)
+    inventory, executor = ray_pool_and_executor(ray_address, db_path, grace_s=options.grace_s, standby=standby)
     run_scheduler(db_path, inventory, options, executor=executor)
 
 

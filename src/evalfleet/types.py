@@ -247,6 +247,9 @@ def describe_validation_error(error: ValidationError) -> str:
     return f"invalid request: {message}"
 
 
+STARTED_AT_VARIABLE = "EVALFLEET_STARTED_AT"
+"""When a scheduler handed a job to its worker process (epoch seconds): the job's start-up counts
+from there, as a process kept warm before it (`executors.standby`) did its imports in advance."""
 DEMO_MODEL_DIR = Path(__file__).resolve().parent / "assets" / "demo-model"
 
 

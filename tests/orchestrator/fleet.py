@@ -108,6 +108,18 @@ class Fleet:
             self._remember(child.pid)
         return children
 
+    def standby(self) -> psutil.Process | None:
+        """The scheduler's standby worker once it says it is ready (`executors.standby`)."""
+        log = self.db.parent / "logs" / "standby.log"
+        ready = log.read_text() if log.exists() else ""
+        for child in self.workers():
+            try:
+                if "executors.standby" in " ".join(child.cmdline()) and f"process {child.pid} ready" in ready:
+                    return child
+            except psutil.Error:  # a worker that just ended
+                continue
+        return None
+
     def _remember(self, pid: int | None) -> None:
         if pid is None or pid in self.seen:
             return

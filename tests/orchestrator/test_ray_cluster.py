@@ -149,6 +149,7 @@ def test_a_node_lost_mid_job_is_left_and_the_job_finishes_elsewhere(cluster, lla
     ranks = wait_for(lambda: fleet.status(job)["ranks"], 30, "the ranks to be recorded")
     doomed = ranks[0][1]["node_id"]
     node = next(n for n in cluster.gpu_nodes if n.node_id == doomed)
+    standby = wait_for(fleet.standby, 120, "a standby driver, imports done and joined to the cluster")
     done_before = fleet.record(job).done
     cluster.remove_node(node, allow_graceful=False)
     cluster.gpu_nodes.remove(node)
@@ -158,6 +159,7 @@ def test_a_node_lost_mid_job_is_left_and_the_job_finishes_elsewhere(cluster, lla
     lost = [e for e in status["events"] if "lost" in (e["reason"] or "")]
     assert lost, status["events"]
     assert status["failures"] == 1 and status["attempts"] == 2
+    assert finished.handle["standby"] is True and finished.pid == standby.pid  # the retry's driver
     assert all(rank["node_id"] != doomed for replica in status["ranks"] for rank in replica)
     document = json.loads(Path(finished.result_path).read_text())
     cache = document["evalfleet"]["cache"]

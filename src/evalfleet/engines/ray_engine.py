@@ -14,7 +14,7 @@ from typing import Any
 
 from evalfleet.engines.distributed.vllm_layout import vllm_spec_fields
 from evalfleet.engines.evaluation import run_evaluation
-from evalfleet.engines.run import check_request
+from evalfleet.engines.run import check_request, note_start
 from evalfleet.runtime.backends.hf import load_tokenizer
 from evalfleet.runtime.lm import ProgressCallback
 from evalfleet.runtime.group import GroupSpec
@@ -120,6 +120,7 @@ def evaluate_on_ray(
     `nodes` pins each rank (dp-major, then stage, then tp rank) to a node id, as the scheduler
     placed it; without it, groups spread over the live nodes (`spread_over_nodes`).
     """
+    note_start()
     connect(address)
     tp, pp, dp = ray_layout(request)
     request = check_request(request, ranks_backend(request, tp, pp, nodes or list(cluster_gpus())), local=False)

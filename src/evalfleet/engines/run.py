@@ -6,6 +6,7 @@ Shared by `evalfleet run` and the orchestrator's workers, so both produce the sa
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -19,17 +20,29 @@ from evalfleet.engines.router import estimate_model_size, select_engine
 from evalfleet.runtime.backends.hf import check_model_folder
 from evalfleet.runtime.lm import ProgressCallback
 from evalfleet.monitoring import MultiGPUPerformanceMonitor
-from evalfleet.types import EvalfleetError, EvaluationRequest, EvaluationResult, UsageError, resolve_model_path
+from evalfleet.types import (
+    STARTED_AT_VARIABLE,
+    EvalfleetError,
+    EvaluationRequest,
+    EvaluationResult,
+    UsageError,
+    resolve_model_path,
+)
 
 MONITOR_INTERVAL = 0.5
 _first_request = True
 
 
-def _start_of(first_in_process: bool) -> float:
-    """The first request of a process starts with the process (its imports are start-up too)."""
-    if not first_in_process:
-        return time.perf_counter()
-    return time.perf_counter() - max(0.0, time.time() - psutil.Process().create_time())
+def note_start() -> None:
+    """The request this process serves starts now, or, the first time, with the process (its imports
+    are start-up too), or when a scheduler handed the job to it (`STARTED_AT_VARIABLE`)."""
+    global _first_request
+    began = time.perf_counter()
+    if _first_request:
+        handed = os.environ.get(STARTED_AT_VARIABLE)
+        began -= max(0.0, time.time() - (float(handed) if handed else psutil.Process().create_time()))
+    _first_request = False
+    note_request_start(began)
 
 
 def check_request(
@@ -79,9 +92,7 @@ def evaluate_request(
     request: EvaluationRequest, progress: ProgressCallback | None = None, report: bool = False,
     on_runner: Callable[[Any], None] | None = None,
 ) -> EvaluationResult:
-    global _first_request
-    note_request_start(_start_of(_first_request))
-    _first_request = False
+    note_start()
     request = check_request(request)
     start_gathering()  # lm-eval's environment report, while the model loads
     engine = select_engine(request)

@@ -72,6 +72,8 @@ class SchedulerOptions:
     grace_s: float = 10.0
     busy_timeout_s: float = 30.0
     """How long a store write waits for another process's lock; past it the round fails and is retried."""
+    standby: bool = True
+    """Keep one worker process warm, its imports done, for the next launch (`executors.standby`)."""
 
 
 @contextlib.contextmanager
@@ -135,7 +137,7 @@ def run_scheduler(
     """Schedule over `inventory` with `executor` (default: worker processes on this machine)."""
     with JobStore(db_path, busy_timeout_s=options.busy_timeout_s) as store, scheduler_lock(store.path), \
             _round_log(store.path.parent / "logs" / "scheduler.log"):
-        executor = executor or LocalExecutor(store.path, inventory, grace_s=options.grace_s)
+        executor = executor or LocalExecutor(store.path, inventory, grace_s=options.grace_s, standby=options.standby)
         orchestrator = DistributedEvaluationOrchestrator(
             store, inventory, executor,
             policy=PolicyOptions(preemption=options.preempt, resize=options.resize),
@@ -145,7 +147,10 @@ def run_scheduler(
         record_pool(store, inventory, max_attempts=options.max_attempts)
         say(f"evalfleet scheduler (pid {os.getpid()}) on {describe_pool(inventory)} ({executor.name}), "
                       f"store {store.path}; Ctrl-C stops it")
-        asyncio.run(_serve(orchestrator, options, say))
+        try:
+            asyncio.run(_serve(orchestrator, options, say))
+        finally:
+            executor.close()
 
 
 async def _serve(orchestrator: DistributedEvaluationOrchestrator, options: SchedulerOptions,

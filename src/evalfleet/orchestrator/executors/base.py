@@ -75,6 +75,9 @@ class Executor(abc.ABC):
         CPU threads; `CUDA_VISIBLE_DEVICES`: its GPUs), which the job's worker starts itself."""
         return {}
 
+    def close(self) -> None:
+        """Release what the executor holds besides its jobs (the scheduler is stopping)."""
+
     def current_pool(self) -> Inventory | None:
         """The pool as it is now, for mechanisms whose pool changes (a Ray cluster); None if fixed."""
         return None

@@ -18,6 +18,8 @@ from evalfleet.planning import Inventory
 from evalfleet.types import UsageError
 
 THREADS_VARIABLE = "EVALFLEET_THREADS"
+# Every worker's: no tokenizer thread pools or progress bars of its own, output unbuffered into its log.
+QUIET = {"TOKENIZERS_PARALLELISM": "false", "TQDM_DISABLE": "1", "PYTHONUNBUFFERED": "1"}
 
 
 def worker_command(job_id: str, db_path: str | os.PathLike[str]) -> list[str]:
@@ -39,6 +41,7 @@ class LocalExecutor(SubprocessExecutor):
         env: Mapping[str, str] | None = None,
         grace_s: float = 10.0,
         cores: int | None = None,
+        standby: bool = False,
     ) -> None:
         if len(inventory.nodes) != 1:
             raise UsageError(
@@ -54,6 +57,7 @@ class LocalExecutor(SubprocessExecutor):
             env=env,
             set_visible_devices=not self.cpu_slots,
             grace_s=grace_s,
+            standby=standby,
         )
 
     def threads_for(self, devices: int) -> int:
@@ -64,11 +68,16 @@ class LocalExecutor(SubprocessExecutor):
         visible = "" if self.cpu_slots else ",".join(str(gpu) for _, gpu in devices)
         return {THREADS_VARIABLE: str(self.threads_for(len(devices))), "CUDA_VISIBLE_DEVICES": visible}
 
+    def standby_env(self) -> dict[str, str]:
+        env = {**super().standby_env(), **QUIET}
+        if self.cpu_slots:
+            env["CUDA_VISIBLE_DEVICES"] = ""
+        return env
+
     def job_env(self, job: JobRecord, placement: Sequence[Device]) -> dict[str, str]:
         env = super().job_env(job, placement)
         threads = str(self.threads_for(len(placement)))
-        env.update({THREADS_VARIABLE: threads, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads,
-                    "TOKENIZERS_PARALLELISM": "false", "TQDM_DISABLE": "1", "PYTHONUNBUFFERED": "1"})
+        env.update({THREADS_VARIABLE: threads, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads, **QUIET})
         if self.cpu_slots:  # a slot is CPU work, even on a machine that has GPUs
             env["CUDA_VISIBLE_DEVICES"] = ""
         return env

@@ -13,8 +13,9 @@ from pathlib import Path
 import psutil
 
 from evalfleet.orchestrator.executors.base import RUNNING, Executor, Exited, Handle, Status
+from evalfleet.orchestrator.executors.standby import Standby, runs_in_standby
 from evalfleet.orchestrator.store import Device, JobRecord
-from evalfleet.types import EvalfleetError
+from evalfleet.types import STARTED_AT_VARIABLE, EvalfleetError
 
 CommandFactory = Callable[[JobRecord, Sequence[Device]], Sequence[str]]
 
@@ -26,6 +27,10 @@ class SubprocessExecutor(Executor):
     `EVALFLEET_PLACEMENT` (JSON list of [node, gpu]) and, with `set_visible_devices`,
     `CUDA_VISIBLE_DEVICES`. A stop sends SIGTERM to the child's process group and
     SIGKILL once `grace_s` has passed without it exiting.
+
+    With `standby`, one process that has already done a worker's imports is kept warm
+    (`standby.Standby`, from `standby_env()`), and a launch hands the job to it when it is ready,
+    else starts a process as usual; either way a fresh standby is then started for the next one.
     """
 
     name = "subprocess"
@@ -38,6 +43,7 @@ class SubprocessExecutor(Executor):
         env: Mapping[str, str] | None = None,
         set_visible_devices: bool = True,
         grace_s: float = 10.0,
+        standby: bool = False,
     ) -> None:
         self._command = command
         self._log_dir = Path(log_dir) if log_dir is not None else None
@@ -46,6 +52,8 @@ class SubprocessExecutor(Executor):
         self._grace_s = grace_s
         self._children: dict[int, subprocess.Popen[bytes]] = {}
         self._kill_after: dict[int, float] = {}
+        self._use_standby = standby and self._log_dir is not None
+        self._standby: Standby | None = None
 
     def _argv(self, job: JobRecord, placement: Sequence[Device]) -> list[str]:
         if callable(self._command):
@@ -54,7 +62,8 @@ class SubprocessExecutor(Executor):
 
     def job_env(self, job: JobRecord, placement: Sequence[Device]) -> dict[str, str]:
         """Variables for one job's process, on top of the environment and `env`."""
-        env = {"EVALFLEET_JOB_ID": job.id, "EVALFLEET_PLACEMENT": json.dumps([list(d) for d in placement])}
+        env = {"EVALFLEET_JOB_ID": job.id, "EVALFLEET_PLACEMENT": json.dumps([list(d) for d in placement]),
+               STARTED_AT_VARIABLE: repr(time.time())}
         if self._set_visible_devices:
             env["CUDA_VISIBLE_DEVICES"] = ",".join(str(gpu) for _, gpu in placement)
         return env
@@ -66,17 +75,56 @@ class SubprocessExecutor(Executor):
             self._log_dir.mkdir(parents=True, exist_ok=True)
             log_path = self._log_dir / f"{job.id}.attempt{job.attempts}.log"
         argv = self._argv(job, placement)
+        child = self._hand_to_standby(argv, env, log_path)
+        standby = child is not None
         try:
-            with open(log_path or os.devnull, "ab") as log:
-                child = subprocess.Popen(
-                    argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                    env=env, start_new_session=True,
-                )
+            if child is None:
+                with open(log_path or os.devnull, "ab") as log:
+                    child = subprocess.Popen(
+                        argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                        env=env, start_new_session=True,
+                    )
         except OSError as error:
             raise EvalfleetError(f"cannot start job {job.id} ({argv[0]}): {error.strerror or error}") from None
+        finally:
+            self._warm_standby()
         self._children[child.pid] = child
         return Handle(job.id, child.pid, {"pid": child.pid, "create_time": _create_time(child.pid),
-                                          "log": str(log_path) if log_path else None})
+                                          "log": str(log_path) if log_path else None, "standby": standby})
+
+    def standby_env(self) -> dict[str, str]:
+        """The environment a standby starts in: what every job of this executor shares."""
+        return {**os.environ, **self._env}
+
+    def _hand_to_standby(self, argv: list[str], env: dict[str, str],
+                         log_path: Path | None) -> subprocess.Popen[bytes] | None:
+        standby, self._standby = self._standby, None
+        if standby is None:
+            return None
+        if not (runs_in_standby(argv) and standby.ready()):
+            self._standby = standby  # still importing: the next launch may have it
+            return None
+        try:
+            return standby.take(argv, env, log_path)
+        except OSError:  # it died while waiting
+            standby.close()
+            return None
+
+    def _warm_standby(self) -> None:
+        """Have a standby on the way for the next launch (one at most)."""
+        if not self._use_standby or self._standby is not None:
+            return
+        assert self._log_dir is not None
+        try:
+            self._standby = Standby(self.standby_env(), self._log_dir / "standby.log")
+        except OSError:  # no process slot, no log folder: launches start their own process
+            self._standby = None
+
+    def close(self) -> None:
+        """Stop the standby (the jobs' processes are the scheduler's to stop)."""
+        standby, self._standby = self._standby, None
+        if standby is not None:
+            standby.close()
 
     def poll(self, handle: Handle) -> Status:
         pid = handle.data["pid"]

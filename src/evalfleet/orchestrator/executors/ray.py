@@ -22,7 +22,7 @@ import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from evalfleet.orchestrator.executors.local import THREADS_VARIABLE, worker_command
+from evalfleet.orchestrator.executors.local import QUIET, THREADS_VARIABLE, worker_command
 from evalfleet.orchestrator.executors.process import SubprocessExecutor
 from evalfleet.orchestrator.ray_pool import inventory_from_ray
 from evalfleet.orchestrator.store import Device, JobRecord
@@ -47,6 +47,7 @@ class RayExecutor(SubprocessExecutor):
         log_dir: str | os.PathLike[str] | None = None,
         env: Mapping[str, str] | None = None,
         grace_s: float = 10.0,
+        standby: bool = False,
     ) -> None:
         from evalfleet.runtime.ray_ranks import connect
 
@@ -55,7 +56,7 @@ class RayExecutor(SubprocessExecutor):
         connect(address)
         self.order = list(order)
         super().__init__(lambda job, placement: worker_command(job.id, db), log_dir=log_dir or db.parent / "logs",
-                         env=env, set_visible_devices=False, grace_s=grace_s)
+                         env=env, set_visible_devices=False, grace_s=grace_s, standby=standby)
 
     def current_pool(self) -> Inventory:
         import ray
@@ -63,16 +64,19 @@ class RayExecutor(SubprocessExecutor):
         inventory, self.order = inventory_from_ray(ray.nodes(), self.order)
         return inventory
 
+    def standby_env(self) -> dict[str, str]:
+        """A driver's environment without its job: a standby joins the cluster before it has one."""
+        return {**super().standby_env(), **self._driver_env()}
+
     def job_env(self, job: JobRecord, placement: Sequence[Device]) -> dict[str, str]:
         env = super().job_env(job, placement)
-        env.update({
-            ADDRESS_VARIABLE: self.address,
-            NODES_VARIABLE: json.dumps([self.order[node] for node, _ in placement]),
-            "CUDA_VISIBLE_DEVICES": "",  # the driver computes nothing; its ranks hold the GPUs
-            THREADS_VARIABLE: "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
-            "TQDM_DISABLE": "1", "PYTHONUNBUFFERED": "1",
-        })
+        env.update({NODES_VARIABLE: json.dumps([self.order[node] for node, _ in placement]), **self._driver_env()})
         return env
+
+    def _driver_env(self) -> dict[str, str]:
+        # the driver computes nothing; its ranks hold the GPUs
+        return {ADDRESS_VARIABLE: self.address, "CUDA_VISIBLE_DEVICES": "", THREADS_VARIABLE: "1",
+                "OMP_NUM_THREADS": "1", **QUIET}
 
 
 def ray_pool_and_executor(address: str, db_path: str | os.PathLike[str], **options: object) -> tuple[Inventory, RayExecutor]:
