@@ -3,7 +3,8 @@
 A real `evalfleet scheduler --slots 2` runs the same job twice: the first in a process of its
 own, the second in the standby the first launch started. Both give the same metrics, and the
 second took on its job's environment (its share of the cores) and log. A standby that was never
-handed a job leaves with the scheduler, stopped or SIGKILLed.
+handed a job leaves with the scheduler, stopped or SIGKILLed, and a restarted scheduler that adopts
+a running job warms one for that job's retry.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import signal
 from pathlib import Path
 
 import pytest
+from faultenv import fault_env
 from fleet import Fleet, fleet_in, gone, wait_for
 from samples import metric_differences
 
@@ -49,14 +51,27 @@ def test_a_job_handed_to_the_standby_runs_as_in_a_process_of_its_own(tmp_path):
         wait_for(lambda: fleet.standby(), 90, "the next standby")
 
 
-def test_a_standby_leaves_when_its_scheduler_is_killed(tmp_path):
+def test_a_killed_scheduler_takes_its_standby_along_and_the_next_warms_one_for_the_job_it_adopts(
+        tmp_path, monkeypatch):
+    for key, value in fault_env("slow_batch:0.5").items():  # a job still computing across both schedulers
+        monkeypatch.setenv(key, value)
     with fleet_in(tmp_path) as fleet:
         fleet.start("--slots", "2", "--interval", "0.2")
-        job = fleet.submit("--model", "demo", "--tasks", "demo_arith", "--limit", "2")
-        worker = fleet.wait_state(job, JobState.SUCCEEDED, timeout=120).pid
-        wait_for(lambda: gone(worker), 60, "the job's worker to exit")
-        standby = wait_for(lambda: fleet.standby(), 90, "a standby that has done its imports")
+        job = fleet.submit("--model", "demo", "--tasks", "demo_mc,demo_arith", "--limit", "12", "--batch-size", "1",
+                           "--strategy", "dp")  # ranks, whose batches the fault slows
+        worker = fleet.wait_state(job, JobState.RUNNING, timeout=120).pid
+        standby = wait_for(fleet.standby, 90, "a standby that has done its imports")
         fleet.process.send_signal(signal.SIGKILL)
         fleet.process.wait(30)
         fleet.process = None
         wait_for(lambda: gone(standby.pid), 30, "the standby to leave with its scheduler")
+        assert not gone(worker) and fleet.record(job).state is JobState.RUNNING
+
+        # The next scheduler adopts the job and warms a standby, which its retry then runs in.
+        fleet.start("--slots", "2", "--interval", "0.2")
+        standby = wait_for(fleet.standby, 90, "the new scheduler's standby")
+        assert fleet.record(job).state is JobState.RUNNING and fleet.record(job).pid == worker
+        os.kill(worker, signal.SIGKILL)
+        record = fleet.wait_state(job, JobState.SUCCEEDED, timeout=180)
+        assert record.handle["standby"] is True and record.pid == standby.pid != worker
+        assert fleet.status(job)["failures"] == 1

@@ -30,7 +30,8 @@ class SubprocessExecutor(Executor):
 
     With `standby`, one process that has already done a worker's imports is kept warm
     (`standby.Standby`, from `standby_env()`), and a launch hands the job to it when it is ready,
-    else starts a process as usual; either way a fresh standby is then started for the next one.
+    else starts a process as usual; either way a fresh standby is then started for the next one,
+    as it is when a restarted scheduler adopts a running job.
     """
 
     name = "subprocess"
@@ -152,6 +153,7 @@ class SubprocessExecutor(Executor):
             return None
         if not _same_process_alive(job.handle["pid"], job.handle.get("create_time")):
             return None
+        self._warm_standby()  # a job adopted from an earlier scheduler may need a retry as soon as any
         return Handle(job.id, job.handle["pid"], dict(job.handle))
 
     def _escalate(self, pid: int) -> None:
