@@ -21,9 +21,10 @@ the order of the faults and the pauses between them. Each fault waits for someth
   SECONDS in both runs, so that the faults have windows to land in).
 
 With `--ray` the reference and the faulty run take place on a `ray.cluster_utils.Cluster` of
-GPU-declaring nodes (`evalfleet scheduler --ray`), where a `node_swap` fault removes a node
-running a rank mid-job and adds another (the rank faults, which look for local rank processes,
-are left out there).
+GPU-declaring nodes (`evalfleet scheduler --ray`), where a `node_swap` fault (twice by default)
+removes one of a computing job's own nodes mid-job and adds another; the log says how many of the
+job's replicas lived wholly elsewhere (they finish the job without it). The rank faults, which look
+for local rank processes, are left out there.
 
 Recovery is measured per fault, one per job at a time (a job hit is not hit again before it computes
 again; other jobs may be, but faults that reach every job wait until none is recovering): from the fault (its end, for the lock held and the disk filled) to the
@@ -114,7 +115,7 @@ def job_mix(count: int, short: bool, rng: random.Random) -> list[JobSpec]:
     for the faults). Else `count` jobs drawn from the seed, every other one data-parallel."""
     dp = ("--strategy", "dp")
     if short:
-        return [JobSpec("demo-dp", "demo", "demo_mc,demo_arith,demo_ppl", 160, "normal", dp),
+        return [JobSpec("demo-dp", "demo", "demo_mc,demo_arith,demo_ppl", 240, "normal", dp),
                 JobSpec("neox-dp", "tiny-neox", "demo_mc,demo_arith", 60, "high", dp),
                 JobSpec("llama", "tiny-llama", "demo_arith,demo_ppl", 20, "low")]
     tasks = ("demo_mc", "demo_arith", "demo_ppl", "demo_mc,demo_ppl", "demo_mc,demo_arith,demo_ppl")
@@ -601,15 +602,28 @@ class Chaos:
     def node_swap(self) -> dict | None:
         if self.ray is None:
             return {"hit": False, "why": "not on Ray"}
-        target = self._any_computing()
-        if target is None:
+        from evalfleet.orchestrator.pool_status import job_ranks
+
+        def placed(records: dict[str, JobRecord]) -> tuple[JobRecord, list[list[dict]]] | None:
+            with JobStore(self.fleet.db) as store:
+                found = [(r, ranks) for r in self._computing(records) if (ranks := job_ranks(store, r.id))]
+            return self.rng.choice(found) if found else None
+
+        picked = self._pick(placed)
+        if picked is None:
             return None
+        target, ranks = picked
+        # One of the job's own nodes; its replicas wholly elsewhere go on without it.
+        node_of = {rank["node_id"] for replica in ranks for rank in replica}
+        doomed = self.rng.choice(sorted(node_of))
+        survivors = sum(all(rank["node_id"] != doomed for rank in replica) for replica in ranks)
         at, wall = self._at(), time.time()
-        removed = self.ray.swap(self.rng)
+        removed = self.ray.swap(doomed)
         if removed is not None:
             self.watch.add("node_swap", target.id, wall, wall, target.attempts)
         ended = self._attempt_ended(target.id, time.time() - 5, 60)
-        return {"at_s": at, "job": target.id, "hit": removed is not None, "removed_node": removed, "outcome": ended}
+        return {"at_s": at, "job": target.id, "hit": removed is not None, "removed_node": removed,
+                "replicas_left_elsewhere": survivors, "outcome": ended}
 
 
 class RayNodes:
@@ -631,17 +645,11 @@ class RayNodes:
     def address(self) -> str:
         return self.cluster.address
 
-    def swap(self, rng: random.Random) -> str | None:
-        """Remove a node that holds a rank actor (SIGKILL, no grace) and add a fresh one."""
-        busy = []
-        for node in self.nodes:
-            raylet = psutil.Process(node.all_processes["raylet"][0].process.pid)
-            with contextlib.suppress(psutil.Error):
-                if any("RankActor" in " ".join(c.cmdline()) for c in raylet.children(recursive=True)):
-                    busy.append(node)
-        if not busy:
+    def swap(self, node_id: str) -> str | None:
+        """Remove the node `node_id` (SIGKILL, no grace) and add a fresh one; None if it is gone already."""
+        node = next((n for n in self.nodes if n.node_id == node_id), None)
+        if node is None:
             return None
-        node = rng.choice(busy)
         self.cluster.remove_node(node, allow_graceful=False)
         self.nodes.remove(node)
         self.nodes.append(self.cluster.add_node(num_cpus=1, num_gpus=2))
@@ -821,7 +829,8 @@ def _fault_list(text: str | None, short: bool, ray: bool) -> list[str]:
         kinds = [kind.strip() for kind in text.split(",") if kind.strip()]
     else:
         local = [kind for kind in LOCAL_FAULTS if not (ray and kind in RANK_FAULTS)]  # Ray's ranks are actors
-        kinds = local * (1 if short else 2) + (["node_swap"] if ray else [])
+        # Two lost nodes on Ray, each one of a computing job's own nodes (the log says whether replicas were left).
+        kinds = local * (1 if short else 2) + (["node_swap"] * 2 if ray else [])
     unknown = sorted(set(kinds) - set(LOCAL_FAULTS) - {"node_swap"})
     if unknown:
         known = ", ".join((*LOCAL_FAULTS, "node_swap"))
