@@ -41,8 +41,9 @@ class Standby:
         try:
             with open(log_path, "ab") as log:
                 self.process = subprocess.Popen(
-                    [sys.executable, "-c", f"from {__name__} import main; main()"], stdin=subprocess.PIPE, stdout=log, stderr=subprocess.STDOUT,
-                    env={**env, READY_FD_VARIABLE: str(write)}, pass_fds=(write,), start_new_session=True)
+                    [sys.executable, "-c", f"from {__name__} import main; main()"], stdin=subprocess.PIPE,
+                    stdout=log, stderr=subprocess.STDOUT, env={**env, READY_FD_VARIABLE: str(write)},
+                    pass_fds=(write,), start_new_session=True)
         except BaseException:
             os.close(read)
             raise
@@ -93,14 +94,16 @@ def _wait_for_job() -> dict | None:
     """Import what a worker needs, say so, and read the job; None if the scheduler went first."""
     import importlib
 
-    for module in PRELOAD + (PRELOAD_RAY if os.environ.get("EVALFLEET_RAY_ADDRESS") else ()):
+    from evalfleet.orchestrator.executors.ray import ADDRESS_VARIABLE
+
+    address = os.environ.get(ADDRESS_VARIABLE)
+    for module in PRELOAD + (PRELOAD_RAY if address else ()):
         importlib.import_module(module)
     import torch
 
     if torch.cuda.is_initialized():  # a job's CUDA_VISIBLE_DEVICES would come too late
         print("[evalfleet standby] CUDA was initialized by the imports; not used", flush=True)
         return None
-    address = os.environ.get("EVALFLEET_RAY_ADDRESS")
     if address:
         from evalfleet.runtime.ray_ranks import connect
 
