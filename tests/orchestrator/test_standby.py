@@ -75,3 +75,26 @@ def test_a_killed_scheduler_takes_its_standby_along_and_the_next_warms_one_for_t
         record = fleet.wait_state(job, JobState.SUCCEEDED, timeout=180)
         assert record.handle["standby"] is True and record.pid == standby.pid != worker
         assert fleet.status(job)["failures"] == 1
+
+
+def test_a_standby_killed_after_it_was_ready_is_replaced_and_one_killed_before_turns_standbys_off(tmp_path):
+    import sys
+    import time
+
+    from evalfleet.orchestrator.executors.process import SubprocessExecutor
+
+    command = [sys.executable, "-m", "evalfleet.cli", "worker"]
+    for ready_first in (True, False):
+        executor = SubprocessExecutor(command, log_dir=tmp_path, standby=True)
+        executor._warm_standby()
+        standby = executor._standby
+        while ready_first and not standby.ready():
+            time.sleep(0.2)
+        os.killpg(standby.process.pid, signal.SIGKILL)
+        standby.process.wait()
+        assert executor._hand_to_standby(command, {}, None) is None
+        assert executor._standby is None and standby.process.returncode is not None
+        executor._warm_standby()
+        # Killed once ready: replaced. Never ready (a crash, or CUDA touched by the imports): off.
+        assert (executor._standby is not None) is ready_first
+        executor.close()

@@ -99,12 +99,16 @@ class SubprocessExecutor(Executor):
 
     def _hand_to_standby(self, argv: list[str], env: dict[str, str],
                          log_path: Path | None) -> subprocess.Popen[bytes] | None:
-        standby, self._standby = self._standby, None
-        if standby is None:
+        standby = self._standby
+        if standby is not None and standby.process.poll() is not None:  # it ended before it had a job
+            self._standby = None
+            standby.close()
+            if not standby.was_ready:  # its imports fail, or touch CUDA: every standby's would
+                self._use_standby = False
             return None
-        if not (runs_in_standby(argv) and standby.ready()):
-            self._standby = standby  # still importing: the next launch may have it
-            return None
+        if standby is None or not (runs_in_standby(argv) and standby.ready()):
+            return None  # none, or still importing: the next launch may have it
+        self._standby = None
         try:
             return standby.take(argv, env, log_path)
         except OSError:  # it died while waiting

@@ -8,7 +8,8 @@ node the policy chose. Ray ties the group and the actors to the driver: when the
 however it ends, Ray removes them, so no actor outlives its job and a restarted scheduler that
 reattaches to a live driver never starts a second set.
 
-A node that dies takes its ranks with it; the driver exits with `NodeLost`'s code, and the
+A node that dies takes its ranks with it; a job's replicas on other nodes finish the job without
+them (`RayGroupRunner`). A job left with none: the driver exits with `NodeLost`'s code, and the
 scheduler requeues the job at once (no backoff, no blame on devices) to resume from the cache
 on the nodes that remain. `current_pool` follows the cluster: a dead node's GPUs leave the pool,
 a node that joins is used; the scheduler reads it every round, after collecting exits and right

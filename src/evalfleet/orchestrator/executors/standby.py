@@ -11,7 +11,9 @@ starts with its model load.
 The standby runs in its own session, as any worker does, so stopping a job's process group stops
 it; before it is handed a job it exits when the scheduler goes (its standard input closes). A
 process that has touched CUDA during its imports never says it is ready: CUDA must not be
-initialized before the job's `CUDA_VISIBLE_DEVICES` is set.
+initialized before the job's `CUDA_VISIBLE_DEVICES` is set. A standby that ends without having
+been ready (that, or imports that fail) turns standbys off for its scheduler, whose launches then
+start their own processes; one that ended after it was ready is replaced.
 """
 
 from __future__ import annotations
@@ -55,10 +57,16 @@ class Standby:
 
     def ready(self) -> bool:
         """Whether the process has done its imports and waits for a job (never blocks)."""
-        if not self._ready and self._ready_fd is not None and self.process.poll() is None:
+        if not self._ready and self._ready_fd is not None:  # the byte outlives a process that died after it
             with contextlib.suppress(BlockingIOError):
                 self._ready = os.read(self._ready_fd, 1) == b"r"
         return self._ready and self.process.poll() is None
+
+    @property
+    def was_ready(self) -> bool:
+        """Whether the process ever said it was ready."""
+        self.ready()
+        return self._ready
 
     def take(self, argv: Sequence[str], env: Mapping[str, str], log_path: Path | None) -> subprocess.Popen[bytes]:
         """Hand the process a job: `argv` (`python -m evalfleet.cli ...`), its whole environment and
