@@ -10,7 +10,8 @@ the order of the faults and the pauses between them. Each fault waits for someth
 - `rank_kill`: SIGKILL of one rank process of a computing worker group;
 - `scheduler_kill`: SIGKILL of the scheduler while a job runs, then a new scheduler, which must
   adopt the workers left running or requeue their jobs;
-- `store_lock`: another sqlite3 connection's `BEGIN IMMEDIATE` on the job store, held past the
+- `store_lock`: another sqlite3 connection's `BEGIN IMMEDIATE` on the job store, held (in a thread, the
+  soak going on meanwhile: the disk fault lands while it is held) past the
   store's busy timeout while a job runs;
 - `disk_full`: the results folder is a small tmpfs (`mount -t tmpfs`; where mount is refused,
   the job's results.json is made a link to /dev/full, a real ENOSPC too), filled while the job
@@ -412,6 +413,8 @@ class Chaos:
         self.fleet, self.disk, self.oom_trigger, self.rng, self.t0, self.ray = fleet, disk, oom_trigger, rng, t0, ray
         self.watch = watch
         self.first_done: dict[tuple[str, int], int] = {}
+        self.holders: list[threading.Thread] = []
+        """Faults still under way in threads of their own (the held store lock)."""
         """Progress first seen for each attempt (job, worker pid): an attempt computes once it has moved."""
 
     def _pick(self, pick: Callable[[dict[str, JobRecord]], object]) -> object:
@@ -422,8 +425,9 @@ class Chaos:
 
     def soak(self, faults: list[str], pause: tuple[float, float], deadline_s: float) -> list[dict]:
         """Inject `faults` in their order, each once it has something to hit; a fault with no target yet
-        waits while later ones go ahead. The held lock comes after the others (the soak holds it for 35 s,
-        while the jobs run on), and the disk is filled last (it lets its job run to its end)."""
+        waits while later ones go ahead. The held lock comes after the others (held for 35 s in a thread,
+        while the jobs run on), and the disk is filled last, while the lock is still held (it lets its job
+        run to its end, whose results and account are then committed once the lock is gone)."""
         pending, injected = list(faults), []
         end = time.monotonic() + deadline_s
         while pending and time.monotonic() < end:
@@ -451,6 +455,8 @@ class Chaos:
             else:
                 time.sleep(0.1)
         injected += [{"kind": kind, "hit": False, "why": "nothing to hit before the jobs ended"} for kind in pending]
+        for holder in self.holders:
+            holder.join()
         return injected
 
     def _computing(self, records: dict[str, JobRecord]) -> list[JobRecord]:
@@ -532,23 +538,31 @@ class Chaos:
                 "job_after_restart": "adopted" if adopted else after.state.value}
 
     def store_lock(self) -> dict | None:
+        """Take the store's write lock and hold it past its busy timeout in a thread of its own, so the
+        soak goes on meanwhile: the disk is filled while the lock is held, and a job's results (or its
+        account of the full disk) are committed while another writer holds the store."""
         target = self._any_computing()
         if target is None:
             return None
         hold = BUSY_TIMEOUT_S + 5
-        at = self._at()
-        conn = sqlite3.connect(self.fleet.db, isolation_level=None, timeout=60)
-        try:
-            conn.execute("BEGIN IMMEDIATE")
-            start = time.time()
-            time.sleep(hold)
-            conn.execute("ROLLBACK")
-        finally:
-            conn.close()
-        self.watch.add("store_lock", target.id, start, time.time(), target.attempts)
-        failed_rounds = self.fleet.log.read_text().count("round failed (")
-        return {"at_s": at, "job": target.id, "held_s": hold, "busy_timeout_s": BUSY_TIMEOUT_S, "hit": True,
-                "scheduler_log_failed_rounds": failed_rounds}
+        entry = {"at_s": self._at(), "job": target.id, "held_s": hold, "busy_timeout_s": BUSY_TIMEOUT_S, "hit": True}
+        conn = sqlite3.connect(self.fleet.db, isolation_level=None, timeout=60, check_same_thread=False)
+        conn.execute("BEGIN IMMEDIATE")  # taken here, so the soak goes on only once the store is locked
+        start = time.time()
+
+        def hold_then_release() -> None:
+            try:
+                time.sleep(hold)
+                conn.execute("ROLLBACK")
+            finally:
+                conn.close()
+            self.watch.add("store_lock", target.id, start, time.time(), target.attempts)
+            entry["scheduler_log_failed_rounds"] = self.fleet.log.read_text().count("round failed (")
+
+        holder = threading.Thread(target=hold_then_release, name="store-lock", daemon=True)
+        holder.start()
+        self.holders.append(holder)
+        return entry
 
     def disk_full(self) -> dict | None:
         def nearest_end(records):

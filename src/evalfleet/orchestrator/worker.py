@@ -285,8 +285,9 @@ def run_worker(job_id: str, db_path: str | os.PathLike[str], *, heartbeat_s: flo
             except Exception as error:
                 message = describe_error(error)
                 report = exit_report(error, message, watch.evidence())
-                try:
-                    store.report_error(job_id, message, report.model_dump(mode="json"))
+                try:  # waited out as the result's commit is: the account is what the scheduler acts on
+                    _write_with_retries("exit report", lambda: store.report_error(
+                        job_id, message, report.model_dump(mode="json")))
                 except sqlite3.Error as unwritten:  # the exit code still says what happened
                     print(f"[evalfleet worker] exit report not written: {unwritten}", file=sys.stderr, flush=True)
                 if isinstance(error, EvalfleetError):
@@ -303,16 +304,25 @@ def record_result(store: JobStore, job_id: str, result: EvaluationResult) -> Non
     """running -> succeeded. A busy or failing store is waited out a few times; then the job is left
     to the scheduler's retry (exit code of `StorageFault`), which finds every request in the cache."""
     cache = result.evalfleet.get("cache", {})
+    try:
+        _write_with_retries("result", lambda: store.transition(
+            job_id, JobState.SUCCEEDED, expect=JobState.RUNNING, result_path=result.output_path,
+            reason=f"finished; {cache.get('hits', 0)} requests from the cache, {cache.get('computed', 0)} computed"))
+    except sqlite3.Error as error:
+        raise StorageFault(f"cannot record the result of job {job_id} in the job store: {error}") from error
+
+
+def _write_with_retries(what: str, write: Callable[[], object]) -> None:
+    """`write` to the store, waiting out a busy or failing store `COMMIT_ATTEMPTS` times (each after
+    the store's busy timeout, then `COMMIT_BACKOFF_S`, doubling); the last error is raised."""
     for attempt in range(COMMIT_ATTEMPTS):
         try:
-            store.transition(job_id, JobState.SUCCEEDED, expect=JobState.RUNNING, result_path=result.output_path,
-                             reason=f"finished; {cache.get('hits', 0)} requests from the cache, "
-                                    f"{cache.get('computed', 0)} computed")
+            write()
             return
         except sqlite3.Error as error:
             if attempt + 1 == COMMIT_ATTEMPTS:
-                raise StorageFault(f"cannot record the result of job {job_id} in the job store: {error}") from error
+                raise
             delay = COMMIT_BACKOFF_S * 2 ** attempt
-            print(f"[evalfleet worker] result not recorded ({error}); again in {delay:.0f}s", file=sys.stderr,
+            print(f"[evalfleet worker] {what} not recorded ({error}); again in {delay:.0f}s", file=sys.stderr,
                   flush=True)
             time.sleep(delay)
