@@ -73,6 +73,15 @@ def build_request(**fields: object) -> EvaluationRequest:
         raise UsageError(f"{flag}: {message[:1].lower()}{message[1:]}") from None
 
 
+def _wandb_args(text: str | None) -> dict | None:
+    if text is None:
+        return None
+    from evalfleet.engines.wandb_log import parse_wandb_args, require_wandb
+
+    require_wandb()
+    return parse_wandb_args(text)
+
+
 _BACKEND_HELP = "auto | hf | vllm: auto takes vLLM on GPUs when it is installed, transformers otherwise."
 
 
@@ -80,16 +89,16 @@ _BACKEND_HELP = "auto | hf | vllm: auto takes vLLM on GPUs when it is installed,
 def run(
     model: str | None = typer.Option(None, "--model", help="Local model folder, 'demo' for the bundled demo model, or a hub id (or --model-args pretrained=...)."),
     tasks: str = typer.Option("demo_mc,demo_arith", "--tasks", help="Comma-separated lm-eval task names."),
-    include_path: str | None = typer.Option(None, "--include-path", help="Folder of extra lm-eval task YAML files."),
-    limit: int | None = typer.Option(None, "--limit", help="Evaluate only the first N examples of each task."),
-    num_fewshot: int | None = typer.Option(None, "--num-fewshot", help="Few-shot examples per prompt."),
+    include_path: str | None = flags.INCLUDE_PATH,
+    limit: int | None = flags.LIMIT,
+    num_fewshot: int | None = flags.NUM_FEWSHOT,
     engine: str = typer.Option("auto", "--engine", help="auto | lightweight | distributed."),
     strategy: str = typer.Option("auto", "--strategy", help="auto | single | tp | pp | hybrid | dp | device_map (layers over one node's GPUs in one process)."),
     tp: int | None = typer.Option(None, "--tp", help="Tensor-parallel degree."),
     pp: int | None = typer.Option(None, "--pp", help="Pipeline-parallel degree (a device_map's GPUs)."),
     dp: int | None = typer.Option(None, "--dp", help="Data-parallel replicas."),
     device: str = typer.Option("auto", "--device", help="auto | cpu | cuda."),
-    dtype: str = typer.Option("auto", "--dtype", help="auto | float32 | bfloat16 | float16."),
+    dtype: str = flags.DTYPE,
     batch_size: str = typer.Option("auto", "--batch-size", help="Requests per batch, or 'auto' for the token budget alone."),
     max_batch_tokens: int | None = typer.Option(None, "--max-batch-tokens", help="Token budget of one padded batch."),
     output: str | None = typer.Option(None, "--output", help="Folder for results.json (default runs/<model name>)."),
@@ -109,6 +118,7 @@ def run(
     samples: str | None = flags.SAMPLES,
     confirm_run_unsafe_code: bool = flags.CONFIRM_UNSAFE,
     metadata: str | None = flags.METADATA,
+    wandb_args: str | None = typer.Option(None, "--wandb-args", help="Log the finished run to W&B through lm-eval's WandbLogger: wandb.init's arguments as K=V,K=V (lm-eval's --wandb_args)."),
 ) -> None:
     """Evaluate a model on lm-eval tasks; writes OUTPUT/results.json.
 
@@ -137,6 +147,7 @@ def run(
         max_batch_tokens=max_batch_tokens,
         output_dir=output or str(default_output_dir(lm_eval["model"]["path"])),
         log_samples=log_samples,
+        wandb_args=_wandb_args(wandb_args),
         use_cache=not no_cache,
         cache_path=cache_path,
     )
@@ -250,16 +261,16 @@ def scheduler(
 def submit(
     model: str | None = typer.Option(None, "--model", help="Local model folder, 'demo', a shipped id or a hub id (or --model-args pretrained=...)."),
     tasks: str = typer.Option("demo_mc,demo_arith", "--tasks", help="Comma-separated lm-eval task names."),
-    include_path: str | None = typer.Option(None, "--include-path", help="Folder of extra lm-eval task YAML files."),
-    limit: int | None = typer.Option(None, "--limit", help="Evaluate only the first N examples of each task."),
-    num_fewshot: int | None = typer.Option(None, "--num-fewshot", help="Few-shot examples per prompt."),
-    priority: str = typer.Option("normal", "--priority", help="high | normal | low."),
+    include_path: str | None = flags.INCLUDE_PATH,
+    limit: int | None = flags.LIMIT,
+    num_fewshot: int | None = flags.NUM_FEWSHOT,
+    priority: str = flags.PRIORITY,
     gpus: int | None = typer.Option(None, "--gpus", help="Most GPUs the job may use."),
     strategy: str = typer.Option("auto", "--strategy", help="auto | single | tp | pp | hybrid | dp | device_map (layers over one node's GPUs in one process)."),
     tp: int | None = typer.Option(None, "--tp", help="Tensor-parallel degree."),
     pp: int | None = typer.Option(None, "--pp", help="Pipeline-parallel degree (a device_map's GPUs)."),
     dp: int | None = typer.Option(None, "--dp", help="Data-parallel replicas (at least)."),
-    dtype: str = typer.Option("auto", "--dtype", help="auto | float32 | bfloat16 | float16."),
+    dtype: str = flags.DTYPE,
     batch_size: str = typer.Option("auto", "--batch-size", help="Requests per batch, or 'auto'."),
     max_batch_tokens: int | None = typer.Option(None, "--max-batch-tokens", help="Token budget of one padded batch."),
     log_samples: bool = typer.Option(False, "--log-samples", help="Also write lm-eval's samples_<task>.jsonl."),
@@ -278,6 +289,7 @@ def submit(
     samples: str | None = flags.SAMPLES,
     confirm_run_unsafe_code: bool = flags.CONFIRM_UNSAFE,
     metadata: str | None = flags.METADATA,
+    wandb_args: str | None = typer.Option(None, "--wandb-args", help="Log the finished run to W&B through lm-eval's WandbLogger: wandb.init's arguments as K=V,K=V (lm-eval's --wandb_args)."),
 ) -> None:
     """Queue an evaluation and print its job id; refuse one that can never fit the pool.
 
@@ -300,7 +312,7 @@ def submit(
         tasks={"names": tasks, "include_path": include_path, "limit": limit, "num_fewshot": num_fewshot},
         strategy=strategy, tp=tp, pp=pp, dp=dp, gpus=gpus, priority=priority, backend=backend,
         batch_size=batch_size, max_batch_tokens=max_batch_tokens, log_samples=log_samples,
-        use_cache=not no_cache, cache_path=cache_path,
+        wandb_args=_wandb_args(wandb_args), use_cache=not no_cache, cache_path=cache_path,
     )
     job_id = submit_job(request, db, pool)
     typer.echo(job_id)
@@ -311,13 +323,84 @@ def submit(
 
 
 @app.command()
+def sweep(
+    file: str = typer.Argument(..., help="Sweep YAML: models (paths, names or globs such as ckpts/step-*), tasks (task sets), settings (submit's options, one mapping per column), and optional name, priority, limit."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Print the matrix and what would be skipped; submit nothing."),
+    as_json: bool = typer.Option(False, "--json", help="One JSON document: the group, the cells submitted and skipped."),
+    db: str | None = typer.Option(None, "--db", help=_DB_HELP),
+    pool: str | None = typer.Option(None, "--pool", help="Check the jobs against this pool spec instead of the one the scheduler recorded."),
+) -> None:
+    """Submit models x task sets x settings as one group of jobs, as `submit` would each.
+
+    Relative paths and globs are read from the current folder, as `submit` reads them. A cell
+    that already has results, or is queued or running with the same score-changing settings, is
+    skipped: submitting the file again submits only what is new, into the same group.
+    """
+    from evalfleet.orchestrator.sweeps import sweep_command
+
+    sweep_command(file, db=db, pool=pool, dry_run=dry_run, as_json=as_json)
+
+
+@app.command()
+def watch(
+    folder: str = typer.Argument(..., help="The folder the trainer writes its checkpoints into (step-1000, checkpoint-1000, iter_0001000, global_step1000, ...)."),
+    tasks: str | None = typer.Option(None, "--tasks", help="Comma-separated lm-eval task names (required unless --status)."),
+    every: float = typer.Option(30.0, "--every", min=0.05, help="Seconds between looks at the folder."),
+    marker: str | None = typer.Option(None, "--marker", help="A checkpoint is complete once this file is in it (default: any of .complete, COMPLETE, done, DONE, .done, _SUCCESS, else --quiet-for)."),
+    quiet_for: float = typer.Option(60.0, "--quiet-for", min=0, help="Without a marker, complete once its files have not changed for this many seconds and it holds config.json and whole weights."),
+    step_regex: str | None = typer.Option(None, "--step-regex", help="Regex with one group: the step in a checkpoint folder's name."),
+    once: bool = typer.Option(False, "--once", help="Submit what is complete now (watching up to --quiet-for), then exit."),
+    show_status: bool = typer.Option(False, "--status", help="Show the folder's watches and their checkpoints' states, then exit."),
+    as_json: bool = typer.Option(False, "--json", help="With --status: one JSON document."),
+    include_path: str | None = flags.INCLUDE_PATH,
+    limit: int | None = flags.LIMIT,
+    num_fewshot: int | None = flags.NUM_FEWSHOT,
+    priority: str = flags.PRIORITY,
+    gpus: int | None = typer.Option(None, "--gpus", help="Most GPUs a job may use."),
+    dtype: str = flags.DTYPE,
+    batch_size: str = typer.Option("auto", "--batch-size", help="Requests per batch, or 'auto'."),
+    backend: str = typer.Option("auto", "--backend", help=_BACKEND_HELP),
+    db: str | None = typer.Option(None, "--db", help=_DB_HELP),
+    apply_chat_template: str | None = flags.APPLY_CHAT_TEMPLATE,
+    fewshot_as_multiturn: str | None = flags.FEWSHOT_AS_MULTITURN,
+    system_instruction: str | None = flags.SYSTEM_INSTRUCTION,
+    gen_kwargs: str | None = flags.GEN_KWARGS,
+    seed: str | None = flags.SEED,
+    model_args: str | None = flags.MODEL_ARGS,
+) -> None:
+    """Evaluate each new checkpoint under FOLDER once it is complete, as `submit` would (until Ctrl-C).
+
+    Its jobs form one group (kind 'watch') per folder, tasks and settings; each checkpoint's state
+    is kept in the job store, so a restarted watcher submits nothing twice. A checkpoint whose files
+    changed while it was evaluated is evaluated again; one deleted before or during its evaluation
+    is reported.
+    """
+    from evalfleet.orchestrator.watcher import watch_command
+    from evalfleet.tasks.harness_args import request_fields
+
+    request = None
+    if tasks is not None:
+        request = build_request(
+            **request_fields(
+                model={"path": folder, "dtype": dtype}, model_args=model_args,
+                apply_chat_template=apply_chat_template, fewshot_as_multiturn=fewshot_as_multiturn,
+                system_instruction=system_instruction, gen_kwargs=gen_kwargs, seed=seed,
+            ),
+            tasks={"names": tasks, "include_path": include_path, "limit": limit, "num_fewshot": num_fewshot},
+            gpus=gpus, priority=priority, backend=backend, batch_size=batch_size,
+        )
+    watch_command(folder, request, db, every_s=every, marker=marker, quiet_s=quiet_for, step_regex=step_regex,
+                  once=once, status=show_status, as_json=as_json)
+
+
+@app.command()
 def status(
-    job: str | None = typer.Argument(None, help="A job id; without it, every job."),
+    job: str | None = typer.Argument(None, help="A job id or a group id (a sweep); without it, every job."),
     as_json: bool = typer.Option(False, "--json", help="One JSON document (a list without JOB)."),
     db: str | None = typer.Option(None, "--db", help=_DB_HELP),
 ) -> None:
-    """Show one job (state, progress, attempts, result, history) or all jobs."""
-    from evalfleet.orchestrator.console import status_command
+    """Show one job (state, progress, attempts, result, history), a group's jobs, or all jobs."""
+    from evalfleet.orchestrator.groups import status_command
 
     status_command(job, db, as_json)
 
@@ -332,14 +415,13 @@ def queue(db: str | None = typer.Option(None, "--db", help=_DB_HELP)) -> None:
 
 @app.command()
 def cancel(
-    job: str = typer.Argument(..., help="The job id."),
+    job: str = typer.Argument(..., help="The job id, or a group id: every unfinished job of the group."),
     db: str | None = typer.Option(None, "--db", help=_DB_HELP),
 ) -> None:
-    """Cancel a job; a running one is stopped by its scheduler, which frees its devices."""
-    from evalfleet.orchestrator.console import cancel_job
+    """Cancel a job (or a group's jobs); a running one is stopped by its scheduler, which frees its devices."""
+    from evalfleet.orchestrator.groups import cancel_command
 
-    record = cancel_job(job, db)
-    typer.echo(f"job {record.id} cancelled", err=True)
+    typer.echo(cancel_command(job, db), err=True)
 
 
 @app.command()
@@ -359,15 +441,20 @@ def serve(
     interval: float = typer.Option(2.0, "--interval", min=0.05, help="Seconds between scheduling rounds."),
     max_attempts: int = typer.Option(3, "--max-attempts", min=1, help="Attempts per job before it fails for good."),
     preempt: bool = typer.Option(False, "--preempt/--no-preempt", help="Let long-waiting jobs stop lower-priority ones."),
+    watch: list[str] = typer.Option([], "--watch", help="Also watch this checkpoint folder, as `evalfleet watch` does, restarted if it exits (repeatable)."),
+    watch_tasks: str | None = typer.Option(None, "--watch-tasks", help="The tasks each watched checkpoint is evaluated on (with --watch)."),
+    watch_options: str | None = typer.Option(None, "--watch-options", help="More `evalfleet watch` options for every --watch folder, in one string, e.g. '--limit 100 --every 60'."),
 ) -> None:
-    """Serve the dashboard and HTTP API over the job store; with --slots/--gpus/--ray, schedule too."""
+    """Serve the dashboard and HTTP API over the job store; with --slots/--gpus/--ray, schedule too;
+    with --watch, evaluate a trainer's new checkpoints too."""
     from evalfleet.service.serve import ServeOptions
     from evalfleet.service.serve import serve as serve_forever
 
     serve_forever(ServeOptions(host=host, port=port, db=db, slots=slots, gpus=gpus, ray=ray, token_file=token_file,
                                model_roots=model_root, allow_hub=allow_hub, task_roots=task_root, data_roots=data_root,
                                forwarded_allow_ips=forwarded_allow_ips,
-                               interval=interval, max_attempts=max_attempts, preempt=preempt))
+                               interval=interval, max_attempts=max_attempts, preempt=preempt,
+                               watch=watch, watch_tasks=watch_tasks, watch_options=watch_options))
 
 
 @app.command()
@@ -381,6 +468,26 @@ def compare(
     from evalfleet.service.compare_report import compare_command
 
     compare_command(a, b, db=db, as_json=as_json)
+
+
+@app.command()
+def leaderboard(
+    group: str | None = typer.Option(None, "--group", help="Rank a group's finished jobs (a sweep, a checkpoint watch)."),
+    models: str | None = typer.Option(None, "--models", help="Comma-separated models (path or folder name), job ids or results folders; default: every finished job."),
+    baseline: str | None = typer.Option(None, "--baseline", help="Test every cell against this model's (compare's paired test)."),
+    alpha: float = typer.Option(0.05, "--alpha", help="Significance level of the tests against the baseline."),
+    output_format: str = typer.Option("table", "--format", help="table | md | csv | json."),
+    output: str | None = typer.Option(None, "--output", help="Write to this file instead of standard output."),
+    lm_eval_layout: str | None = typer.Option(None, "--lm-eval-layout", help="Also write the ranked runs as lm-eval writes them: DIR/<model>/results_<time>.json and samples_<task>_<time>.jsonl."),
+    db: str | None = typer.Option(None, "--db", help=_DB_HELP),
+) -> None:
+    """Rank finished runs: models × tasks (main metric ± stderr) and their mean, best marked; runs whose
+    score-changing settings differ are put in separate sections, never ranked together."""
+    from evalfleet.service.leaderboard_report import leaderboard_command
+
+    names = [name.strip() for name in (models or "").split(",") if name.strip()]
+    leaderboard_command(group=group, models=names, baseline=baseline, alpha=alpha, output_format=output_format,
+                        output=output, db=db, lm_eval_layout=lm_eval_layout)
 
 
 @app.command()
@@ -433,7 +540,7 @@ def worker(
 
 
 # Optional packages and the extra that installs each; anything else is a broken installation.
-EXTRAS = {"vllm": "vllm", "ray": "ray", "fastapi": "service", "uvicorn": "service"}
+EXTRAS = {"vllm": "vllm", "ray": "ray", "fastapi": "service", "uvicorn": "service", "wandb": "wandb"}
 
 
 def missing_package(error: ModuleNotFoundError) -> str:

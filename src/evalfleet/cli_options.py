@@ -16,6 +16,13 @@ SAMPLES = typer.Option(None, "--samples", help="Document ids per task, JSON or a
 CONFIRM_UNSAFE = typer.Option(False, "--confirm-run-unsafe-code", help="Allow tasks that execute code the model writes.")
 METADATA = typer.Option(None, "--metadata", help="lm-eval's task metadata, key=value,... or JSON (some tasks need it).")
 
+# Options of every command that makes a job (run, submit, watch), with one meaning everywhere.
+INCLUDE_PATH = typer.Option(None, "--include-path", help="Folder of extra lm-eval task YAML files.")
+LIMIT = typer.Option(None, "--limit", help="Evaluate only the first N examples of each task.")
+NUM_FEWSHOT = typer.Option(None, "--num-fewshot", help="Few-shot examples per prompt.")
+PRIORITY = typer.Option("normal", "--priority", help="high | normal | low.")
+DTYPE = typer.Option("auto", "--dtype", help="auto | float32 | bfloat16 | float16.")
+
 # lm-eval's spellings of the flags `run` and `submit` share with it, so its command lines work as typed.
 LM_EVAL_SPELLINGS = {
     "--model_args": "--model-args", "--num_fewshot": "--num-fewshot", "--batch_size": "--batch-size",
@@ -30,8 +37,8 @@ _BARE_VALUES = {"--apply-chat-template": "", "--fewshot-as-multiturn": "true"}
 
 
 def lm_eval_command_line(args: list[str]) -> list[str]:
-    """`evalfleet run|submit` arguments with lm-eval's spellings and bare flags made typer's."""
-    if not args or args[0] not in ("run", "submit"):
+    """`evalfleet run|submit|watch` arguments with lm-eval's spellings and bare flags made typer's."""
+    if not args or args[0] not in ("run", "submit", "watch"):
         return args
     spelled = []
     for arg in args:

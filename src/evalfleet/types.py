@@ -172,6 +172,8 @@ class EvaluationRequest(_Strict):
     max_batch_tokens: int | None = Field(default=None, gt=0)
     output_dir: str | None = None
     log_samples: bool = False
+    wandb_args: dict[str, Any] | None = Field(default=None, description="lm-eval's --wandb_args (wandb.init's "
+                                             "arguments): the finished run is logged by lm-eval's WandbLogger")
     use_cache: bool = True
     cache_path: str | None = None
     priority: Priority = "normal"

@@ -83,3 +83,11 @@ def live_service(tmp_path_factory, tiny_model) -> LiveService:
             process.kill()
             process.wait()
         wait_for(lambda: gone(process.pid), 10, "the service to exit")
+
+
+@pytest.fixture(scope="session")
+def leaderboard_jobs(live_service, tiny_model, tmp_path_factory):
+    """Finished jobs in the live service's store for the leaderboard tests (see leaderboard_runs.py)."""
+    from leaderboard_runs import submit_leaderboard_jobs
+
+    return submit_leaderboard_jobs(live_service, tiny_model, tmp_path_factory.mktemp("checkpoints"))

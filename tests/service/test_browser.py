@@ -159,3 +159,72 @@ def test_a_session_survives_nothing_but_its_own_origin_and_ends_at_logout(browse
     driver.add_cookie({"name": "evalfleet_session", "value": session["value"], "path": "/"})  # a copy kept from before
     driver.get(live.url + "/")
     assert "Paste the service token" in _shot(driver, tmp_path, "11-after-logout")
+
+
+def test_the_leaderboard_marks_the_best_tests_a_baseline_and_charts_checkpoints(browser, live_service,
+                                                                                 leaderboard_jobs, tmp_path):
+    live, driver, runs = live_service, browser, leaderboard_jobs
+    driver.get(live.url + "/login")
+    driver.find_element(By.ID, "token").send_keys(TOKEN)
+    driver.find_element(By.ID, "login").click()
+    WebDriverWait(driver, 30).until(lambda d: d.find_elements(By.ID, "submit"))
+
+    driver.get(live.url + "/results")
+    Select(driver.find_element(By.ID, "group")).select_by_value(runs.group)
+    driver.find_element(By.ID, "show-leaderboard").click()
+    WebDriverWait(driver, 30).until(lambda d: f"group={runs.group}" in d.current_url)
+    _shot(driver, tmp_path, "leaderboard-checkpoints")
+    rows = driver.find_elements(By.CSS_SELECTOR, "#leaderboard-1 tbody tr")
+    assert [row.text.split()[:3] for row in rows] == [["20", "step-20", runs.jobs["step-20"]],
+                                                      ["100", "step-100", runs.jobs["step-100"]]]
+    charts = driver.find_elements(By.CSS_SELECTOR, "#step-charts-1 svg.step-chart")
+    assert sorted(chart.get_attribute("data-task") for chart in charts) == ["demo_arith", "demo_mc"]
+    assert all(len(chart.find_elements(By.CSS_SELECTOR, "circle.point")) == 2 for chart in charts)
+
+    Select(driver.find_element(By.ID, "group")).select_by_value("")
+    Select(driver.find_element(By.ID, "baseline")).select_by_value("step-100")
+    driver.find_element(By.ID, "show-leaderboard").click()
+    WebDriverWait(driver, 30).until(lambda d: "baseline=step-100" in d.current_url)
+    _shot(driver, tmp_path, "leaderboard-baseline")
+    (table,) = [t for t in driver.find_elements(By.CSS_SELECTOR, "table.leaderboard") if runs.jobs["step-100"] in t.text]
+    assert runs.jobs["demo-1shot"] not in table.text  # other settings: another section
+    demo = next(r for r in table.find_elements(By.CSS_SELECTOR, "tbody tr") if runs.jobs["demo"] in r.text)
+    best = demo.find_elements(By.CSS_SELECTOR, "td.best")
+    assert len(best) == 3 and all("★" in cell.text for cell in best)  # both tasks and the mean
+    assert "+" in [v.text for v in demo.find_elements(By.CSS_SELECTOR, ".verdict")]
+    twin = next(r for r in table.find_elements(By.CSS_SELECTOR, "tbody tr") if runs.jobs["step-20"] in r.text)
+    assert {v.text for v in twin.find_elements(By.CSS_SELECTOR, ".verdict")} == {"≈"}
+
+
+def test_a_group_page_lists_the_sweeps_jobs_and_the_job_list_links_to_it(browser, live_service, tmp_path):
+    live, driver = live_service, browser
+    sweep = live.client.post("/api/v1/sweeps", json={
+        "name": "in-the-browser", "models": ["demo"], "tasks": [["demo_mc"]], "limit": 3,
+        "settings": [{"num_fewshot": 0}, {"num_fewshot": 1}]}).json()
+    group, jobs = sweep["group"], [cell["job"] for cell in sweep["submitted"]]
+    assert len(jobs) == 2
+
+    driver.get(live.url + "/login")
+    driver.find_element(By.ID, "token").send_keys(TOKEN)
+    driver.find_element(By.ID, "login").click()
+    WebDriverWait(driver, 30).until(lambda d: d.find_elements(By.ID, "submit"))
+    driver.find_element(By.CSS_SELECTOR, f"a.group-link[href='/groups/{group}']").click()
+    WebDriverWait(driver, 30).until(lambda d: d.current_url.endswith(f"/groups/{group}"))
+    assert f"group {group}" in driver.find_element(By.TAG_NAME, "h1").text and "in-the-browser" in driver.title
+
+    text = _shot(driver, tmp_path, "group")
+    assert "2 jobs:" in text
+
+    def rows(d):  # read at once: htmx swaps the table every 2 s while a job runs
+        return [(row.find_element(By.TAG_NAME, "a").get_attribute("href"), row.find_element(By.CLASS_NAME, "state").text,
+                 row.find_element(By.CLASS_NAME, "job-settings").text, row.text)
+                for row in d.find_elements(By.CSS_SELECTOR, "#jobs-table tbody tr")]
+
+    shown = WebDriverWait(driver, 30, ignored_exceptions=[StaleElementReferenceException]).until(rows)
+    assert [href for href, *_ in shown] == [f"{live.url}/jobs/{job}" for job in jobs]
+    assert [settings for _, _, settings, _ in shown] == ["(num_fewshot=0)", "(num_fewshot=1)"]
+    assert all(state in ("queued", "placed", "running", "succeeded") and "demo / demo_mc" in row
+               for _, state, _, row in shown), shown
+    driver.get(shown[1][0])
+    assert driver.find_element(By.TAG_NAME, "h1").text == f"Job {jobs[1]}"
+    assert live.client.post(f"/api/v1/groups/{group}/cancel").status_code in (200, 409)  # no load left behind

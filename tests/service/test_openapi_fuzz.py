@@ -46,10 +46,14 @@ def api_schema(tmp_path):
 OPERATIONS = [("POST", "/api/v1/jobs"), ("GET", "/api/v1/jobs"), ("GET", "/api/v1/jobs/{job_id}"),
               ("POST", "/api/v1/jobs/{job_id}/cancel"), ("GET", "/api/v1/jobs/{job_id}/events"),
               ("GET", "/api/v1/jobs/{job_id}/results"), ("GET", "/api/v1/jobs/{job_id}/samples/{task}"),
-              ("GET", "/api/v1/pool"), ("GET", "/api/v1/compare"), ("GET", "/metrics"), ("GET", "/healthz")]
+              ("GET", "/api/v1/pool"), ("GET", "/api/v1/compare"), ("GET", "/metrics"), ("GET", "/healthz"),
+              ("POST", "/api/v1/sweeps"), ("GET", "/api/v1/groups"), ("GET", "/api/v1/groups/{group_id}"),
+              ("POST", "/api/v1/groups/{group_id}/cancel"), ("GET", "/api/v1/watches"),
+              ("GET", "/api/v1/leaderboard")]
 
 
-WITHOUT_PARAMETERS = {"/api/v1/pool", "/metrics", "/healthz"}  # nothing to make invalid
+WITHOUT_PARAMETERS = {"/api/v1/pool", "/metrics", "/healthz", "/api/v1/groups",  # nothing to make invalid
+                      "/api/v1/watches"}
 CASES = [(method, path, mode) for method, path in OPERATIONS for mode in GenerationMode
          if mode is GenerationMode.POSITIVE or path not in WITHOUT_PARAMETERS]
 

@@ -17,6 +17,7 @@ import psutil
 from evalfleet.engines.environment import start_gathering
 from evalfleet.engines.evaluation import check_output_dir, load_dtype_and_device, note_request_start, write_outputs
 from evalfleet.engines.router import estimate_model_size, select_engine
+from evalfleet.engines.wandb_log import log_to_wandb
 from evalfleet.runtime.backends.hf import check_model_folder
 from evalfleet.runtime.lm import ProgressCallback
 from evalfleet.monitoring import MultiGPUPerformanceMonitor
@@ -114,5 +115,7 @@ def evaluate_request(
         write_outputs(result, None, folder)
         if report:
             monitor.write_report(folder, png=True)
+        if request.wandb_args is not None:
+            log_to_wandb(request.wandb_args, result.document(), folder if request.log_samples else None)
     monitor.close()
     return result

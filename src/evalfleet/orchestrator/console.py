@@ -56,8 +56,9 @@ def _absolute(path: str | None) -> str | None:
     return str(Path(path).expanduser().resolve())
 
 
-def submit_job(request: EvaluationRequest, db: str | None = None, pool: str | None = None) -> str:
-    """Queue `request`; refuse it (EvalfleetError) if it can never fit the pool."""
+def submit_job(request: EvaluationRequest, db: str | None = None, pool: str | None = None, *,
+               group_id: str | None = None) -> str:
+    """Queue `request` (in `group_id`'s group); refuse it (EvalfleetError) if it can never fit the pool."""
     request = request.model_copy(update={
         "model": request.model.model_copy(update={"path": _absolute(request.model.path)}),
         "tasks": request.tasks.model_copy(update={"include_path": _absolute(request.tasks.include_path)}),
@@ -68,7 +69,7 @@ def submit_job(request: EvaluationRequest, db: str | None = None, pool: str | No
         recorded = recorded_pool(store) or {}
         recovery = RecoveryOptions(max_attempts=recorded.get("max_attempts", RecoveryOptions.max_attempts))
         orchestrator = DistributedEvaluationOrchestrator(store, submission_pool(store, pool), recovery=recovery)
-        return orchestrator.submit_evaluation_request(request)
+        return orchestrator.submit_evaluation_request(request, group_id=group_id)
 
 
 def submitted_size(job_id: str, db: str | None = None) -> tuple[str, str]:
@@ -100,6 +101,7 @@ def job_document(record: JobRecord, store: JobStore, progress: TaskProgress | No
         "model": record.request["model"]["path"],
         "tasks": record.request["tasks"]["names"],
         "limit": record.request["tasks"].get("limit"),
+        "group": record.group_id,
         "progress": {
             "done": record.done, "total": record.total,
             "fraction": round(fraction, 4) if fraction is not None else None,
@@ -172,8 +174,9 @@ def launches(store: JobStore) -> Counter[str]:
 
 
 def jobs_table(records: list[JobRecord], progress: dict[str, TaskProgress], started: Counter[str], now: float,
-               title: str, numbered: bool = False) -> Table:
-    """One row per job; narrow enough for 100 columns, the job id never cut."""
+               title: str, numbered: bool = False, notes: dict[str, str] | None = None) -> Table:
+    """One row per job; narrow enough for 100 columns, the job id never cut. `notes` go after a job's
+    model and tasks (a group's jobs: the settings that tell them apart)."""
     table = Table(title=title, box=box.SIMPLE_HEAD, pad_edge=False)
     columns = ["#"] if numbered else []
     columns += ["job", "state", "prio", "progress", "requests", "tok/s", "ETA", "try", "model/tasks"]
@@ -186,6 +189,8 @@ def jobs_table(records: list[JobRecord], progress: dict[str, TaskProgress], star
         if record.state is JobState.QUEUED and record.not_before > now:
             state.append(f" (retry in {_duration(record.not_before - now)})", style="dim")
         what = f"{Path(record.request['model']['path']).name}/{','.join(record.request['tasks']['names'])}"
+        if notes and notes.get(record.id):
+            what += f" ({notes[record.id]})"
         counts = f"{record.done}/{record.total}" if record.total else ""
         speed = f"{record.tokens_per_s:,.0f}" if record.tokens_per_s and record.state is JobState.RUNNING else ""
         row = [str(position)] if numbered else []

@@ -150,8 +150,10 @@ class DistributedEvaluationOrchestrator:
 
     # the queue ------------------------------------------------------------------------------
 
-    def submit_evaluation_request(self, request: EvaluationRequest | Mapping[str, Any]) -> str:
-        """Validate, size against the whole pool, and queue; refuse a job that can never fit."""
+    def submit_evaluation_request(self, request: EvaluationRequest | Mapping[str, Any], *,
+                                  group_id: str | None = None) -> str:
+        """Validate, size against the whole pool, and queue (in `group_id`'s group); refuse a job that
+        can never fit."""
         if not isinstance(request, EvaluationRequest):
             try:
                 request = EvaluationRequest.model_validate(request)
@@ -166,6 +168,7 @@ class DistributedEvaluationOrchestrator:
             plan=plan,
             size=size,
             now=self.clock(),
+            group_id=group_id,
         )
 
     def cancel(self, job_id: str) -> JobRecord:

@@ -129,9 +129,47 @@ ALTER TABLE jobs ADD COLUMN failure_streak INTEGER NOT NULL DEFAULT 0;
 ALTER TABLE jobs ADD COLUMN avoid TEXT
 """
 
+# v8: groups of jobs submitted as one (a sweep's matrix, a checkpoint watch); see `orchestrator/groups.py`.
+_SCHEMA_V8 = """
+CREATE TABLE groups (
+    id TEXT PRIMARY KEY,
+    kind TEXT NOT NULL,
+    name TEXT,
+    spec TEXT NOT NULL,
+    created_at REAL NOT NULL
+);
+ALTER TABLE jobs ADD COLUMN group_id TEXT;
+CREATE INDEX jobs_group ON jobs(group_id)
+"""
+
+# v9: the checkpoints a watch (a group of kind 'watch') has seen: their state, the job evaluating each and
+# the fingerprint of its files at submit; and the live process of each watch (see `orchestrator/watcher.py`).
+_SCHEMA_V9 = """
+CREATE TABLE watch_checkpoints (
+    watch_id TEXT NOT NULL,
+    path TEXT NOT NULL,
+    step INTEGER,
+    state TEXT NOT NULL,
+    fingerprint TEXT,
+    job_id TEXT,
+    evaluations INTEGER NOT NULL DEFAULT 0,
+    note TEXT,
+    seen_at REAL NOT NULL,
+    updated_at REAL NOT NULL,
+    PRIMARY KEY (watch_id, path)
+);
+CREATE TABLE watchers (
+    watch_id TEXT PRIMARY KEY,
+    pid INTEGER NOT NULL,
+    started_at REAL NOT NULL,
+    heartbeat_at REAL NOT NULL
+)
+"""
+
 MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [
     _run_script(_SCHEMA_V1), _run_script(_SCHEMA_V2), _run_script(_SCHEMA_V3), _run_script(_SCHEMA_V4),
     _run_script(_SCHEMA_V5), _run_script(_SCHEMA_V6), _run_script(_SCHEMA_V7),
+    _run_script(_SCHEMA_V8), _run_script(_SCHEMA_V9),
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -185,6 +223,8 @@ class JobRecord:
     """Its failed attempts in a row that computed nothing (see `recovery.next_streak`)."""
     avoid: list[Device] | None = None
     """The devices its last failed attempt held: a retry goes elsewhere where there is room."""
+    group_id: str | None = None
+    """The group (a sweep, a checkpoint watch) it was submitted in, if any."""
 
     @classmethod
     def from_row(cls, row: sqlite3.Row) -> JobRecord:
@@ -236,6 +276,41 @@ class Resize:
         return {"replicas": {n: listed(d) for n, d in self.replicas.items()}, "grow": self.grow,
                 "shrink": [listed(d) for d in self.shrink], "joining": [listed(d) for d in self.joining],
                 "leaving": [listed(d) for d in self.leaving], "load_s": self.load_s}
+
+
+@dataclass(frozen=True)
+class GroupRecord:
+    """Jobs submitted as one: `spec` is what made them (a sweep's file, a watch's folder)."""
+
+    id: str
+    kind: str
+    name: str | None
+    spec: dict[str, Any]
+    created_at: float
+
+    @classmethod
+    def from_row(cls, row: sqlite3.Row) -> GroupRecord:
+        return cls(row["id"], row["kind"], row["name"], json.loads(row["spec"]), row["created_at"])
+
+
+@dataclass(frozen=True)
+class CheckpointRecord:
+    """A checkpoint folder a watch has seen; `job_id` is its latest evaluation, `fingerprint` its files' then."""
+
+    watch_id: str
+    path: str
+    step: int | None
+    state: str
+    fingerprint: str | None
+    job_id: str | None
+    evaluations: int
+    note: str | None
+    seen_at: float
+    updated_at: float
+
+    @classmethod
+    def from_row(cls, row: sqlite3.Row) -> CheckpointRecord:
+        return cls(**{name: row[name] for name in cls.__dataclass_fields__})
 
 
 @dataclass(frozen=True)
@@ -333,6 +408,7 @@ class JobStore:
         size: dict[str, Any] | None = None,
         total: int | None = None,
         now: float | None = None,
+        group_id: str | None = None,
     ) -> str:
         now = time.time() if now is None else now
         job_id = uuid.uuid4().hex[:12]
@@ -343,6 +419,8 @@ class JobStore:
                 (job_id, json.dumps(request), priority, JobState.QUEUED.value, max_attempts,
                  _dumps(demand), _dumps(plan), _dumps(size), total, now, now),
             )
+            if group_id is not None:
+                conn.execute("UPDATE jobs SET group_id = ? WHERE id = ?", (group_id, job_id))
             _log(conn, job_id, now, None, JobState.QUEUED, 0, "submitted")
         return job_id
 
@@ -460,6 +538,67 @@ class JobStore:
                   r["attempt"], r["reason"], r["id"])
             for r in rows
         ]
+
+    # groups -----------------------------------------------------------------------------------
+
+    def create_group(self, kind: str, name: str | None, spec: dict[str, Any], now: float | None = None) -> str:
+        """A new group of jobs (`kind`: 'sweep' or 'watch'); its jobs name it at `add`."""
+        group_id = uuid.uuid4().hex[:12]
+        with self._write() as conn:
+            conn.execute("INSERT INTO groups (id, kind, name, spec, created_at) VALUES (?, ?, ?, ?, ?)",
+                         (group_id, kind, name, json.dumps(spec), time.time() if now is None else now))
+        return group_id
+
+    def group(self, group_id: str) -> GroupRecord:
+        row = self._conn.execute("SELECT * FROM groups WHERE id = ?", (group_id,)).fetchone()
+        if row is None:
+            raise UsageError(f"no group with id '{group_id}' in {self.path}")
+        return GroupRecord.from_row(row)
+
+    def groups(self, kind: str | None = None) -> list[GroupRecord]:
+        """Every group (of `kind`), oldest first."""
+        query, args = "SELECT * FROM groups", ()
+        if kind is not None:
+            query, args = query + " WHERE kind = ?", (kind,)
+        return [GroupRecord.from_row(row) for row in self._conn.execute(query + " ORDER BY created_at, id", args)]
+
+    def jobs_in_group(self, group_id: str) -> list[JobRecord]:
+        rows = self._conn.execute("SELECT * FROM jobs WHERE group_id = ? ORDER BY submitted_at, id", (group_id,))
+        return [JobRecord.from_row(row) for row in rows]
+
+    # checkpoint watches ----------------------------------------------------------------------
+
+    def checkpoints(self, watch_id: str) -> list[CheckpointRecord]:
+        """The checkpoints `watch_id` has seen, by step."""
+        rows = self._conn.execute("SELECT * FROM watch_checkpoints WHERE watch_id = ? ORDER BY step, path", (watch_id,))
+        return [CheckpointRecord.from_row(row) for row in rows]
+
+    def put_checkpoint(self, watch_id: str, path: str, step: int | None, state: str, *,
+                       fingerprint: str | None = None, job_id: str | None = None, evaluations: int = 0,
+                       note: str | None = None, now: float | None = None) -> None:
+        """Record a checkpoint's state (the time it was first seen is kept)."""
+        now = time.time() if now is None else now
+        with self._write() as conn:
+            conn.execute(
+                "INSERT INTO watch_checkpoints (watch_id, path, step, state, fingerprint, job_id, evaluations, note,"
+                " seen_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (watch_id, path) DO UPDATE"
+                " SET step = excluded.step, state = excluded.state, fingerprint = excluded.fingerprint,"
+                " job_id = excluded.job_id, evaluations = excluded.evaluations, note = excluded.note,"
+                " updated_at = excluded.updated_at",
+                (watch_id, path, step, state, fingerprint, job_id, evaluations, note, now, now),
+            )
+
+    def beat_watcher(self, watch_id: str, pid: int, started_at: float, now: float | None = None) -> None:
+        """The watch's process says it is alive."""
+        with self._write() as conn:
+            conn.execute("INSERT OR REPLACE INTO watchers (watch_id, pid, started_at, heartbeat_at) VALUES (?, ?, ?, ?)",
+                         (watch_id, pid, started_at, time.time() if now is None else now))
+
+    def watchers(self) -> dict[str, dict[str, Any]]:
+        """Per watch id, its latest process: pid, started_at, heartbeat_at."""
+        rows = self._conn.execute("SELECT * FROM watchers").fetchall()
+        return {r["watch_id"]: {"pid": r["pid"], "started_at": r["started_at"], "heartbeat_at": r["heartbeat_at"]}
+                for r in rows}
 
     # live replicas ---------------------------------------------------------------------------
 

@@ -10,8 +10,11 @@ from pydantic import ValidationError
 from sse_starlette.sse import EventSourceResponse
 
 from evalfleet.orchestrator.states import JobState
+from evalfleet.service import group_api
 from evalfleet.service.compare import Comparison
 from evalfleet.service.fleet import Fleet
+from evalfleet.service.leaderboard import ALPHA, Leaderboard
+from evalfleet.service.watches import Watch, list_watches
 from evalfleet.service.schemas import (
     MAX_PAGE,
     MAX_SAMPLES_PAGE,
@@ -50,6 +53,9 @@ def build_router(dependencies: list[Any]) -> APIRouter:
     router.add_api_route("/jobs/{job_id}/samples/{task}", samples, methods=["GET"], response_model=SamplePage)
     router.add_api_route("/pool", pool, methods=["GET"], response_model=Pool)
     router.add_api_route("/compare", compare, methods=["GET"], response_model=Comparison)
+    router.add_api_route("/leaderboard", leaderboard, methods=["GET"], response_model=Leaderboard)
+    router.add_api_route("/watches", list_watches, methods=["GET"], response_model=list[Watch])
+    group_api.add_routes(router)
     return router
 
 
@@ -124,3 +130,14 @@ def compare(
 ) -> Comparison:
     """Two succeeded jobs, task by task: both values, the difference, a paired test and the flipped samples."""
     return fleet.compare(a, b)
+
+
+def leaderboard(
+    fleet: FleetDep,
+    group: Annotated[str | None, Query(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_-]+$")] = None,
+    baseline: Annotated[str | None, Query(min_length=1, max_length=1024, description="a model (path or folder name) or job id")] = None,
+    alpha: Annotated[float, Query(gt=0, lt=1)] = ALPHA,
+) -> Leaderboard:
+    """A group's (else every) succeeded job ranked: models × tasks, best marked, runs with other settings in
+    their own sections, each cell tested against the baseline with compare's paired test."""
+    return fleet.leaderboard(group=group, baseline=baseline, alpha=alpha)

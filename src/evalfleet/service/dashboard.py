@@ -22,6 +22,7 @@ from evalfleet.orchestrator.states import JobState
 from evalfleet.service.api import submit
 from evalfleet.service.charts import pool_charts
 from evalfleet.service.fleet import Fleet
+from evalfleet.service.leaderboard_chart import step_charts
 from evalfleet.service.lm_eval_form import LmEvalForm
 from evalfleet.service.samples import describe_sample
 from evalfleet.service.schemas import MAX_TASK_YAML, JobSubmission
@@ -64,6 +65,7 @@ def build_router(dependencies: list[Any]) -> APIRouter:
         ("/jobs/{job_id}/samples/{task}", samples_page, ["GET"]),
         ("/jobs/{job_id}/samples/{task}/{doc_id}", sample_page, ["GET"]),
         ("/pool", pool_page, ["GET"]), ("/compare", compare_page, ["GET"]),
+        ("/groups/{group_id}", group_page, ["GET"]), ("/ui/groups/{group_id}", group_table, ["GET"]),
     ]:
         router.add_api_route(path, endpoint, methods=methods, response_class=HTMLResponse)
     open_routes.include_router(router)
@@ -151,14 +153,32 @@ def job_status(request: Request, job_id: str) -> HTMLResponse:
     return render(request, "_job_status.html", job=_fleet(request).job(job_id))
 
 
+def group_page(request: Request, group_id: str) -> HTMLResponse:
+    """A sweep's (or a watch's) jobs, their states and links, refreshed while any runs."""
+    return render(request, "group.html", group=_fleet(request).group(group_id))
+
+
+def group_table(request: Request, group_id: str) -> HTMLResponse:
+    return render(request, "_group_jobs.html", group=_fleet(request).group(group_id))
+
+
 def cancel_form(request: Request, job_id: str) -> Response:
     _fleet(request).cancel(job_id)
     return RedirectResponse(f"/jobs/{job_id}", status_code=303)
 
 
-def results_matrix(request: Request) -> HTMLResponse:
-    tasks, rows = _fleet(request).matrix()
-    return render(request, "results.html", tasks=tasks, rows=rows)
+def results_matrix(request: Request,
+                   group: Annotated[str, Query(max_length=64)] = "",
+                   baseline: Annotated[str, Query(max_length=1024)] = "") -> HTMLResponse:
+    """The leaderboard of a group's (or every) finished job, against a baseline if one is chosen."""
+    fleet = _fleet(request)
+    board, error = None, None
+    try:
+        board = fleet.leaderboard(group=group or None, baseline=baseline or None)
+    except EvalfleetError as error_:
+        error = str(error_)
+    return render(request, "results.html", groups=fleet.groups(), group=group, baseline=baseline, board=board,
+                  error=error, charts=[step_charts(section) for section in board.sections] if board else [])
 
 
 def job_results(request: Request, job_id: str) -> HTMLResponse:

@@ -14,12 +14,16 @@ from pathlib import Path
 from typing import Any
 
 from evalfleet.orchestrator.console import job_document, submit_job
+from evalfleet.orchestrator.groups import NothingToCancel, cancel_group, find_group, group_document, group_summary
 from evalfleet.orchestrator.pool import inventory_from_dict, recorded_pool
 from evalfleet.orchestrator.scheduler import DistributedEvaluationOrchestrator
 from evalfleet.orchestrator.states import JobState
 from evalfleet.orchestrator.store import JobRecord, JobStore
+from evalfleet.orchestrator.sweeps import Cell, SweepOutcome, SweepSpec, submit_sweep
 from evalfleet.planning import Inventory
 from evalfleet.service.compare import Comparison, Run, compare_runs, load_results
+from evalfleet.service.leaderboard import ALPHA, Leaderboard, build
+from evalfleet.service.leaderboard_report import store_entries
 from evalfleet.types import EvalfleetError, EvaluationRequest, UsageError
 
 
@@ -91,6 +95,33 @@ class Fleet:
                   for e in store.events(job_id, after=after)]
         return record, events
 
+    # groups (sweeps, checkpoint watches) -------------------------------------------------------
+
+    def submit_sweep(self, spec: SweepSpec, cells: list[Cell]) -> SweepOutcome:
+        return submit_sweep(self.store(), spec, cells, origin={"via": "api"},
+                            submit=lambda request, group: submit_job(request, str(self.db_path), group_id=group))
+
+    def groups(self) -> list[dict[str, Any]]:
+        """Newest first, each with its jobs counted by state."""
+        store = self.store()
+        return [{"id": g.id, "kind": g.kind, "name": g.name, "created_at": g.created_at,
+                 "summary": group_summary(store.jobs_in_group(g.id))} for g in reversed(store.groups())]
+
+    def group(self, group_id: str) -> dict[str, Any]:
+        store = self.store()
+        group = find_group(store, group_id)
+        if group is None:
+            raise NotFound(f"no group with id '{group_id}'")
+        return group_document(store, group, _progress_by_job(store))
+
+    def cancel_group(self, group_id: str) -> dict[str, Any]:
+        self.group(group_id)  # a 404 for an unknown group
+        try:
+            cancel_group(self.store(), group_id)
+        except NothingToCancel as error:
+            raise Conflict(str(error)) from None
+        return self.group(group_id)
+
     # results ----------------------------------------------------------------------------------
 
     def run(self, job_id: str) -> Run:
@@ -128,25 +159,12 @@ class Fleet:
     def compare(self, a: str, b: str) -> Comparison:
         return compare_runs(self.run(a), self.run(b))
 
-    def matrix(self) -> tuple[list[str], list[dict[str, Any]]]:
-        """Succeeded jobs (rows) × tasks (columns): each cell the task's first metric and its stderr."""
-        rows, tasks = [], []
+    def leaderboard(self, *, group: str | None = None, baseline: str | None = None, alpha: float = ALPHA) -> Leaderboard:
+        """A group's (else every) succeeded job ranked; see `leaderboard.py`."""
         store = self.store()
-        finished = [r for r in store.list([JobState.SUCCEEDED]) if r.result_path]
-        for record in reversed(finished):
-            try:
-                document = load_results(record.result_path).document
-            except UsageError:
-                continue
-            cells = {}
-            for task, metrics in document["results"].items():
-                cell = headline_metric(metrics)
-                if cell is not None:
-                    cells[task] = cell
-                    if task not in tasks:
-                        tasks.append(task)
-            rows.append({"job": record.id, "model": Path(record.request["model"]["path"]).name, "cells": cells})
-        return sorted(tasks), rows
+        if group is not None and find_group(store, group) is None:
+            raise NotFound(f"no group with id '{group}'")
+        return build(store_entries(store, group=group), baseline=baseline, alpha=alpha)
 
     # the pool ---------------------------------------------------------------------------------
 
@@ -195,16 +213,6 @@ class Fleet:
         running = {r.id: r.tokens_per_s or 0.0 for r in records if r.state is JobState.RUNNING}
         return {"by_state": by_state, "waits": waits, "oldest_queued_s": max(queued, default=0.0),
                 "tokens_per_s": running}
-
-
-def headline_metric(metrics: dict[str, Any]) -> dict[str, Any] | None:
-    """The first metric lm-eval reported for a task, with its stderr."""
-    for key, value in metrics.items():
-        if "," in key and "_stderr" not in key and isinstance(value, (int, float)):
-            metric, _, filter_name = key.partition(",")
-            stderr = metrics.get(f"{metric}_stderr,{filter_name}")
-            return {"metric": metric, "value": value, "stderr": stderr if isinstance(stderr, (int, float)) else None}
-    return None
 
 
 def _progress_by_job(store: JobStore) -> dict[str, Any]:

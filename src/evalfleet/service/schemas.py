@@ -124,6 +124,7 @@ class Job(BaseModel):
     model: str
     tasks: list[str]
     limit: int | None
+    group: str | None = Field(default=None, description="the group (a sweep, a checkpoint watch) it was submitted in")
     progress: Progress
     devices: list[list[int]]
     pid: int | None

@@ -27,6 +27,7 @@ from evalfleet.service.security import (
     token_min_length,
 )
 from evalfleet.service.supervisor import SchedulerSupervisor
+from evalfleet.service.watches import WatcherSupervisor, watcher_arguments
 from evalfleet.types import EvalfleetError, UsageError
 
 
@@ -47,6 +48,9 @@ class ServeOptions:
     interval: float = 2.0
     max_attempts: int = 3
     preempt: bool = False
+    watch: list[str] = field(default_factory=list)
+    watch_tasks: str | None = None
+    watch_options: str | None = None
 
 
 def scheduler_arguments(options: ServeOptions, db_path: Path) -> list[str] | None:
@@ -101,15 +105,18 @@ def serve(options: ServeOptions, say=print) -> None:
     roots = ModelRoots(options.model_roots, allow_hub=options.allow_hub)
     db_path = resolve_db_path(options.db).resolve()
     command = scheduler_arguments(options, db_path)
+    watch_commands = watcher_arguments(options.watch, options.watch_tasks, options.watch_options, db_path)
     app = create_app(ServiceConfig(db_path=db_path, token=token.value, token_file=token.path,
                                    token_min_length=token_min_length(options.host), model_roots=roots,
                                    task_roots=options.task_roots, data_roots=options.data_roots,
                                    forwarded_allow_ips=options.forwarded_allow_ips))
     sock = _listen(options.host, options.port)
-    scheduler = None
+    scheduler, watchers = None, []
     try:
         if command is not None:
             scheduler = app.state.scheduler = SchedulerSupervisor(command, db_path, say)
+        for folder, watch_command in watch_commands:
+            watchers.append(WatcherSupervisor(folder, watch_command, db_path, say))
         port = sock.getsockname()[1]
         shown_host = f"[{options.host}]" if ":" in options.host else options.host
         say(f"evalfleet serve (pid {os.getpid()}) on http://{shown_host}:{port}/ over {db_path}; "
@@ -125,6 +132,8 @@ def serve(options: ServeOptions, say=print) -> None:
         uvicorn.Server(config).run(sockets=[sock])
     finally:
         sock.close()
+        for watcher in watchers:
+            watcher.stop()
         if scheduler is not None:
             scheduler.stop()
         say("evalfleet serve stopped")

@@ -28,22 +28,29 @@ RESTART_MAX_S = 30.0
 WATCH_S = 0.2
 
 
-def start_scheduler(command: list[str], db_path: Path, cancel: threading.Event | None = None) -> subprocess.Popen:
-    """Start the scheduler and wait until it has recorded its pool (or has failed to start, or `cancel` is set)."""
+def _pool_recorded(store: JobStore, pid: int) -> bool:
+    recorded = recorded_pool(store)
+    return recorded is not None and recorded.get("pid") == pid
+
+
+def start_scheduler(command: list[str], db_path: Path, cancel: threading.Event | None = None, *,
+                    ready: Callable[[JobStore, int], bool] = _pool_recorded,
+                    what: str = "the scheduler") -> subprocess.Popen:
+    """Start the scheduler (or another child, `what`) and wait until it has recorded its pool (`ready`), has
+    failed to start, or `cancel` is set."""
     process = subprocess.Popen(command)
     deadline = time.monotonic() + SCHEDULER_START_S
     with JobStore(db_path) as store:
         while time.monotonic() < deadline and not (cancel is not None and cancel.is_set()):
             if process.poll() is not None:
-                raise EvalfleetError(f"the scheduler did not start (exit code {process.returncode}; its reason is above)")
-            recorded = recorded_pool(store)
-            if recorded is not None and recorded.get("pid") == process.pid:
+                raise EvalfleetError(f"{what} did not start (exit code {process.returncode}; its reason is above)")
+            if ready(store, process.pid):
                 return process
             time.sleep(0.1)
     stop_scheduler(process)
     if cancel is not None and cancel.is_set():
-        raise EvalfleetError("the scheduler's start was cancelled")
-    raise EvalfleetError(f"the scheduler did not start within {SCHEDULER_START_S:.0f} s")
+        raise EvalfleetError(f"{what}'s start was cancelled")
+    raise EvalfleetError(f"{what} did not start within {SCHEDULER_START_S:.0f} s")
 
 
 def stop_scheduler(process: subprocess.Popen) -> None:
@@ -60,9 +67,11 @@ def stop_scheduler(process: subprocess.Popen) -> None:
 class SchedulerSupervisor:
     """Runs `command` (an `evalfleet scheduler`) until `stop`, restarting it whenever it exits."""
 
+    what = "the scheduler"
+
     def __init__(self, command: list[str], db_path: Path, say: Callable[[str], None] = print) -> None:
         self.command, self.db_path, self.say = command, db_path, say
-        self.process = start_scheduler(command, db_path)  # a first start that fails is serve's failure
+        self.process = self._start()  # a first start that fails is serve's failure
         self._stopping = threading.Event()
         self._thread = threading.Thread(target=self._watch, name="evalfleet-scheduler-supervisor", daemon=True)
         self._thread.start()
@@ -84,18 +93,21 @@ class SchedulerSupervisor:
                 continue
             if time.monotonic() - started > RESTART_MAX_S:
                 delay = RESTART_FIRST_S  # it ran a while: a new fault, not the same one again
-            self._tell(f"the scheduler (pid {self.process.pid}) exited with code {code}; restarting it in {delay:.0f} s")
+            self._tell(f"{self.what} (pid {self.process.pid}) exited with code {code}; restarting it in {delay:.0f} s")
             if self._stopping.wait(delay):
                 return
             delay = min(2 * delay, RESTART_MAX_S)
             try:
-                self.process = start_scheduler(self.command, self.db_path, cancel=self._stopping)
+                self.process = self._start(cancel=self._stopping)
             except EvalfleetError as error:
                 if not self._stopping.is_set():
-                    self._tell(f"the scheduler did not restart: {error}")
+                    self._tell(f"{self.what} did not restart: {error}")
                 continue
             started = time.monotonic()
-            self._tell(f"scheduler restarted (pid {self.process.pid})")
+            self._tell(f"{self.what} restarted (pid {self.process.pid})")
+
+    def _start(self, cancel: threading.Event | None = None) -> subprocess.Popen:
+        return start_scheduler(self.command, self.db_path, cancel)
 
     def _tell(self, line: str) -> None:
         self.say(line)
