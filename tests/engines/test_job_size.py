@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import random
+import shutil
+from pathlib import Path
 
 import pytest
 
@@ -130,3 +132,27 @@ def test_tasks_that_cannot_be_built_here_keep_the_modeled_size_with_the_reason(t
     assert not (tmp_path / "sizes").exists() or not list((tmp_path / "sizes").iterdir())  # nothing kept
     line = describe_size({**size, "work_tokens": 2048000.0})
     assert line == f"2,048,000 tokens, modeled ({size['reason']})"
+
+
+def test_checkpoints_that_share_a_tokenizer_share_a_count_and_another_tokenizer_does_not(tmp_path, monkeypatch):
+    # A copy stands for a training run's next checkpoint: other paths, other modification times,
+    # the same tokenizer; the count made for the first is read back for the second.
+    from evalfleet.types import resolve_model_path
+
+    demo = Path(resolve_model_path("demo"))
+    step_1 = shutil.copytree(demo, tmp_path / "run" / "step-1")
+    step_2 = shutil.copytree(demo, tmp_path / "run" / "step-2", copy_function=shutil.copy)  # new mtimes
+    first = job_size(_request(tmp_path, ["demo_mc"], model=str(step_1)))
+
+    def no_counting(request):
+        raise AssertionError("counted again")
+
+    with monkeypatch.context() as patched:
+        patched.setattr(sizing, "count_request", no_counting)
+        again = job_size(_request(tmp_path, ["demo_mc"], model=str(step_2)))
+    assert again["kept"] is True and {**again, "kept": False} == first
+    # Another tokenizer (a shorter model_max_length) is counted afresh.
+    config = json.loads((step_2 / "tokenizer_config.json").read_text())
+    config["model_max_length"] = 64
+    (step_2 / "tokenizer_config.json").write_text(json.dumps(config))
+    assert job_size(_request(tmp_path, ["demo_mc"], model=str(step_2)))["kept"] is False

@@ -9,7 +9,8 @@ for log-likelihoods, context plus the `max_gen_toks` budget for generation).
 
 A count is kept as a small JSON file beside the request cache (or in `$EVALFLEET_SIZES`), under a hash of everything it
 depends on: the task files (evalfleet's demo tasks and the include folder, with every absolute
-path they mention), the tokenizer's files, lm-eval's version and the settings. Submitting the
+path they mention), the tokenizer's files by content (so the checkpoints of a training run share a count),
+lm-eval's version and the settings. Submitting the
 same tasks for the same tokenizer again reads that file and imports nothing heavy. A job from
 an HTTP client is counted in a worker process (`sizing_worker.py`), never in the web server's.
 """
@@ -38,7 +39,8 @@ from evalfleet.tasks import DEMO_TASKS_DIR
 from evalfleet.types import EvaluationRequest, UsageError, resolve_model_path
 
 # Bumped when what a count holds, or how it is made, changes: older files are then not read.
-SIZE_VERSION = 3  # 2: work_tokens_by_kind; 3: lm-eval's chat, generation and seed settings in the key
+SIZE_VERSION = 4  # 2: work_tokens_by_kind; 3: lm-eval's chat, generation and seed settings in the key;
+# 4: the tokenizer's files by content
 COUNT_TIMEOUT_S = 600.0
 _counting = threading.Lock()
 TOKENIZER_FILES = ("tokenizer*", "*.model", "vocab*", "merges*", "special_tokens_map*", "added_tokens*", "config.json",
@@ -74,8 +76,15 @@ def _files(folder: Path) -> list[list[Any]]:
     return [file_stat(p) for p in sorted(found)]
 
 
+def _contents(model: Path, files: list[Path]) -> list[list[str]]:
+    """Each tokenizer file by its name in the model folder and a hash of its bytes (small files)."""
+    return [[p.relative_to(model).as_posix(), hashlib.sha256(p.read_bytes()).hexdigest()] for p in files]
+
+
 def size_key(request: EvaluationRequest) -> str:
-    """The hash a count is kept under (file names, sizes and modification times; no contents read)."""
+    """The hash a count is kept under: the task files by name, size and modification time, the tokenizer's
+    files (and config.json) by content, so that the checkpoints of one training run, or copies of a
+    model, which share a tokenizer, share one count."""
     folders = [DEMO_TASKS_DIR] + ([Path(request.tasks.include_path).expanduser()] if request.tasks.include_path else [])
     model = Path(resolve_model_path(request.model.path))
     tokenizer = sorted({p for pattern in TOKENIZER_FILES for p in model.glob(pattern) if p.is_file()})
@@ -83,7 +92,7 @@ def size_key(request: EvaluationRequest) -> str:
         SIZE_VERSION, version("lm_eval"), list(request.tasks.names), request.tasks.limit, request.tasks.num_fewshot,
         request.seed, request.model.max_length, request.model.revision, request.model.add_bos_token,
         request.model.chat_template_args, request.harness.model_dump(),
-        [_files(folder) for folder in folders if folder.is_dir()], [file_stat(p) for p in tokenizer],
+        [_files(folder) for folder in folders if folder.is_dir()], _contents(model, tokenizer),
     ]
     return hashlib.sha256(json.dumps(described, default=str).encode()).hexdigest()[:24]
 
