@@ -450,7 +450,8 @@ class Chaos:
                     pending.remove(kind)
                     injected.append({"kind": kind, **entry})
                     print(f"[chaos] {json.dumps(injected[-1])}", flush=True)
-                    time.sleep(self.rng.uniform(*pause))
+                    if kind != "store_lock":  # the disk is filled at once while the lock is held: a job that
+                        time.sleep(self.rng.uniform(*pause))  # finished in between would commit unhurt
                     break
             else:
                 time.sleep(0.1)
@@ -585,14 +586,22 @@ class Chaos:
                 "hit": ended is not None and "No space left" in ended[1]}
 
     def _first_attempt_end(self, after: float, timeout: float) -> tuple[str, str] | None:
-        deadline = time.monotonic() + timeout
+        """The first attempt to end on the full disk after `after`; a job whose results were written before
+        the fill (its commit waiting behind the held lock) ends well and is passed over. Without one before
+        the timeout or the last job's end: the first attempt that ended, if any."""
+        deadline, first = time.monotonic() + timeout, None
         while time.monotonic() < deadline:
             with JobStore(self.fleet.db) as store:
                 for e in store.events(after=0):
                     if e.at >= after and e.from_state is JobState.RUNNING and e.to_state is not JobState.RUNNING:
-                        return e.job_id, f"{e.to_state.value}: {e.reason or ''}"
+                        ended = e.job_id, f"{e.to_state.value}: {e.reason or ''}"
+                        if "No space left" in ended[1]:
+                            return ended
+                        first = first or ended
+                if all(j.state.terminal for j in store.list()):
+                    return first
             time.sleep(0.2)
-        return None
+        return first
 
     def oom(self) -> dict | None:
         def pick(records):

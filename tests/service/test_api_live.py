@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import httpx
 import pytest
@@ -26,8 +27,19 @@ def _events(live, job_id: str) -> list[tuple[str, dict]]:
     return events
 
 
+def _succeeded_and_waits(live) -> tuple[float, float]:
+    metrics = live.client.get("/metrics").text
+    succeeded = re.search(r'^evalfleet_jobs\{state="succeeded"\} (\S+)$', metrics, re.M)
+    waits = re.search(r"^evalfleet_queue_wait_seconds_count (\S+)$", metrics, re.M)
+    return float(succeeded.group(1)) if succeeded else 0.0, float(waits.group(1)) if waits else 0.0
+
+
 def test_submit_follow_results_samples_and_compare(live_service, tiny_model):
-    live = live_service
+    live = live_service  # one service per session: other tests' jobs may be in its store, so counts are deltas
+    succeeded_before, waits_before = _succeeded_and_waits(live)
+    high = {"state": "succeeded", "priority": "high"}
+    high_before = {j["id"] for j in live.client.get("/api/v1/jobs", params={**high, "limit": 200}).json()["jobs"]}
+    tiny_before = live.client.get("/api/v1/jobs", params={"model": "tiny", "limit": 1}).json()["total"]
     demo = live.client.post("/api/v1/jobs", json={"model": "demo", "tasks": ["demo_mc", "demo_arith"], "limit": 6})
     assert demo.status_code == 201, demo.text
     demo_id = demo.json()["id"]
@@ -47,9 +59,10 @@ def test_submit_follow_results_samples_and_compare(live_service, tiny_model):
 
     job = live.wait_state(tiny.json()["id"], "succeeded")
     assert job["progress"]["done"] == job["progress"]["total"] and job["attempts"] == 1
-    listed = live.client.get("/api/v1/jobs", params={"state": "succeeded", "priority": "high"}).json()
-    assert [j["id"] for j in listed["jobs"]] == [job["id"]] and listed["total"] == 1
-    assert live.client.get("/api/v1/jobs", params={"model": "tiny", "limit": 1}).json()["total"] == 1
+    listed = live.client.get("/api/v1/jobs", params={**high, "limit": 200}).json()
+    assert [j["id"] for j in listed["jobs"] if j["id"] not in high_before] == [job["id"]]
+    assert listed["total"] == len(high_before) + 1 and demo_id not in {j["id"] for j in listed["jobs"]}
+    assert live.client.get("/api/v1/jobs", params={"model": "tiny", "limit": 1}).json()["total"] == tiny_before + 1
 
     results = live.client.get(f"/api/v1/jobs/{demo_id}/results").json()
     assert set(results["results"]) == {"demo_mc", "demo_arith"}
@@ -75,9 +88,9 @@ def test_submit_follow_results_samples_and_compare(live_service, tiny_model):
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout)["tasks"] == comparison["tasks"]
 
-    metrics = live.client.get("/metrics").text
-    assert 'evalfleet_jobs{state="succeeded"} 2.0' in metrics and "evalfleet_queue_wait_seconds_count 2.0" in metrics
-    assert "evalfleet_host_cpu_percent" in metrics or "evalfleet_host" in metrics
+    succeeded, waits = _succeeded_and_waits(live)
+    assert succeeded >= succeeded_before + 2 and waits >= waits_before + 2
+    assert "evalfleet_host" in live.client.get("/metrics").text
 
 
 def test_cancel_a_running_job_frees_its_slot(live_service):
