@@ -476,7 +476,7 @@ def leaderboard(
     models: str | None = typer.Option(None, "--models", help="Comma-separated models (path or folder name), job ids or results folders; default: every finished job."),
     baseline: str | None = typer.Option(None, "--baseline", help="Test every cell against this model's (compare's paired test)."),
     alpha: float = typer.Option(0.05, "--alpha", help="Significance level of the tests against the baseline."),
-    output_format: str = typer.Option("table", "--format", help="table | md | csv | json."),
+    output_format: str = typer.Option("table", "--format", help="table | md | csv | json | html (one page with a score-by-step chart per task for checkpoints)."),
     output: str | None = typer.Option(None, "--output", help="Write to this file instead of standard output."),
     lm_eval_layout: str | None = typer.Option(None, "--lm-eval-layout", help="Also write the ranked runs as lm-eval writes them: DIR/<model>/results_<time>.json and samples_<task>_<time>.jsonl."),
     db: str | None = typer.Option(None, "--db", help=_DB_HELP),

@@ -96,6 +96,61 @@ def test_a_group_of_checkpoints_is_ordered_by_step(leaderboard_jobs, capsys, mon
     assert code == 0 and out.index("step-20 ") < out.index("step-100"), err
 
 
+def test_the_html_page_charts_each_task_by_step_and_links_nowhere(leaderboard_jobs, capsys, monkeypatch, tmp_path):
+    """`--format html`: the page a user opens at the end of a watched run, with no service running."""
+    from html.parser import HTMLParser
+
+    runs = leaderboard_jobs
+    (section,) = board(capsys, monkeypatch, runs, "--group", runs.group)["sections"]
+    page = tmp_path / "board.html"
+    code, _, err = run_main(["leaderboard", "--group", runs.group, "--format", "html", "--output", str(page),
+                             "--db", str(runs.db)], capsys, monkeypatch)
+    assert code == 0, err
+
+    class Read(HTMLParser):
+        def __init__(self):
+            super().__init__()
+            self.charts, self.points, self.cells, self.links, self.styles, self._cell = {}, {}, [], [], 0, None
+
+        def handle_starttag(self, tag, attrs):
+            attrs = dict(attrs)
+            if tag == "svg" and "step-chart" in attrs.get("class", ""):
+                self._chart = attrs["data-task"]
+                self.charts[self._chart] = 0
+            elif tag == "circle":
+                self.charts[self._chart] += 1
+            elif tag == "title" and getattr(self, "_chart", None):
+                self._cell = "title"
+            elif tag == "td" and "num" in attrs.get("class", ""):
+                self._cell = "td"
+            self.links += [attrs[k] for k in ("href", "src") if k in attrs]
+            self.styles += tag == "style"
+
+        def handle_endtag(self, tag):
+            if tag == "svg":
+                self._chart = None
+
+        def handle_data(self, data):
+            if self._cell == "td" and data.strip():
+                self.cells.append(data.strip().split()[0])
+            elif self._cell == "title" and data.startswith("step "):
+                step, value = data[5:].split(":")
+                self.points.setdefault(self._chart, []).append((int(step), float(value.split("±")[0])))
+            self._cell = None
+
+    read = Read()
+    read.feed(page.read_text())
+    columns = {c["name"]: c["task"] for c in section["columns"]}
+    assert read.links == [] and read.styles == 1  # self-contained: the style inlined, nothing fetched or linked
+    assert set(read.charts) == set(columns.values()) and all(n == 2 for n in read.charts.values()), read.charts
+    for name, task in columns.items():
+        expected = [(row["step"], round(row["cells"][name]["value"], 4)) for row in section["rows"]]
+        assert [(step, round(value, 4)) for step, value in read.points[task]] == expected
+    expected = [f"{value:.4f}" for row in section["rows"]
+                for value in [*(row["cells"][name]["value"] for name in columns), row["mean"]["value"]]]
+    assert [cell for cell in read.cells if not cell.isdigit()] == expected  # the step column is digits
+
+
 def test_the_api_serves_the_same_leaderboard(leaderboard_jobs, live_service, capsys, monkeypatch):
     runs = leaderboard_jobs
     cli = board(capsys, monkeypatch, runs, "--group", runs.group, "--baseline", "step-100")
@@ -155,7 +210,7 @@ def test_markdown_and_csv_parse_back_to_the_json_numbers(leaderboard_jobs, capsy
     (["--group", "nosuchgroup"], "error: no group with id 'nosuchgroup'"),
     (["--models", "nosuchmodel"], "error: nosuchmodel is neither a finished job, a model with finished jobs"),
     (["--models", "demo", "--baseline", "step-100"], "error: the baseline step-100 is none of the leaderboard's models"),
-    (["--format", "xml"], "error: --format must be one of table, md, csv, json, not 'xml'"),
+    (["--format", "xml"], "error: --format must be one of table, md, csv, json, html, not 'xml'"),
 ])
 def test_bad_input_is_one_sentence(leaderboard_jobs, capsys, monkeypatch, args, message):
     code, out, err = run_main(["leaderboard", *args, "--db", str(leaderboard_jobs.db)], capsys, monkeypatch)

@@ -1,5 +1,6 @@
 """`evalfleet leaderboard`: the runs it ranks (a group, named models, jobs or results folders, or every
-finished job) and the leaderboard as a table, Markdown, CSV or JSON."""
+finished job) and the leaderboard as a table, Markdown, CSV, JSON or a self-contained HTML page (with
+the score-by-step charts of a group of checkpoints)."""
 
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ from evalfleet.service.compare import load_results
 from evalfleet.service.leaderboard import Cell, Entry, Leaderboard, Section, build
 from evalfleet.types import UsageError, resolve_model_path
 
-FORMATS = ("table", "md", "csv", "json")
+FORMATS = ("table", "md", "csv", "json", "html")
 CSV_FIELDS = ("section", "model", "step", "task", "metric", "filter", "value", "stderr", "best", "difference",
               "test", "p_value", "verdict", "source")
 
@@ -92,7 +93,7 @@ def leaderboard_command(*, group: str | None, models: Sequence[str], baseline: s
     if not entries:
         raise UsageError(f"there is no succeeded job with results in {db_path} yet")
     board = build(entries, baseline=baseline, alpha=alpha)
-    text = render(board, output_format)
+    text = render_html(board, group or "") if output_format == "html" else render(board, output_format)
     if output is None:
         print(text, end="")
     else:
@@ -104,6 +105,24 @@ def leaderboard_command(*, group: str | None, models: Sequence[str], baseline: s
         written = export_runs([e for e in entries if e.source in ranked], Path(lm_eval_layout).expanduser())
         print(f"{len(written)} run(s) written in lm-eval's layout under {lm_eval_layout}", file=sys.stderr)
     return board
+
+
+def render_html(board: Leaderboard, title: str) -> str:
+    """One self-contained page (the dashboard's tables and score-by-step charts, its style inlined, no
+    links), to open in a browser or attach to a report."""
+    import datetime
+
+    import jinja2
+
+    from evalfleet import __version__
+    from evalfleet.service.leaderboard_chart import step_charts
+
+    here = Path(__file__).parent
+    env = jinja2.Environment(loader=jinja2.FileSystemLoader(here / "templates"), autoescape=True)
+    return env.get_template("leaderboard_page.html").render(
+        board=board, charts=[step_charts(section) for section in board.sections], title=title,
+        css=(here / "static" / "style.css").read_text(), version=__version__,
+        written=datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z"))
 
 
 def render(board: Leaderboard, output_format: str) -> str:
