@@ -53,7 +53,7 @@ demo: $(STAMP)
 # Two parts: the suite on two workers (pytest-xdist, a module per worker at a time), then the
 # timing-sensitive modules alone (marked `serial` in tests/conftest.py); coverage adds up over both.
 test: $(STAMP) $(COMPAT)/.installed $(VLLM_STAMP)
-	$(BIN)/python -m pytest -q --durations=25 -n 2 --dist loadfile -m "not serial" --cov=evalfleet --cov-report= tests
+	$(BIN)/python -m pytest -q --durations=40 -n 2 --dist loadfile -m "not serial" --cov=evalfleet --cov-report= tests
 	$(BIN)/python -m pytest -q --durations=10 -m serial --cov=evalfleet --cov-append --cov-report=term --cov-fail-under=85 tests
 
 bench: $(STAMP)

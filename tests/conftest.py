@@ -47,8 +47,23 @@ SERIAL_MODULES = (
 )
 
 
+# The longest modules (measured: `--durations` of the CI runs) go first, so that the two workers end
+# together; in file order the vLLM module (several minutes) started last and ran alone at the end.
+LONGEST_FIRST = (
+    "vllm_backend/test_vllm_backend.py", "orchestrator/test_chaos.py", "service/test_browser.py",
+    "distributed/test_workers.py", "orchestrator/test_e2e_failures.py", "orchestrator/test_e2e_scheduler.py",
+    "orchestrator/test_watch.py", "orchestrator/test_standby.py", "orchestrator/test_sweeps.py",
+)
+
+
 def pytest_collection_modifyitems(items):
     tests = Path(__file__).parent
     for item in items:
         if item.path.relative_to(tests).as_posix() in SERIAL_MODULES:
             item.add_marker(pytest.mark.serial)
+
+    def rank(item) -> int:
+        module = item.path.relative_to(tests).as_posix()
+        return LONGEST_FIRST.index(module) if module in LONGEST_FIRST else len(LONGEST_FIRST)
+
+    items.sort(key=rank)  # stable: every module's tests keep their order
