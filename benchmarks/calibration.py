@@ -34,7 +34,7 @@ from shapes import make_model, make_tasks  # noqa: E402
 def run_round(model: Path, include: Path, name: str) -> dict:
     from evalfleet.engines.distributed import DistributedEvaluationEngine
     from evalfleet.engines.lightweight import LightweightEvaluationEngine
-    from evalfleet.orchestrator.sizing import estimate_for
+    from evalfleet.orchestrator.demand import estimate_for
     from evalfleet.planning import Inventory
     from evalfleet.types import EvaluationRequest
 

@@ -13,7 +13,7 @@ import os
 import pytest
 
 from evalfleet.engines.run import evaluate_request
-from evalfleet.orchestrator.sizing import estimate_for
+from evalfleet.orchestrator.demand import estimate_for
 from evalfleet.planning import Inventory
 from evalfleet.types import EvaluationRequest
 

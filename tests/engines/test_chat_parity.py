@@ -18,7 +18,7 @@ from clitools import run_subprocess
 from samples import compare_samples, load_samples, metric_differences
 
 from evalfleet.engines.lightweight import LightweightEvaluationEngine
-from evalfleet.engines.sizing import count_here
+from evalfleet.engines.job_size import count_here
 from evalfleet.runtime.backends.hf import HFBackend
 from evalfleet.runtime.chat import render_chat
 from evalfleet.runtime.lm import EvalfleetLM

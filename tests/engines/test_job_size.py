@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from evalfleet.engines import sizing
-from evalfleet.engines.sizing import job_size
+from evalfleet.engines import job_size as size_module
+from evalfleet.engines.job_size import job_size
 from evalfleet.tasks import DEMO_TASKS_DIR
 from evalfleet.types import EvaluationRequest, UsageError
 
@@ -98,7 +98,7 @@ def test_a_second_count_is_read_back_and_an_edited_task_is_counted_again(tmp_pat
         raise AssertionError("counted again")
 
     with monkeypatch.context() as patched:
-        patched.setattr(sizing, "count_request", no_counting)
+        patched.setattr(size_module, "count_request", no_counting)
         again = job_size(request)
     assert again["kept"] is True and {**again, "kept": False} == first
     rows = (user_tasks / "pick.jsonl").read_text().splitlines()
@@ -108,8 +108,10 @@ def test_a_second_count_is_read_back_and_an_edited_task_is_counted_again(tmp_pat
 
 
 def test_a_model_without_local_files_is_modeled_and_says_why(tmp_path):
-    size = job_size(_request(tmp_path, ["demo_mc"], model="meta-llama/Llama-2-7b-hf"))
-    assert size == {"source": "modeled", "reason": "the model is not a local folder, so its tokenizer cannot be read here"}
+    size = job_size(_request(tmp_path, ["demo_mc"], model="meta-llama/Llama-2-7b-hf", limit=30))
+    assert size == {"source": "modeled", "reason": "the model is not a local folder, so its tokenizer cannot be read here",
+                    "model": size_module.MODELED, "work_tokens": 30 * 512.0}  # 30 requests of 512 tokens
+    assert job_size(_request(tmp_path, ["demo_mc", "demo_arith"], model="org/model"))["work_tokens"] == 2 * 2000 * 512
 
 
 def test_an_unknown_task_is_refused(tmp_path):
@@ -130,8 +132,8 @@ def test_tasks_that_cannot_be_built_here_keep_the_modeled_size_with_the_reason(t
     assert size["source"] == "modeled"
     assert size["reason"].startswith("the tasks could not be built here: ") and "not-on-this-machine" in size["reason"]
     assert not (tmp_path / "sizes").exists() or not list((tmp_path / "sizes").iterdir())  # nothing kept
-    line = describe_size({**size, "work_tokens": 2048000.0})
-    assert line == f"2,048,000 tokens, modeled ({size['reason']})"
+    assert size["work_tokens"] == 2000 * 512  # one task, no limit
+    assert describe_size(size) == f"1,024,000 tokens, modeled ({size['reason']})"
 
 
 def test_checkpoints_that_share_a_tokenizer_share_a_count_and_another_tokenizer_does_not(tmp_path, monkeypatch):
@@ -148,7 +150,7 @@ def test_checkpoints_that_share_a_tokenizer_share_a_count_and_another_tokenizer_
         raise AssertionError("counted again")
 
     with monkeypatch.context() as patched:
-        patched.setattr(sizing, "count_request", no_counting)
+        patched.setattr(size_module, "count_request", no_counting)
         again = job_size(_request(tmp_path, ["demo_mc"], model=str(step_2)))
     assert again["kept"] is True and {**again, "kept": False} == first
     # Another tokenizer (a shorter model_max_length) is counted afresh.

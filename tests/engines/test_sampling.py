@@ -16,7 +16,7 @@ from chat_support import build_chat_model, build_chat_tasks
 from samples import load_samples
 
 from evalfleet.engines.lightweight import LightweightEvaluationEngine
-from evalfleet.engines.sizing import count_here
+from evalfleet.engines.job_size import count_here
 from evalfleet.runtime.backends.base import GenerationItem
 from evalfleet.runtime.backends.hf import HFBackend
 from evalfleet.types import EvaluationRequest

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 from sample_jobs import demand
 
-from evalfleet.orchestrator.demand import JobDemand, estimate_work_tokens, startup_seconds
-from evalfleet.orchestrator.sizing import demand_from_plan, slot_inventory
+from evalfleet.engines.job_size import estimate_work_tokens
+from evalfleet.orchestrator.demand import JobDemand, demand_from_plan, slot_inventory, startup_seconds
 from evalfleet.planning import Inventory, plan
 from evalfleet.types import UsageError
 
@@ -59,7 +59,7 @@ def test_demand_from_plan_uses_the_planner_speed_for_every_replica_count():
 
 
 def test_a_plan_demand_runs_at_the_speed_measured_for_its_key():
-    from evalfleet.orchestrator.sizing import plan_demand
+    from evalfleet.orchestrator.demand import plan_demand
     from evalfleet.planning.calibration import Calibration, CalibrationKey, inventory_hardware, model_shape
 
     cluster = Inventory.from_spec("2x8xH100-80GB")

@@ -139,7 +139,7 @@ def test_a_refused_shrink_keeps_the_replica(tmp_path):
 
 
 def test_on_cpu_slots_a_data_parallel_job_may_use_one_to_every_slot(tmp_path):
-    from evalfleet.orchestrator.sizing import size_request, slot_inventory
+    from evalfleet.orchestrator.demand import size_request, slot_inventory
     from evalfleet.types import EvaluationRequest, UsageError
 
     def sized(**hints):

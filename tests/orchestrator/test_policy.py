@@ -189,7 +189,7 @@ def test_a_running_job_past_its_estimate_is_not_treated_as_free():
 
 
 def test_cpu_slots_are_single_devices():
-    from evalfleet.orchestrator.sizing import slot_inventory
+    from evalfleet.orchestrator.demand import slot_inventory
 
     slots = slot_inventory(3, memory_gb=16)
     queue = [queued(f"j{i}", submitted=i) for i in range(5)]

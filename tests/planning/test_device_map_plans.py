@@ -94,7 +94,7 @@ def test_a_ray_pool_refuses_a_device_map_job_at_submit_in_one_sentence(tmp_path)
     """Ray pools run tp, pp and dp over rank actors; a job only a device_map fits is refused when it is
     submitted, not failed when its driver starts."""
     from evalfleet.orchestrator.ray_pool import inventory_from_ray
-    from evalfleet.orchestrator.sizing import size_request
+    from evalfleet.orchestrator.demand import size_request
     from evalfleet.types import EvaluationRequest, UsageError
 
     falcon_180b_config(tmp_path, with_architectures=True)

@@ -1,6 +1,6 @@
 """The orchestrator: a job store, a pure scheduling policy, executors and workers, fault recovery, a simulator."""
 
-from evalfleet.orchestrator.demand import JobDemand
+from evalfleet.orchestrator.demand import JobDemand, slot_inventory
 from evalfleet.orchestrator.executors import Executor, Exited, Handle, LocalExecutor, Running, SubprocessExecutor
 from evalfleet.orchestrator.policy import (
     AllocationPlan,
@@ -13,7 +13,6 @@ from evalfleet.orchestrator.policy import (
 )
 from evalfleet.orchestrator.recovery import RecoveryDecision, RecoveryOptions
 from evalfleet.orchestrator.scheduler import DistributedEvaluationOrchestrator, TaskProgress
-from evalfleet.orchestrator.sizing import slot_inventory
 from evalfleet.orchestrator.states import TRANSITIONS, IllegalTransition, JobState
 from evalfleet.orchestrator.store import JobRecord, JobStore, resolve_db_path
 

@@ -40,7 +40,7 @@ from evalfleet.orchestrator.scheduler import (
     DistributedEvaluationOrchestrator,
     StallBounds,
 )
-from evalfleet.orchestrator.sizing import describe_pool
+from evalfleet.orchestrator.demand import describe_pool
 from evalfleet.orchestrator.store import Event, JobStore
 from evalfleet.planning import Inventory
 from evalfleet.types import EvalfleetError, NodeLost

@@ -12,7 +12,7 @@ import time
 from dataclasses import asdict
 from typing import Any
 
-from evalfleet.orchestrator.sizing import describe_pool, slot_inventory
+from evalfleet.orchestrator.demand import describe_pool, slot_inventory
 from evalfleet.orchestrator.store import JobStore
 from evalfleet.planning import GPU, GPUSpec, Inventory, Node, parse_gpus
 from evalfleet.types import UsageError

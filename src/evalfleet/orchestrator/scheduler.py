@@ -40,7 +40,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from evalfleet.orchestrator.demand import Device, JobDemand
+from evalfleet.orchestrator.demand import Device, JobDemand, size_request
 from evalfleet.orchestrator.executors.base import Executor, Exited, Handle
 from evalfleet.orchestrator.policy import (
     AllocationPlan,
@@ -54,7 +54,6 @@ from evalfleet.orchestrator.failures import DeviceEvidence, ExitReport, FailureC
 from evalfleet.orchestrator.pool import record_pool
 from evalfleet.orchestrator.recovery import RecoveryDecision, RecoveryOptions, recover
 from evalfleet.orchestrator.rounds import run_rounds
-from evalfleet.orchestrator.sizing import size_request
 from evalfleet.orchestrator.states import JobState
 from evalfleet.orchestrator.store import JobRecord, JobStore, Resize
 from evalfleet.planning import Inventory

@@ -105,7 +105,7 @@ ALTER TABLE device_failures ADD COLUMN evidence TEXT;
 ALTER TABLE quarantine ADD COLUMN evidence TEXT
 """
 
-# v4: a job's size at submit (requests by type and tokens, counted or modeled; see engines/sizing.py).
+# v4: a job's size at submit (requests by type and tokens, counted or modeled; see engines/job_size.py).
 _SCHEMA_V4 = """
 ALTER TABLE jobs ADD COLUMN size TEXT
 """

@@ -3,7 +3,7 @@
 Model sizes run from 1B to 180B (real configs: the planner's shipped ones plus two small
 Llama-3.2-shaped configs), each job sized by the planner on the simulated cluster, so a
 job's speed on any number of GPUs is the planner's estimate for that layout, calibrated by
-measured runs of the same key as a submitted job's is (`sizing.plan_demand`).
+measured runs of the same key as a submitted job's is (`demand.plan_demand`).
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import random
 from dataclasses import dataclass
 
 from evalfleet.orchestrator.demand import JobDemand
-from evalfleet.orchestrator.sizing import plan_demand
+from evalfleet.orchestrator.demand import plan_demand
 from evalfleet.planning import Inventory, plan, profile_model
 
 

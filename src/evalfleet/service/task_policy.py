@@ -11,7 +11,7 @@ root (absolute paths), and dataset files only under the task or data roots (abso
 a relative `dataset_path` is a hub id). The accepted YAML is written back (as the data it
 parsed to) into a server-owned folder, `uploaded-tasks/<hash>/` beside the job store, which
 becomes the job's `include_path`. Every job from a client is marked `untrusted`: lm-eval
-builds its tasks only in worker processes (its size is counted in one, `engines/sizing.py`)
+builds its tasks only in worker processes (its size is counted in one, `engines/job_size.py`)
 and renders their templates in jinja's sandbox (`tasks.sandboxed_templates`).
 """
 

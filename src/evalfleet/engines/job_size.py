@@ -12,7 +12,10 @@ depends on: the task files (evalfleet's demo tasks and the include folder, with 
 path they mention), the tokenizer's files by content (so the checkpoints of a training run share a count),
 lm-eval's version and the settings. Submitting the
 same tasks for the same tokenizer again reads that file and imports nothing heavy. A job from
-an HTTP client is counted in a worker process (`sizing_worker.py`), never in the web server's.
+an HTTP client is counted in a worker process (`job_size_worker.py`), never in the web server's.
+
+Where a count cannot be made (a model that is not a local folder, tasks that cannot be built here),
+the size is modeled: 2,000 requests of 512 tokens per task (or `limit` requests), and says so.
 """
 
 from __future__ import annotations
@@ -126,9 +129,9 @@ def count_here(request: EvaluationRequest) -> dict[str, Any]:
 
 
 def _count_in_worker(request: EvaluationRequest) -> dict[str, Any]:
-    """`python -m evalfleet.engines.sizing_worker`: the request as JSON in, one JSON answer out."""
+    """`python -m evalfleet.engines.job_size_worker`: the request as JSON in, one JSON answer out."""
     try:
-        done = subprocess.run([sys.executable, "-m", "evalfleet.engines.sizing_worker"], capture_output=True,
+        done = subprocess.run([sys.executable, "-m", "evalfleet.engines.job_size_worker"], capture_output=True,
                               input=request.model_dump_json(), text=True, timeout=COUNT_TIMEOUT_S)
     except subprocess.TimeoutExpired:
         raise NotCounted(f"counting took longer than {COUNT_TIMEOUT_S:.0f} s") from None
@@ -200,16 +203,31 @@ def _count(request: EvaluationRequest, path: str) -> dict[str, Any]:
     }
 
 
+MODELED = "2,000 requests of 512 tokens per task (or --limit requests), before any count"
+
+
+def estimate_work_tokens(task_count: int, limit: int | None, tokens_per_request: int = 512,
+                         requests_per_task: int = 2000) -> float:
+    """Tokens a request will compute before lm-eval has built its requests (refined by progress)."""
+    return float(task_count * (limit or requests_per_task) * tokens_per_request)
+
+
+def _modeled(request: EvaluationRequest, reason: str) -> dict[str, Any]:
+    return {"source": "modeled", "reason": reason, "model": MODELED,
+            "work_tokens": estimate_work_tokens(len(request.tasks.names), request.tasks.limit)}
+
+
 def job_size(request: EvaluationRequest) -> dict[str, Any]:
-    """The request's counted size (from the kept count when there is one), or why it is not counted.
+    """The request's counted size (from the kept count when there is one), else its modeled size
+    and why it is not counted (`source` says which; both give `work_tokens`).
 
     A wrong request (an unknown task, a malformed task folder) raises `UsageError`; anything
-    else that stops the count is given as `{"source": "modeled", "reason": …}`.
+    else that stops the count gives the modeled size.
     """
     try:
         key = size_key(request)
     except OSError as error:
-        return {"source": "modeled", "reason": f"the task or model files could not be read: {error}"}
+        return _modeled(request, f"the task or model files could not be read: {error}")
     kept = sizes_folder(request) / f"{key}.json"
     if kept.is_file():
         try:
@@ -219,7 +237,7 @@ def job_size(request: EvaluationRequest) -> dict[str, Any]:
     try:
         size = count_request(request)
     except NotCounted as reason:
-        return {"source": "modeled", "reason": str(reason)}
+        return _modeled(request, str(reason))
     kept.parent.mkdir(parents=True, exist_ok=True)
     partial = kept.with_suffix(f".{time.time_ns()}.tmp")
     partial.write_text(json.dumps(size))

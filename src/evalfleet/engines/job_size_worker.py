@@ -1,6 +1,6 @@
-"""`python -m evalfleet.engines.sizing_worker`: count one request in a process of its own.
+"""`python -m evalfleet.engines.job_size_worker`: count one request in a process of its own.
 
-The web server counts a client's job here (`sizing.count_request`), so that lm-eval's task
+The web server counts a client's job here (`job_size.count_request`), so that lm-eval's task
 building, and any code a task runs, stays out of the server's process. The request comes as
 JSON on standard input; one JSON answer goes to standard output: `{"size": {...}}`,
 `{"not_counted": reason}` or `{"refused": sentence}` (a wrong request, such as an unknown task).
@@ -12,7 +12,7 @@ import contextlib
 import json
 import sys
 
-from evalfleet.engines.sizing import NotCounted, count_here
+from evalfleet.engines.job_size import NotCounted, count_here
 from evalfleet.types import EvaluationRequest, UsageError
 
 
