@@ -3,7 +3,11 @@
 Cases (tasks from benchmarks/shapes.py; generated data, random-weight Llamas with the demo tokenizer):
 - `bench_mc` on the small model (hidden 256, 4 layers): 2,000 log-likelihood requests;
 - `bench_hellaswag` and `bench_mmlu` (5-shot, `first_n`) on a ~7M-parameter model: compute-bound;
-- `demo_arith` on the small model: greedy generation, stop at newline.
+- `demo_arith` on the small model: greedy generation, stop at newline;
+- `bench_chain` (benchmarks/chain.py): GSM8K's chain-of-thought shape, a 2-shot prompt shared by every
+  question, answers of 1 to 10 steps ending at a blank line, on a small model trained to write them
+  (once, then cached). Its generations are compared text by text (`same_generations`), and
+  evalfleet's rows per decode step (continuous batching) are given.
 
 Each side runs end to end in this process: the model load, lm-eval's task and request building,
 compute, scoring (imports are shared, so they are left out; `evalfleet --help` and `plan` start-up
@@ -38,10 +42,30 @@ import torch
 
 ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT))
+from chain import chain_model, make_chain_task  # noqa: E402
 from shapes import compute_parameters, make_model, make_tasks, matmul_peak  # noqa: E402
 
-CASES = {"bench_mc": "small", "bench_hellaswag": "7m", "bench_mmlu": "7m", "demo_arith": "small"}
+CASES = {"bench_mc": "small", "bench_hellaswag": "7m", "bench_mmlu": "7m", "demo_arith": "small", "bench_chain": "chain"}
+GENERATED: dict[str, dict[str, str]] = {}  # each side's last generations, prompt -> text
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+@contextlib.contextmanager
+def recording(cls, side: str):
+    """Each generation `cls.generate_until` returns, by prompt, into GENERATED[side]."""
+    original = cls.generate_until
+    GENERATED[side] = {}
+
+    def wrapper(self, requests, *args, **kwargs):
+        texts = original(self, requests, *args, **kwargs)
+        GENERATED[side].update((request.args[0], text) for request, text in zip(requests, texts, strict=True))
+        return texts
+
+    cls.generate_until = wrapper
+    try:
+        yield
+    finally:
+        cls.generate_until = original
 
 
 @contextlib.contextmanager
@@ -91,7 +115,7 @@ def run_lm_eval(model: Path, task: str, manager, batch_size: int, device: str, d
     from lm_eval.models.huggingface import HFLM
 
     cache.PATH = str(built)
-    with lm_eval_clock() as clock:
+    with recording(HFLM, "lm_eval"), lm_eval_clock() as clock:
         began = time.perf_counter()
         lm = HFLM(pretrained=str(model), dtype=dtype, batch_size=batch_size, device=device)
         started = time.perf_counter()
@@ -110,6 +134,7 @@ def run_lm_eval(model: Path, task: str, manager, batch_size: int, device: str, d
 
 def run_evalfleet(model: Path, task: str, include: Path, device: str, dtype: str) -> tuple[float, dict, dict]:
     from evalfleet.engines import run as engine_run
+    from evalfleet.runtime.lm import EvalfleetLM
     from evalfleet.types import EvaluationRequest
 
     engine_run._first_request = False  # start-up here is the request's own, not this process's imports
@@ -119,8 +144,10 @@ def run_evalfleet(model: Path, task: str, include: Path, device: str, dtype: str
         "use_cache": False,
     })
     started = time.perf_counter()
-    result = engine_run.evaluate_request(request)
-    return time.perf_counter() - started, result.results["results"][task], result.evalfleet["timing"]
+    with recording(EvalfleetLM, "evalfleet"):
+        result = engine_run.evaluate_request(request)
+    timing = {**result.evalfleet["timing"], "layout": result.evalfleet["layout"]}
+    return time.perf_counter() - started, result.results["results"][task], timing
 
 
 def startup_seconds(args: list[str]) -> float:
@@ -156,6 +183,7 @@ def main() -> None:
     parser.add_argument("--docs", type=int, default=500, help="bench_mc documents (4 requests each)")
     parser.add_argument("--compute-docs", type=int, default=125, help="bench_hellaswag and bench_mmlu documents")
     parser.add_argument("--cases", default=",".join(CASES))
+    parser.add_argument("--chain-questions", type=int, default=200, help="bench_chain questions")
     parser.add_argument("--lm-eval-batch-size", type=int, default=16)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
@@ -173,8 +201,10 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="evalfleet-bench-"))
     (work / "tasks").mkdir()
     make_tasks(work / "tasks", args.docs, args.compute_docs)
+    make_chain_task(work / "tasks", args.chain_questions)
     cases = args.cases.split(",")
-    models = {shape: make_model(work / shape, shape) for shape in sorted({CASES[c] for c in cases})}
+    models = {shape: chain_model() if shape == "chain" else make_model(work / shape, shape)
+              for shape in sorted({CASES[c] for c in cases})}
     peak = matmul_peak(args.device, DTYPES[args.dtype])
     report: dict = {
         "machine": {"torch_threads": torch.get_num_threads(), "device": args.device, "dtype": args.dtype,
@@ -190,10 +220,12 @@ def main() -> None:
         model = models[CASES[task]]
         manager = build_task_manager([task], str(work / "tasks"))
         runs: dict[str, list] = {"lm_eval": [], "evalfleet": []}
+        same_generations = []
         for _ in range(args.rounds):
             runs["lm_eval"].append(run_lm_eval(model, task, manager, args.lm_eval_batch_size, args.device, args.dtype,
                                                work / "lm-eval-requests"))
             runs["evalfleet"].append(run_evalfleet(model, task, work / "tasks", args.device, args.dtype))
+            same_generations.append(GENERATED["lm_eval"] == GENERATED["evalfleet"])
             if args.backend == "vllm":
                 runs.setdefault("vllm", []).append(run_evalfleet_vllm(model, task, work / "tasks", args.dtype))
         timing = runs["evalfleet"][0][2]
@@ -212,7 +244,14 @@ def main() -> None:
         entry["speedup"] = round(entry["lm_eval"]["wall_seconds"] / entry["evalfleet"]["wall_seconds"], 3)
         # the first round, where both sides build their requests (no request cache on either side yet)
         entry["speedup_first_round"] = round(runs["lm_eval"][0][0] / runs["evalfleet"][0][0], 3)
+        entry["speedup_compute"] = round(
+            entry["lm_eval"]["split"]["compute_seconds"] / max(entry["evalfleet"]["split"]["compute_seconds"], 1e-9), 3)
         entry["same_metrics"] = all(metrics(runs["lm_eval"][0][1]) == metrics(r[1]) for r in runs["evalfleet"])
+        if GENERATED["lm_eval"]:
+            entry["generations"] = len(GENERATED["lm_eval"])
+            entry["same_generations"] = all(same_generations)
+            entry["mean_generated_chars"] = round(sum(map(len, GENERATED["lm_eval"].values())) / len(GENERATED["lm_eval"]), 1)
+            entry["rows_per_decode_step"] = timing["layout"].get("rows_per_decode_step")
         if "vllm" in runs:
             entry["evalfleet_vllm"] = vllm_side(runs["vllm"], requests, tokens, entry, metrics(runs["lm_eval"][0][1]))
         report["tasks"][task] = entry

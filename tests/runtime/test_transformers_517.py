@@ -1,7 +1,8 @@
 """The single-device path on transformers 5.17, the version on the GPU check machines.
 
 `make test` installs 5.17 into an overlay folder (.tf517) that goes before the venv's packages;
-the backend's tests (packing, prefix reuse, their guards) run again on it in a subprocess, and
+the backend's tests (packing, prefix reuse, continuous batching, their guards) run again on it in a
+subprocess, and
 the layout check refuses transformers' tp/pp layouts on it (they need 5.24's parallel internals).
 """
 
@@ -41,7 +42,8 @@ def test_backend_tests_pass_on_transformers_5_17():
                              capture_output=True, text=True, env=env, check=True).stdout.strip()
     assert version == "5.17.0"
     done = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--no-cov", str(REPO / "tests" / "runtime" / "test_hf_backend.py")],
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--no-cov",
+         *(str(REPO / "tests" / "runtime" / name) for name in ("test_hf_backend.py", "test_continuous_generation.py"))],
         capture_output=True, text=True, env=env, cwd=REPO, timeout=900,
     )
     assert done.returncode == 0, done.stdout[-3000:]

@@ -146,6 +146,7 @@ def run_evaluation(
         chat_template=request.harness.apply_chat_template,
         chat_template_args=request.model.chat_template_args,
     )
+    runner.generation_rows = lm.max_batch_size
     silence_third_party_noise()
     started = time.perf_counter()
     try:

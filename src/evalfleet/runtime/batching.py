@@ -17,6 +17,9 @@ from collections.abc import Sequence
 from evalfleet.runtime.backends.base import Item, LoglikelihoodItem
 
 DEFAULT_TOKEN_BUDGET = {"cpu": 4096, "cuda": 65536}
+# Rows a continuously batched generation decodes at once unless the run's batch size says fewer
+# (vLLM's default too); memory usually limits them first (backends/decode.py).
+MAX_ROWS = 256
 # A shared prefix shorter than this is not worth a separate forward pass and a cache copy.
 MIN_SHARED_PREFIX = 16
 

@@ -12,6 +12,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from evalfleet.runtime.backends.base import Backend, GenerationItem, Item, OutOfMemory
+from evalfleet.runtime.batching import MAX_ROWS
 from evalfleet.types import ResourceError
 
 BatchCallback = Callable[[int, list[Any]], None]
@@ -59,6 +60,10 @@ def compute(backend: Backend, batch: Sequence[Item]) -> list[Any]:
 
 class BatchRunner(ABC):
     """Computes batches somewhere and reports each one as it finishes."""
+
+    # The run's batch size, where it set one: the most rows a continuously batched generation
+    # holds at once (its static batches are already cut to it).
+    generation_rows: int | None = None
 
     @abstractmethod
     def run(self, batches: Sequence[Sequence[Item]], on_batch_done: BatchCallback) -> None:
@@ -111,6 +116,9 @@ class InProcessRunner(BatchRunner):
     def run(self, batches: Sequence[Sequence[Item]], on_batch_done: BatchCallback) -> None:
         """Each batch in pieces that fit the token budget; out of memory halves the budget for
         the rest of the job, so later batches do not fail the same way first."""
+        if batches and isinstance(batches[0][0], GenerationItem) and getattr(self.backend, "continuous", False):
+            self._run_continuous(batches, on_batch_done)
+            return
         for index, batch in enumerate(batches):
             results: list[Any] = []
             start = 0
@@ -126,6 +134,41 @@ class InProcessRunner(BatchRunner):
                     continue
                 start += len(chunk)
             on_batch_done(index, results)
+
+    def _run_continuous(self, batches: Sequence[Sequence[Item]], on_batch_done: BatchCallback) -> None:
+        """Generation batches as one stream whose rows leave as they stop (see backends/decode.py):
+        newcomers prefilled within the largest batch's padded size, rows decoded together as the
+        free memory allows, up to the run's batch size; a batch is reported once its last row is
+        done. Out of memory halves the budget, for the prefill and the cache, and goes on with the
+        rows not yet done."""
+        owners = [(b, i) for b, batch in enumerate(batches) for i in range(len(batch))]
+        results: list[list[Any]] = [[None] * len(batch) for batch in batches]
+        left = [len(batch) for batch in batches]
+        remaining = list(range(len(owners)))
+        finished: set[int] = set()
+        while remaining:
+            prefill = max(padded_tokens(batch) for batch in batches)
+            if self.token_budget is not None:
+                prefill = min(prefill, self.token_budget)
+            decoder = self.backend.decoder(self.generation_rows or MAX_ROWS, prefill, self.token_budget)  # type: ignore[attr-defined]
+            todo = list(remaining)
+
+            def done(k: int, text: str, todo: list[int] = todo) -> None:
+                b, i = owners[todo[k]]
+                finished.add(todo[k])
+                results[b][i] = text
+                left[b] -= 1
+                if not left[b]:
+                    on_batch_done(b, results[b])
+
+            try:
+                decoder.run([batches[b][i] for b, i in (owners[k] for k in todo)], done)
+            except Exception as error:
+                if not out_of_memory(error):
+                    raise
+                self.token_budget = halved_budget(decoder.in_flight, self.device)
+                self.oom_halvings += 1
+            remaining = [k for k in remaining if k not in finished]
 
     def describe(self) -> dict[str, Any]:
         return {

@@ -4,9 +4,10 @@ Log-likelihood batches are left-padded with explicit position ids, so every cont
 ends at the last position and the model is asked for logits there only (`logits_to_keep`):
 the log-softmax never runs over a whole sequence × vocabulary. Items that share a context
 are packed into one row under a 4D mask; a prefix shared by the whole batch (few-shot
-examples) is computed once and its KV cache is expanded over the rows. Generation is batched
-greedy decoding with stop strings checked on the decoded text; rows that sample are drawn with
-their own seeds (`sampling.py`).
+examples) is computed once and its KV cache is expanded over the rows. Generation is greedy
+decoding with stop strings checked on the decoded text, continuously batched (`decode.py`: rows
+leave as they stop) where the model allows it, else `generate`'s static batches; rows that
+sample are drawn with their own seeds (`sampling.py`).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from safetensors import SafetensorError
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, StoppingCriteria, StoppingCriteriaList
 
 from evalfleet.runtime.backends.base import Backend, GenerationItem, LoglikelihoodItem, OutOfMemory
+from evalfleet.runtime.backends.decode import ContinuousDecoder, decodes_plainly, plain_cache
 from evalfleet.runtime.backends.sampling import sampling_processors
 from evalfleet.runtime.batching import MIN_SHARED_PREFIX, shared_prefix_length
 from evalfleet.types import EvalfleetError, UsageError
@@ -126,11 +128,19 @@ class HFBackend(Backend):
         max_length: int | None = None,
         share_prefixes: bool = False,
         reuse_prefixes: bool = False,
+        continuous: bool = False,
     ) -> None:
         self.model = model
         self.share_prefixes = share_prefixes
         self.reuse_prefixes = share_prefixes and reuse_prefixes
         self._packing_checked = False
+        # rows leave a generation batch as they stop (decode.py); a model split by a device_map or
+        # a tp plan, a cache with sliding windows or a generation config that changes scores decodes
+        # with `generate`'s static batches
+        self.continuous = continuous and plain_cache(model) and decodes_plainly(model.generation_config)
+        self.decode_steps = self.decoded_rows = 0
+        self.generation_prefix_checked = False
+        self.cache_token_bytes: float | None = None  # a KV cache token's bytes, measured on the first prefill
         self.tokenizer = tokenizer
         self.device = torch.device(device)
         self._max_length = model_max_length(model.config, tokenizer, max_length)
@@ -173,7 +183,8 @@ class HFBackend(Backend):
         if whole:  # a device_map places the weights itself; inputs go to `device`, its first device
             model.to(device)
         model.eval()
-        return cls(model, tokenizer, device, max_length, share_prefixes, reuse_prefixes=whole)
+        split = not whole or "distributed_config" in from_pretrained  # tp and pp ranks decode in step with `generate`
+        return cls(model, tokenizer, device, max_length, share_prefixes, reuse_prefixes=whole, continuous=not split)
 
     @property
     def max_length(self) -> int:
@@ -187,7 +198,12 @@ class HFBackend(Backend):
         return sum(p.numel() * p.element_size() for p in self.model.parameters())
 
     def describe(self) -> dict[str, Any]:
-        return {"backend": self.name, "dtype": str(self.model.dtype).removeprefix("torch.")}
+        described = {"backend": self.name, "dtype": str(self.model.dtype).removeprefix("torch.")}
+        if self.continuous:
+            described["continuous_batching"] = True
+        if self.decode_steps:
+            described["rows_per_decode_step"] = round(self.decoded_rows / self.decode_steps, 2)
+        return described
 
     def _left_pad(self, sequences: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         width = max(len(s) for s in sequences)
@@ -354,8 +370,23 @@ class HFBackend(Backend):
         mask.masked_fill_(~allowed, torch.finfo(self.model.dtype).min)
         return mask[:, None, :, :]
 
-    @torch.inference_mode()
+    def decoder(self, max_rows: int, prefill_tokens: int, cache_tokens: int | None = None) -> ContinuousDecoder:
+        """A continuous-batching run (see decode.py for its limits)."""
+        return ContinuousDecoder(self, max_rows, prefill_tokens, cache_tokens)
+
     def generate(self, items: list[GenerationItem]) -> list[str]:
+        """The batch's texts; with continuous batching its rows leave as they stop (no newcomers:
+        a worker group's rank gets one batch at a time)."""
+        if not self.continuous:
+            return self.generate_static(items)
+        texts: dict[int, str] = {}
+        padded = len(items) * max(item.length for item in items)
+        self.decoder(len(items), padded, padded).run(items, texts.__setitem__)
+        return [texts[k] for k in range(len(items))]
+
+    @torch.inference_mode()
+    def generate_static(self, items: list[GenerationItem]) -> list[str]:
+        """One `generate` call: every row decodes until the last one stops."""
         ids, mask, _ = self._left_pad([list(item.context) for item in items])
         width = ids.shape[1]
         stop = _StopOnStrings(self.tokenizer, width, items)

@@ -1,0 +1,219 @@
+"""Continuous batching: rows leave as they stop and waiting ones take their room; the texts must be
+lm-eval `hf`'s, request by request, whatever joins or leaves beside them."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+import torch.nn.functional as F
+from lm_eval.api.instance import Instance
+
+from evalfleet.runtime.backends import decode
+from evalfleet.runtime.backends.base import GenerationItem
+from evalfleet.runtime.backends.hf import HFBackend
+from evalfleet.runtime.lm import EvalfleetLM
+from evalfleet.runtime.runner import InProcessRunner
+from evalfleet.types import DEMO_MODEL_DIR
+
+SHOTS = "Q: 12 + 7 = ?\nA: 19\n\nQ: 3 + 4 = ?\nA: 7\n\nQ: 40 + 2 = ?\nA: 42\n\n"
+
+
+@pytest.fixture(scope="module", params=["demo", "tiny"])
+def model_path(request, tiny_model) -> str:
+    """The demo model (stops by itself, at newlines and its end token) and a random-weight NeoX (rarely stops)."""
+    return str(DEMO_MODEL_DIR if request.param == "demo" else tiny_model)
+
+
+@pytest.fixture(scope="module")
+def backend(model_path) -> HFBackend:
+    loaded = HFBackend.load(model_path, device="cpu", dtype="float32", share_prefixes=True)
+    assert loaded.continuous and loaded.reuse_prefixes
+    return loaded
+
+
+@pytest.fixture(scope="module")
+def lm_eval_hf(model_path):
+    from lm_eval.models.huggingface import HFLM
+
+    return HFLM(pretrained=model_path, batch_size=4, device="cpu", dtype="float32")
+
+
+def _requests(backend: HFBackend) -> list[tuple[str, dict]]:
+    """Mixed prompt lengths (some few-shot), token limits, stop strings; rows stopping at their first
+    token, rows whose stop strings never come."""
+    rnd = random.Random(5)
+    first = backend.generate_static([GenerationItem(tuple(backend.tokenizer.encode(SHOTS + "Q: 5 + 5 = ?\nA:")), (), 1)])[0]
+    requests = []
+    for n in range(36):
+        question = f"Q: {rnd.randint(1, 99)} + {rnd.randint(1, 99)} = ?\nA:"
+        context = (SHOTS if n % 3 else "") + question + (" x" * rnd.randint(0, 12) if n % 5 == 0 else "")
+        until = [["\n\n", "Q:"], ["\n"], ["@@ never @@"], [" ", "1"]][n % 4]
+        requests.append((context, {"until": until, "max_gen_toks": rnd.choice([1, 2, 5, 17, 40]), "do_sample": False}))
+    if first.strip():
+        requests.append((SHOTS + "Q: 5 + 5 = ?\nA:", {"until": [first], "max_gen_toks": 30, "do_sample": False}))  # stops at once
+    requests.append((SHOTS, {"until": ["@@ never @@"], "max_gen_toks": 48, "do_sample": False}))  # the prefix alone
+    return requests
+
+
+def _theirs(lm_eval_hf, requests) -> list[str]:
+    instances = [Instance("generate_until", {}, request, idx=i) for i, request in enumerate(requests)]
+    return lm_eval_hf.generate_until(instances, disable_tqdm=True)
+
+
+def _ours(backend: HFBackend, requests, batch_size: int = 6) -> list[str]:
+    lm = EvalfleetLM(InProcessRunner(backend, "cpu"), backend.tokenizer, "test", batch_size=batch_size)
+    return lm.generate_until([Instance("generate_until", {}, request, idx=i) for i, request in enumerate(requests)])
+
+
+def test_continuous_generations_equal_lm_eval_hf(backend, lm_eval_hf):
+    requests = _requests(backend)
+    steps, rows = backend.decode_steps, backend.decoded_rows
+    ours = _ours(backend, requests)
+    assert backend.decode_steps > steps, "the continuous decoder did not run"
+    assert ours == _theirs(lm_eval_hf, requests)
+    assert backend.decoded_rows - rows > backend.decode_steps - steps  # several rows shared the steps
+
+
+def test_rows_join_and_leave_at_any_room_and_the_texts_stay(backend, lm_eval_hf):
+    """The same requests through one row at a time, a few, and all at once, under a token budget that
+    forces newcomers to wait for room: every way gives lm-eval's texts."""
+    requests = _requests(backend)
+    theirs = _theirs(lm_eval_hf, requests)
+    assert _ours(backend, requests, batch_size=1) == theirs
+    assert _ours(backend, requests, batch_size=64) == theirs
+    items = [_item(backend, context, kwargs) for context, kwargs in requests]
+    got: dict[int, str] = {}
+    backend.decoder(5, 5 * 60, 5 * 60).run(items, got.__setitem__)
+    assert [got[k] for k in range(len(items))] == theirs
+    assert backend.generate(items) == theirs  # one batch whose rows only leave (a worker group's rank)
+
+
+def _item(backend: HFBackend, context: str, kwargs: dict) -> GenerationItem:
+    eos = backend.tokenizer.decode(backend.tokenizer.eos_token_id)
+    return GenerationItem(tuple(backend.tokenizer.encode(context)), (*kwargs["until"], eos), kwargs["max_gen_toks"])
+
+
+class _StaleSlot(decode.ContinuousDecoder):
+    """A planted fault: a newcomer's row does not start clean; it sees the columns left of its own
+    context (another row's place, or padding) as if they were its tokens."""
+
+    def _join(self, rows, cache, mask):
+        if self.mask is not None and self.active:
+            width = max(self.mask.shape[1], mask.shape[1])
+            mask = F.pad(mask, (width - mask.shape[1], 0), value=1)
+        super()._join(rows, cache, mask)
+
+
+def test_a_newcomer_seeing_a_stale_slot_is_caught(backend, lm_eval_hf, monkeypatch):
+    requests = _requests(backend)
+    theirs = _theirs(lm_eval_hf, requests)
+    monkeypatch.setattr(backend, "decoder", lambda *limits: _StaleSlot(backend, *limits))
+    assert _ours(backend, requests) != theirs
+
+
+def test_a_shared_prefix_generates_what_the_whole_prompts_do(backend, monkeypatch):
+    """Few-shot prompts (one of them the prefix alone) prefilled with the prefix once equal the same
+    prompts prefilled whole; the prefix is checked against whole prompts once, and a prefix whose
+    scores disagree (a planted wrong position) turns sharing off, with the texts still right."""
+    prompts = [SHOTS + f"Q: {a} + {b} = ?\nA:" for a, b in [(1, 2), (30, 4), (7, 70), (99, 1)]] + [SHOTS]
+    items = [GenerationItem(tuple(backend.tokenizer.encode(p)), ("\n\n", "@@"), 24) for p in prompts]
+    whole = backend.generate_static(items)
+    calls: list[int] = []
+    real = backend._prefix_cache
+    monkeypatch.setattr(backend, "_prefix_cache", lambda tokens, rows: calls.append(len(tokens)) or real(tokens, rows))
+    monkeypatch.setattr(backend, "generation_prefix_checked", False)
+    got: dict[int, str] = {}
+    backend.decoder(len(items), 10**6).run(items, got.__setitem__)
+    assert calls and calls[0] >= decode.MIN_SHARED_PREFIX and backend.reuse_prefixes
+    assert backend.generation_prefix_checked
+    assert [got[k] for k in range(len(items))] == whole
+
+    monkeypatch.setattr(backend, "generation_prefix_checked", False)
+    monkeypatch.setattr(backend, "_prefix_cache", lambda tokens, rows: _shifted(real, tokens, rows))
+    got.clear()
+    backend.decoder(len(items), 10**6).run(items, got.__setitem__)
+    assert not backend.reuse_prefixes, "a prefix that changes the scores was kept"
+    assert [got[k] for k in range(len(items))] == whole
+    backend.reuse_prefixes = True
+
+
+def _shifted(real, tokens, rows):
+    """The prefix's cache computed one token short and padded back: wrong keys where the prompt's start should be."""
+    cache = real(tokens[1:], rows)
+    for layer in cache.layers:
+        layer.keys = F.pad(layer.keys, (0, 0, 1, 0))
+        layer.values = F.pad(layer.values, (0, 0, 1, 0))
+    return cache
+
+
+def test_out_of_memory_halves_the_budget_and_loses_no_finished_row(backend, monkeypatch):
+    """An allocation failure mid-stream, after the first batch's rows are done: that batch is
+    reported once, before the failure; the rest are decoded again under half the room, and every
+    batch is reported exactly once with the static texts."""
+    limits = [1, 2, 1, 2, 12, 12, 12, 12, 3, 12, 12, 12]
+    items = [GenerationItem(tuple(backend.tokenizer.encode(SHOTS + f"Q: {n} + 1 = ?\nA:")), ("@@",), limit)
+             for n, limit in enumerate(limits)]
+    whole = backend.generate_static(items)
+    real = decode.ContinuousDecoder._forward
+    reported: list[tuple[int, list[str]]] = []
+    reported_before_failure: list[int] = []
+
+    def failing(self, *args):
+        if reported and not reported_before_failure:  # the first forward pass after a batch was done
+            reported_before_failure.extend(index for index, _ in reported)
+            raise RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory")
+        return real(self, *args)
+
+    monkeypatch.setattr(decode.ContinuousDecoder, "_forward", failing)
+    runner = InProcessRunner(backend, "cpu")
+    runner.run([items[:4], items[4:8], items[8:]], lambda index, texts: reported.append((index, texts)))
+    assert runner.oom_halvings == 1 and runner.token_budget is not None
+    assert reported_before_failure == [0]
+    assert sorted(index for index, _ in reported) == [0, 1, 2]
+    assert [text for _, texts in sorted(reported) for text in texts] == whole
+
+
+def test_sampled_rows_draw_what_static_batches_draw(backend):
+    """Seeded sampling rows beside greedy ones: each row's draw is its own, as in `generate`."""
+    context = tuple(backend.tokenizer.encode(SHOTS + "Q: 8 + 8 = ?\nA:"))
+    items = [GenerationItem(context, ("\n\n",), 16, (("seed", seed), ("temperature", 2.5), ("top_k", 50))) for seed in range(8)]
+    items.insert(3, GenerationItem(context, ("\n\n",), 16))
+    got: dict[int, str] = {}
+    backend.decoder(3, 10**6).run(items, got.__setitem__)
+    assert [got[k] for k in range(len(items))] == backend.generate_static(items)
+    assert len(set(got.values())) > 1  # the seeds draw different texts
+
+
+def test_models_that_change_scores_decode_with_generate(model_path):
+    """A generation config with a repetition penalty (score-changing) keeps `generate`'s own batches."""
+    loaded = HFBackend.load(model_path, device="cpu", dtype="float32")
+    loaded.model.generation_config.repetition_penalty = 1.3
+    penalized = HFBackend(loaded.model, loaded.tokenizer, "cpu", continuous=True)
+    assert loaded.continuous and not penalized.continuous
+    item = GenerationItem(tuple(loaded.tokenizer.encode(SHOTS)), ("@@",), 20)
+    assert penalized.generate([item]) == [loaded.tokenizer.decode(_penalized(loaded, item), skip_special_tokens=True)]
+
+
+def _penalized(loaded: HFBackend, item: GenerationItem) -> list[int]:
+    out = loaded.model.generate(input_ids=torch.tensor([item.context]), max_new_tokens=20, do_sample=False,
+                                pad_token_id=loaded.pad_id)
+    return out[0, len(item.context):].tolist()
+
+
+def test_free_memory_bounds_the_rows_decoded_at_once(backend, monkeypatch):
+    """Without a cache budget, the rows held at once are those whose KV cache fits CACHE_SHARE of the
+    memory free at the start, in bytes per token measured on the first prefill."""
+    items = [GenerationItem(tuple(backend.tokenizer.encode(SHOTS + f"Q: {n} + 2 = ?\nA:")), ("@@",), 6) for n in range(9)]
+    whole = backend.generate_static(items)
+    backend.decoder(9, 10**6).run(items[:2], lambda *_: None)  # measures a cached token's bytes
+    per_row = decode.ContinuousDecoder._reserved(items[:1])
+    monkeypatch.setattr(decode, "free_memory", lambda device: int(3 * per_row * backend.cache_token_bytes / decode.CACHE_SHARE))
+    held: list[int] = []
+    real = decode.ContinuousDecoder._step
+    monkeypatch.setattr(decode.ContinuousDecoder, "_step", lambda self: held.append(len(self.active)) or real(self))
+    got: dict[int, str] = {}
+    backend.decoder(9, 10**6).run(items, got.__setitem__)
+    assert max(held) == 3
+    assert [got[k] for k in range(len(items))] == whole
