@@ -75,6 +75,11 @@ def end_tokens(generation_config: Any) -> set[int]:
     return {int(eos)} if isinstance(eos, int) else {int(token) for token in eos}
 
 
+def meets_stop(item: GenerationItem, text: str) -> bool:
+    """Whether `text` (a row's last tokens, decoded) holds one of the item's stop strings."""
+    return any(stop and stop in text for stop in item.until)
+
+
 def finished_text(tokenizer: Any, item: GenerationItem, tokens: Sequence[int]) -> str:
     """The row's text as the static path returns it: special tokens dropped, cut at its first stop string."""
     text = tokenizer.decode(list(tokens[: item.max_new_tokens]), skip_special_tokens=True)
@@ -162,9 +167,7 @@ class ContinuousDecoder:
                     break
                 if taken:  # the prefix every newcomer so far shares, which their prefill computes once
                     shared = common_prefix_length(taken[0].context[: shared if len(taken) > 1 else None], candidate.context)
-                shortest = min(len(item.context) for item in (*taken, candidate))
-                prefix = min(shared, shortest - 1) if self.backend.reuse_prefixes else 0
-                prefix = prefix if prefix >= MIN_SHARED_PREFIX else 0
+                prefix = self._prefix_to_share(shared, [item.context for item in (*taken, candidate)])
                 width = max(len(item.context) for item in (*taken, candidate)) - prefix
                 if taken and prefix + width * (len(taken) + 1) > self.prefill_tokens:
                     break
@@ -206,9 +209,7 @@ class ContinuousDecoder:
         next-token scores must agree; where they do not (a model whose attention ignores the mask
         or the positions given), prefixes are computed per row from then on."""
         contexts = [row.item.context for row in rows]
-        shared = shared_prefix_length(contexts) if len(rows) > 1 and self.backend.reuse_prefixes else 0
-        shared = min(shared, min(len(c) for c in contexts) - 1)  # every row keeps a token to predict from
-        prefix = shared if shared >= MIN_SHARED_PREFIX else 0
+        prefix = self._prefix_to_share(shared_prefix_length(contexts) if len(rows) > 1 else 0, contexts)
         cache, mask, logits = self._prefilled(contexts, prefix)
         if prefix and not self.backend.generation_prefix_checked:
             self.backend.generation_prefix_checked = True
@@ -221,6 +222,12 @@ class ContinuousDecoder:
             self.backend.cache_token_bytes = cache_bytes(cache) / mask.numel()
         self._join(rows, cache, mask)
         self._choose(rows, logits)
+
+    def _prefix_to_share(self, shared: int, contexts: Sequence[tuple[int, ...]]) -> int:
+        """The part of a `shared` prefix a prefill computes once: none when the backend does not
+        reuse prefixes or it is shorter than MIN_SHARED_PREFIX; every row keeps a token to predict from."""
+        prefix = min(shared, min(len(c) for c in contexts) - 1) if self.backend.reuse_prefixes else 0
+        return prefix if prefix >= MIN_SHARED_PREFIX else 0
 
     def _prefilled(self, contexts: list[tuple[int, ...]], prefix: int) -> tuple[DynamicCache, torch.Tensor, torch.Tensor]:
         """The contexts' cache, mask and last scores: the first `prefix` tokens (shared) once, then
@@ -287,7 +294,7 @@ class ContinuousDecoder:
         windows = self.backend.tokenizer.batch_decode([row.tokens[-STOP_WINDOW:] for row in live])
         for row, text in zip(live, windows, strict=True):
             ended = len(row.tokens) >= row.item.max_new_tokens or row.tokens[-1] in self.eos
-            if ended or any(stop and stop in text for stop in row.item.until):
+            if ended or meets_stop(row.item, text):
                 row.done = True
                 on_done(row.index, finished_text(self.backend.tokenizer, row.item, row.tokens))
         done = sum(row.done for row in self.active)

@@ -23,7 +23,14 @@ from safetensors import SafetensorError
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, StoppingCriteria, StoppingCriteriaList
 
 from evalfleet.runtime.backends.base import Backend, GenerationItem, LoglikelihoodItem, OutOfMemory
-from evalfleet.runtime.backends.decode import ContinuousDecoder, decodes_plainly, plain_cache
+from evalfleet.runtime.backends.decode import (
+    STOP_WINDOW,
+    ContinuousDecoder,
+    decodes_plainly,
+    finished_text,
+    meets_stop,
+    plain_cache,
+)
 from evalfleet.runtime.backends.sampling import sampling_processors
 from evalfleet.runtime.batching import MIN_SHARED_PREFIX, shared_prefix_length
 from evalfleet.types import EvalfleetError, UsageError
@@ -110,8 +117,7 @@ class _StopOnStrings(StoppingCriteria):
             if len(row) >= item.max_new_tokens:
                 done.append(True)
                 continue
-            text = self.tokenizer.decode(row[-8:].tolist() if len(row) > 8 else row.tolist())
-            done.append(any(stop and stop in text for stop in item.until))
+            done.append(meets_stop(item, self.tokenizer.decode(row[-STOP_WINDOW:].tolist())))
         return torch.tensor(done, device=input_ids.device)
 
 
@@ -406,14 +412,7 @@ class HFBackend(Backend):
             )
         except torch.OutOfMemoryError as error:
             raise OutOfMemory(str(error)) from error
-        texts = []
-        for row, item in zip(out[:, width:].tolist(), items, strict=True):
-            text = self.tokenizer.decode(row[: item.max_new_tokens], skip_special_tokens=True)
-            for term in item.until:
-                if term:
-                    text = text.split(term)[0]
-            texts.append(text)
-        return texts
+        return [finished_text(self.tokenizer, item, row) for row, item in zip(out[:, width:].tolist(), items, strict=True)]
 
     def close(self) -> None:
         self.model = None
