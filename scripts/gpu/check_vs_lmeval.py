@@ -27,6 +27,9 @@ from vs_lmeval import lm_eval_clock  # noqa: E402
 
 TASKS = ["demo_mc", "bench_hellaswag", "bench_mmlu", "demo_arith"]
 BATCH = 32
+SAMPLES: dict = {}  # task: (lm-eval's samples, evalfleet's)
+DEVICE = os.environ.get("EVALFLEET_CHECK_DEVICE", "cuda")  # cpu: a dry run of one case here
+CHAIN_QUESTIONS = int(os.environ.get("EVALFLEET_CHAIN_QUESTIONS", "600"))
 
 
 def compare(expected: list[dict], actual: list[dict]) -> dict:
@@ -80,18 +83,98 @@ def dtype_decision(model: Path) -> dict:
     return {"asked": "auto", "expected": expected, **loaded, "ok": loaded["dtype"] == expected}
 
 
-def main(output: Path) -> None:
+def compare_on(model: Path, dtype: str, tasks: list[str], manager, include: Path, work: Path, n: int,
+               peak: float) -> dict:
+    """lm-eval `hf` then evalfleet on one model, task by task: agreement, wall time, tokens/s, MFU."""
     from lm_eval import simple_evaluate
     from lm_eval.models.huggingface import HFLM
 
     from evalfleet.engines import run as engine_run
-    from evalfleet.tasks import build_task_manager
     from evalfleet.types import EvaluationRequest
+
+    entries: dict = {}
+    with lm_eval_clock() as clock:
+        began = time.perf_counter()
+        lm = HFLM(pretrained=str(model), dtype=dtype, batch_size=BATCH, device=DEVICE)
+        reference = {}
+        for task in tasks:
+            clock["compute"], task_started = 0.0, time.perf_counter()
+            out = simple_evaluate(model=lm, tasks=[task], task_manager=manager, bootstrap_iters=0, log_samples=True)
+            reference[task] = (time.perf_counter() - task_started, clock["compute"], out)
+        load = round(time.perf_counter() - began - sum(r[0] for r in reference.values()), 1)
+    del lm
+    torch.cuda.empty_cache()
+    engine_run._first_request = False
+    for task in tasks:
+        folder = work / "out" / task
+        request = EvaluationRequest.model_validate({
+            "model": {"path": str(model), "dtype": dtype, "device": DEVICE},
+            "tasks": {"names": [task], "include_path": str(include)},
+            "output_dir": str(folder), "log_samples": True, "use_cache": False,
+        })
+        task_started = time.perf_counter()
+        result = engine_run.evaluate_request(request)
+        wall = time.perf_counter() - task_started
+        timing, layout = result.evalfleet["timing"], result.evalfleet["layout"]
+        samples = [json.loads(line) for line in (folder / f"samples_{task}.jsonl").read_text().splitlines()]
+        lm_wall, lm_compute, out = reference[task]
+        expected = json.loads(json.dumps(out["samples"][task], default=str))
+        SAMPLES[task] = (expected, samples)
+        tokens = timing["tokens"]
+        entry = {
+            "model": model.name, "dtype": dtype, "requests": timing["requests"], "tokens": tokens,
+            "agreement": compare(expected, samples),
+            "same_metrics": {k: v for k, v in out["results"][task].items() if "," in k and "stderr" not in k}
+            == {k: v for k, v in result.results["results"][task].items() if "," in k and "stderr" not in k},
+            "lm_eval": {"wall_seconds": round(lm_wall, 2), "tokens_per_s": round(tokens / lm_wall),
+                        "mfu_of_compute": round(2 * n * tokens / max(lm_compute, 1e-9) / peak, 4)},
+            "evalfleet": {"wall_seconds": round(wall, 2), "tokens_per_s": round(tokens / wall),
+                          "split": timing["split"],
+                          "continuous_batching": layout.get("continuous_batching"),
+                          "rows_per_decode_step": layout.get("rows_per_decode_step"),
+                          "mfu_of_compute": round(2 * n * tokens / max(timing["split"]["compute_seconds"], 1e-9) / peak, 4)},
+        }
+        entry["speedup"] = round(lm_wall / wall, 2)
+        entry["speedup_compute"] = round(lm_compute / max(timing["split"]["compute_seconds"], 1e-9), 2)
+        entries[task] = entry
+        print(task, json.dumps(entry), flush=True)
+    entries["lm_eval_load_seconds"] = load
+    return entries
+
+
+def controls(model: Path, tasks: list[str], manager) -> dict:
+    """What bf16 itself moves: lm-eval against lm-eval at another batch size (other shapes, other
+    rounding), and lm-eval with its softmax in float32 (`softmax_dtype`) against lm-eval's default
+    and against evalfleet, which takes the log-softmax of float32 logits."""
+    from lm_eval import simple_evaluate
+    from lm_eval.models.huggingface import HFLM
+
+    out: dict = {}
+    for name, kwargs in (("lm_eval_batch_8", {"batch_size": 8}),
+                         ("lm_eval_softmax_float32", {"batch_size": BATCH, "softmax_dtype": "float32"})):
+        lm = HFLM(pretrained=str(model), dtype="bfloat16", device=DEVICE, **kwargs)
+        for task in tasks:
+            run = simple_evaluate(model=lm, tasks=[task], task_manager=manager, bootstrap_iters=0, log_samples=True)
+            mine = json.loads(json.dumps(run["samples"][task], default=str))
+            expected, evalfleet = SAMPLES[task]
+            entry = {"against_lm_eval": compare(expected, mine), "against_evalfleet": compare(mine, evalfleet)}
+            out.setdefault(task, {})[name] = entry
+            print("control", task, name, json.dumps(entry), flush=True)
+        del lm
+        torch.cuda.empty_cache()
+    return out
+
+
+def main(output: Path) -> None:
+    from chain import chain_model, make_chain_task
+
+    from evalfleet.tasks import build_task_manager
 
     assert torch.cuda.is_available(), "this check needs a CUDA GPU"
     work = Path(tempfile.mkdtemp(prefix="evalfleet-gpu-"))
     (work / "tasks").mkdir()
     make_tasks(work / "tasks", docs=300, compute_docs=300)
+    make_chain_task(work / "tasks", CHAIN_QUESTIONS)
     started = time.perf_counter()
     model = make_model(work / "model", "1b", device="cuda", dtype=torch.bfloat16)
     torch.cuda.empty_cache()
@@ -100,51 +183,24 @@ def main(output: Path) -> None:
     report: dict = {"gpu": torch.cuda.get_device_name(0), "compute_parameters": n, "bf16_matmul_peak_tflops": round(peak / 1e12, 1),
                     "model_build_seconds": round(time.perf_counter() - started, 1), "tasks": {}}
     print(json.dumps(report), flush=True)
-    manager = build_task_manager(TASKS, str(work / "tasks"))
-    with lm_eval_clock() as clock:
-        began = time.perf_counter()
-        lm = HFLM(pretrained=str(model), dtype="bfloat16", batch_size=BATCH, device="cuda")
-        reference = {}
-        for task in TASKS:
-            clock["compute"], task_started = 0.0, time.perf_counter()
-            out = simple_evaluate(model=lm, tasks=[task], task_manager=manager, bootstrap_iters=0, log_samples=True)
-            reference[task] = (time.perf_counter() - task_started, clock["compute"], out)
-        report["lm_eval_load_seconds"] = round(time.perf_counter() - began - sum(r[0] for r in reference.values()), 1)
-    del lm
-    torch.cuda.empty_cache()
-    engine_run._first_request = False
-    for task in TASKS:
-        folder = work / "out" / task
-        request = EvaluationRequest.model_validate({
-            "model": {"path": str(model), "dtype": "bfloat16", "device": "cuda"},
-            "tasks": {"names": [task], "include_path": str(work / "tasks")},
-            "output_dir": str(folder), "log_samples": True, "use_cache": False,
-        })
-        task_started = time.perf_counter()
-        result = engine_run.evaluate_request(request)
-        wall = time.perf_counter() - task_started
-        timing = result.evalfleet["timing"]
-        samples = [json.loads(line) for line in (folder / f"samples_{task}.jsonl").read_text().splitlines()]
-        lm_wall, lm_compute, out = reference[task]
-        expected = json.loads(json.dumps(out["samples"][task], default=str))
-        tokens = timing["tokens"]
-        entry = {
-            "requests": timing["requests"], "tokens": tokens,
-            "agreement": compare(expected, samples),
-            "same_metrics": {k: v for k, v in out["results"][task].items() if "," in k and "stderr" not in k}
-            == {k: v for k, v in result.results["results"][task].items() if "," in k and "stderr" not in k},
-            "lm_eval": {"wall_seconds": round(lm_wall, 2), "tokens_per_s": round(tokens / lm_wall),
-                        "mfu_of_compute": round(2 * n * tokens / max(lm_compute, 1e-9) / peak, 4)},
-            "evalfleet": {"wall_seconds": round(wall, 2), "tokens_per_s": round(tokens / wall),
-                          "split": timing["split"],
-                          "mfu_of_compute": round(2 * n * tokens / max(timing["split"]["compute_seconds"], 1e-9) / peak, 4)},
-        }
-        entry["speedup"] = round(lm_wall / wall, 2)
-        report["tasks"][task] = entry
-        print(task, json.dumps(entry), flush=True)
+
+    def save() -> None:
+        output.write_text(json.dumps(report, indent=2) + "\n")
+
+    manager = build_task_manager(TASKS + ["bench_chain"], str(work / "tasks"))
+    report["tasks"] = compare_on(model, "bfloat16", TASKS, manager, work / "tasks", work, n, peak)
+    save()
+    # the GSM8K-shaped chain of thought (benchmarks/chain.py's trained model, float32 as trained):
+    # static batches in lm-eval against continuous batching with the 2-shot prefix shared
+    chain = chain_model()
+    report["chain"] = compare_on(chain, "float32", ["bench_chain"], manager, work / "tasks", work, compute_parameters(chain), peak)
+    save()
+    if os.environ.get("EVALFLEET_CHECK_CONTROLS", "1") != "0":
+        report["bf16_controls"] = controls(model, TASKS, manager)
+        save()
     report["dtype_decision"] = dtype_decision(model)
     print("dtype_decision", json.dumps(report["dtype_decision"]), flush=True)
-    output.write_text(json.dumps(report, indent=2) + "\n")
+    save()
     print(f"wrote {output}")
 
 
