@@ -1,4 +1,4 @@
-"""evalfleet against lm-eval's own `hf` backend, same model, same tasks, one process, alternating.
+"""evalfleet against lm-eval's own `hf` backend, same model, same tasks, alternating in one run.
 
 Cases (tasks from benchmarks/shapes.py; generated data, random-weight Llamas with the demo tokenizer):
 - `bench_mc` on the small model (hidden 256, 4 layers): 2,000 log-likelihood requests;
@@ -9,9 +9,12 @@ Cases (tasks from benchmarks/shapes.py; generated data, random-weight Llamas wit
   (once, then cached). Its generations are compared text by text (`same_generations`), and
   evalfleet's rows per decode step (continuous batching) are given.
 
-Each side runs end to end in this process: the model load, lm-eval's task and request building,
-compute, scoring (imports are shared, so they are left out; `evalfleet --help` and `plan` start-up
-are measured as subprocesses). Float32 on the CPU, evalfleet's result cache off, lm-eval at batch
+Each side runs end to end in a fresh process of its own per round (spawned; as a user's run
+does): the model load, lm-eval's task and request building, compute, scoring (the child's imports
+come before its clock starts; `evalfleet --help` and `plan` start-up are measured as
+subprocesses). One side running after the other in one process ran slower by the first's
+leftovers (measured: evalfleet's bench_chain compute 2.6 s after lm-eval in the same process,
+1.7 s alone, every operator slower); `--same-process` runs both in this one as before. Float32 on the CPU, evalfleet's result cache off, lm-eval at batch
 size 16 (its `auto` only probes a GPU). Both sides keep their built requests (evalfleet's
 default, lm-eval's `cache_requests=True`): `speedup` compares each side's best round (later rounds
 reuse the requests on both sides), `speedup_first_round` the first, where both build them. Each side's wall time is split into start-up, request
@@ -31,11 +34,13 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import multiprocessing
 import os
 import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import torch
@@ -106,7 +111,7 @@ def lm_eval_clock():
             setattr(HFLM, name, original)
 
 
-def run_lm_eval(model: Path, task: str, manager, batch_size: int, device: str, dtype: str,
+def run_lm_eval(model: Path, task: str, include: Path, batch_size: int, device: str, dtype: str,
                 built: Path) -> tuple[float, dict, dict]:
     """lm-eval with its own request cache (`cache_requests`) under `built`, as evalfleet keeps one:
     the first round builds requests on both sides, later rounds reuse them on both sides."""
@@ -114,6 +119,9 @@ def run_lm_eval(model: Path, task: str, manager, batch_size: int, device: str, d
     from lm_eval.caching import cache
     from lm_eval.models.huggingface import HFLM
 
+    from evalfleet.tasks import build_task_manager
+
+    manager = build_task_manager([task], str(include))
     cache.PATH = str(built)
     with recording(HFLM, "lm_eval"), lm_eval_clock() as clock:
         began = time.perf_counter()
@@ -160,6 +168,21 @@ def startup_seconds(args: list[str]) -> float:
     return round(best, 3)
 
 
+def _recorded(function, *args):
+    return function(*args), GENERATED
+
+
+def call(isolate: bool, function, *args):
+    """`function(*args)`, in a fresh spawned interpreter when `isolate`; the generations it recorded
+    land in GENERATED either way."""
+    if not isolate:
+        return function(*args)
+    with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        out, generated = pool.submit(_recorded, function, *args).result()
+    GENERATED.update(generated)
+    return out
+
+
 def metrics(results: dict) -> dict:
     return {k: v for k, v in results.items() if "," in k and "stderr" not in k}
 
@@ -189,11 +212,11 @@ def main() -> None:
     parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
     parser.add_argument("--output", default=None)
     parser.add_argument("--backend", choices=["hf", "vllm"], default="hf", help="vllm: add evalfleet's vLLM backend")
+    parser.add_argument("--same-process", action="store_true", help="run both sides in this process, not one fresh process per run")
     args = parser.parse_args()
     args.output = args.output or str(ROOT / "results" / ("vs_lmeval_vllm.json" if args.backend == "vllm" else "vs_lmeval.json"))
 
     from evalfleet.runtime.threads import set_torch_threads
-    from evalfleet.tasks import build_task_manager
 
     # One thread count for both sides, chosen once from the free cores (see runtime/threads.py).
     os.environ["OMP_NUM_THREADS"] = str(set_torch_threads())
@@ -211,6 +234,7 @@ def main() -> None:
                     "matmul_peak_gflops": round(peak / 1e9, 1)},
         "models": {shape: {"compute_parameters": compute_parameters(path)} for shape, path in models.items()},
         "lm_eval_batch_size": args.lm_eval_batch_size, "rounds": args.rounds,
+        "processes": "both sides in this one" if args.same_process else "a fresh process per side and round",
         "startup": {"evalfleet --help": startup_seconds(["--help"]),
                     "evalfleet plan": startup_seconds(["plan", "--model", "meta-llama/Llama-2-7b-hf", "--gpus", "8xA100-80GB"])},
         "tasks": {},
@@ -218,13 +242,12 @@ def main() -> None:
     print("start-up", json.dumps(report["startup"]), flush=True)
     for task in cases:
         model = models[CASES[task]]
-        manager = build_task_manager([task], str(work / "tasks"))
         runs: dict[str, list] = {"lm_eval": [], "evalfleet": []}
         same_generations = []
         for _ in range(args.rounds):
-            runs["lm_eval"].append(run_lm_eval(model, task, manager, args.lm_eval_batch_size, args.device, args.dtype,
-                                               work / "lm-eval-requests"))
-            runs["evalfleet"].append(run_evalfleet(model, task, work / "tasks", args.device, args.dtype))
+            runs["lm_eval"].append(call(not args.same_process, run_lm_eval, model, task, work / "tasks", args.lm_eval_batch_size,
+                                        args.device, args.dtype, work / "lm-eval-requests"))
+            runs["evalfleet"].append(call(not args.same_process, run_evalfleet, model, task, work / "tasks", args.device, args.dtype))
             same_generations.append(GENERATED["lm_eval"] == GENERATED["evalfleet"])
             if args.backend == "vllm":
                 runs.setdefault("vllm", []).append(run_evalfleet_vllm(model, task, work / "tasks", args.dtype))

@@ -99,11 +99,11 @@ class _StaleSlot(decode.ContinuousDecoder):
     """A planted fault: a newcomer's row does not start clean; it sees the columns left of its own
     context (another row's place, or padding) as if they were its tokens."""
 
-    def _join(self, rows, cache, mask):
+    def _join(self, rows, cache, mask, shared):
         if self.mask is not None and self.active:
             width = max(self.mask.shape[1], mask.shape[1])
             mask = F.pad(mask, (width - mask.shape[1], 0), value=1)
-        super()._join(rows, cache, mask)
+        super()._join(rows, cache, mask, shared)
 
 
 def test_a_newcomer_seeing_a_stale_slot_is_caught(backend, lm_eval_hf, monkeypatch):

@@ -43,7 +43,7 @@ def test_backend_tests_pass_on_transformers_5_17():
     assert version == "5.17.0"
     done = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--no-cov",
-         *(str(REPO / "tests" / "runtime" / name) for name in ("test_hf_backend.py", "test_continuous_generation.py"))],
+         *(str(REPO / "tests" / "runtime" / name) for name in ("test_hf_backend.py", "test_continuous_generation.py", "test_cascade.py"))],
         capture_output=True, text=True, env=env, cwd=REPO, timeout=900,
     )
     assert done.returncode == 0, done.stdout[-3000:]

@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from transformers.cache_utils import DynamicCache, DynamicLayer
 
+from evalfleet.runtime.backends import cascade
 from evalfleet.runtime.backends.base import GenerationItem, OutOfMemory
 from evalfleet.runtime.backends.sampling import SeededSampler
 from evalfleet.runtime.batching import MIN_SHARED_PREFIX, common_prefix_length, shared_prefix_length
@@ -99,6 +100,19 @@ class _Row:
     done: bool = False  # reported; its cache row stays (fed padding) until the batch is compacted
 
 
+@dataclass
+class _Shared:
+    """A prefix every running row starts with, its keys and values once ([1, kv_heads, length, dim]
+    per layer); the rows' cache and mask hold only what follows it (cascade.py)."""
+
+    tokens: tuple[int, ...]
+    layers: list[tuple[torch.Tensor, torch.Tensor]]
+
+    def starts(self, context: Sequence[int]) -> bool:
+        """Whether a prompt continues this prefix (with a token of its own to predict from)."""
+        return len(context) > len(self.tokens) and tuple(context[: len(self.tokens)]) == self.tokens
+
+
 class ContinuousDecoder:
     """Decodes `items` with rows joining and leaving; `on_done(index, text)` as each row stops.
 
@@ -124,6 +138,10 @@ class ContinuousDecoder:
         self.cache: DynamicCache | None = None
         self.mask: torch.Tensor | None = None  # [rows, width]: 1 where the cache holds a real token
         self.full = False  # the last admission stopped at a limit: wait until the batch is compacted
+        # the prefix the running rows share, held once (models attending through cascade.py); a
+        # newcomer that does not continue it makes every row hold it (`_unshare`)
+        self.shared: _Shared | None = None
+        self.kept: _Shared | None = None  # the last prefix computed, for the next batch that shares it
 
     @torch.inference_mode()
     def run(self, items: Sequence[GenerationItem], on_done: Callable[[int, str], None]) -> None:
@@ -165,9 +183,14 @@ class ContinuousDecoder:
                 if self._reserved([*running, *taken, candidate]) > self._cache_limit():
                     self.full = True
                     break
+                if running and self.shared is not None and not self.shared.starts(candidate.context):
+                    self._unshare()
                 if taken:  # the prefix every newcomer so far shares, which their prefill computes once
                     shared = common_prefix_length(taken[0].context[: shared if len(taken) > 1 else None], candidate.context)
-                prefix = self._prefix_to_share(shared, [item.context for item in (*taken, candidate)])
+                prefix = (
+                    len(self.shared.tokens) if running and self.shared is not None
+                    else self._prefix_to_share(shared, [item.context for item in (*taken, candidate)])
+                )
                 width = max(len(item.context) for item in (*taken, candidate)) - prefix
                 if taken and prefix + width * (len(taken) + 1) > self.prefill_tokens:
                     break
@@ -178,6 +201,21 @@ class ContinuousDecoder:
             for i in order
         ]
 
+    def _unshare(self) -> None:
+        """A newcomer does not continue the running rows' prefix: every running row takes the
+        prefix's keys and values into its own cache, and the batch goes on without one."""
+        assert self.shared is not None and self.cache is not None and self.mask is not None
+        rows, length = self.mask.shape[0], len(self.shared.tokens)
+        self.cache.layers = [
+            _RoomyLayer(
+                torch.cat([keys.expand(rows, -1, -1, -1), layer.keys], dim=2),
+                torch.cat([values.expand(rows, -1, -1, -1), layer.values], dim=2),
+            )
+            for (keys, values), layer in zip(self.shared.layers, self.cache.layers, strict=True)
+        ]
+        self.mask = torch.cat([self.mask.new_ones(rows, length), self.mask], dim=1)
+        self.shared = None
+
     def _cache_limit(self) -> float:
         """The KV cache's room in tokens: as given, else measured on the first prefill's cache."""
         if self.cache_tokens is not None:
@@ -185,8 +223,11 @@ class ContinuousDecoder:
         measured = getattr(self.backend, "cache_token_bytes", None)
         return CACHE_SHARE * self.free_at_start / measured if measured else float("inf")
 
-    def _forward(self, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, cache: DynamicCache) -> torch.Tensor:
-        """Last-position logits in float32, as `generate` scores them; the cache grows in place."""
+    def _forward(
+        self, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, cache: DynamicCache, shared: _Shared | None = None
+    ) -> torch.Tensor:
+        """Last-position logits in float32, as `generate` scores them; the cache grows in place.
+        With `shared`, the rows' cache and mask follow its prefix, which every row attends to first."""
         backend = self.backend
         kwargs: dict[str, Any] = {
             "input_ids": ids.to(backend.device),
@@ -198,30 +239,56 @@ class ContinuousDecoder:
         if backend._keeps_logits:
             kwargs["logits_to_keep"] = 1
         try:
-            return self.model(**kwargs).logits[:, -1, :].float()
+            if shared is None:
+                return self.model(**kwargs).logits[:, -1, :].float()
+            with cascade.sharing(shared.layers):
+                return self.model(**kwargs).logits[:, -1, :].float()
         except torch.OutOfMemoryError as error:
             raise OutOfMemory(str(error)) from error
 
     def _prefill(self, rows: list[_Row]) -> None:
         """The newcomers' contexts in one forward pass (a shared prefix once), then their first token.
 
-        The first time a prefix is shared, the same rows are prefilled without it too, and their
-        next-token scores must agree; where they do not (a model whose attention ignores the mask
-        or the positions given), prefixes are computed per row from then on."""
+        A batch of its own holds a shared prefix once (`_Shared`) where the model attends through
+        cascade.py; newcomers to it are prefilled on that prefix. The first time a prefix is
+        shared, four of the rows (the shortest, the longest and two between) are prefilled without
+        it too, and their next-token scores must agree; where they do not (a model whose attention
+        ignores the mask or the positions given), prompts are computed whole from then on."""
         contexts = [row.item.context for row in rows]
-        prefix = self._prefix_to_share(shared_prefix_length(contexts) if len(rows) > 1 else 0, contexts)
-        cache, mask, logits = self._prefilled(contexts, prefix)
-        if prefix and not self.backend.generation_prefix_checked:
-            self.backend.generation_prefix_checked = True
-            plain = self._prefilled(contexts, 0)
-            if ((logits - plain[2]).abs() > PREFIX_TOLERANCE * (1 + plain[2].abs())).any():
-                log.warning("%s: a shared prefix changes generation scores; computing each prompt whole", self.backend.describe())
-                self.backend.reuse_prefixes = False
-                cache, mask, logits = plain
+        if self.active and self.shared is not None:  # newcomers continue the running rows' prefix
+            shared: _Shared | None = self.shared
+            cache, mask, logits = self._prefilled(contexts, 0, shared)
+        else:
+            prefix = self._prefix_to_share(shared_prefix_length(contexts) if len(rows) > 1 else 0, contexts)
+            # a batch of its own holds its prefix once; newcomers to a batch without one get it per row
+            shared = self._shared(contexts[0][:prefix]) if prefix and not self.active and getattr(self.backend, "cascade", False) else None
+            try:
+                cache, mask, logits = self._prefilled(contexts, 0 if shared else prefix, shared)
+            except cascade.CascadeUnsupported as error:
+                log.warning("%s: %s; the shared prefix is held per row", self.backend.describe(), error)
+                self.backend.cascade, shared = False, None
+                cache, mask, logits = self._prefilled(contexts, prefix)
+            if prefix and not self.backend.generation_prefix_checked:
+                self.backend.generation_prefix_checked = True
+                # the shortest and longest rows and two between, whole: padding and length both vary
+                order = sorted(range(len(rows)), key=lambda r: len(contexts[r]))
+                probe = sorted({order[round(k * (len(order) - 1) / 3)] for k in range(4)})
+                whole = self._prefilled([contexts[r] for r in probe], 0)[2]
+                if ((logits[probe] - whole).abs() > PREFIX_TOLERANCE * (1 + whole.abs())).any():
+                    log.warning("%s: a shared prefix changes generation scores; computing each prompt whole", self.backend.describe())
+                    self.backend.reuse_prefixes = False
+                    (cache, mask, logits), shared = self._prefilled(contexts, 0), None
         if getattr(self.backend, "cache_token_bytes", None) is None:
             self.backend.cache_token_bytes = cache_bytes(cache) / mask.numel()
-        self._join(rows, cache, mask)
+        self._join(rows, cache, mask, shared)
         self._choose(rows, logits)
+
+    def _shared(self, tokens: tuple[int, ...]) -> _Shared:
+        """The prefix's keys and values, computed once (and again only for another prefix)."""
+        if self.kept is None or self.kept.tokens != tuple(tokens):
+            cache = self.backend._prefix_cache(tuple(tokens), 1)
+            self.kept = _Shared(tuple(tokens), [(layer.keys, layer.values) for layer in cache.layers])
+        return self.kept
 
     def _prefix_to_share(self, shared: int, contexts: Sequence[tuple[int, ...]]) -> int:
         """The part of a `shared` prefix a prefill computes once: none when the backend does not
@@ -229,10 +296,14 @@ class ContinuousDecoder:
         prefix = min(shared, min(len(c) for c in contexts) - 1) if self.backend.reuse_prefixes else 0
         return prefix if prefix >= MIN_SHARED_PREFIX else 0
 
-    def _prefilled(self, contexts: list[tuple[int, ...]], prefix: int) -> tuple[DynamicCache, torch.Tensor, torch.Tensor]:
+    def _prefilled(
+        self, contexts: list[tuple[int, ...]], prefix: int, shared: _Shared | None = None
+    ) -> tuple[DynamicCache, torch.Tensor, torch.Tensor]:
         """The contexts' cache, mask and last scores: the first `prefix` tokens (shared) once, then
-        each row's rest, left-padded."""
-        tails = [list(c[prefix:]) for c in contexts]
+        each row's rest, left-padded; with `shared`, only the rest after its prefix, which stays
+        out of the rows' cache and mask."""
+        start = len(shared.tokens) if shared is not None else prefix
+        tails = [list(c[start:]) for c in contexts]
         width = max(len(t) for t in tails)
         ids = torch.full((len(contexts), width), self.backend.pad_id, dtype=torch.long)
         mask = torch.zeros((len(contexts), prefix + width), dtype=torch.long)
@@ -241,14 +312,15 @@ class ContinuousDecoder:
         for r, tail in enumerate(tails):
             ids[r, width - len(tail) :] = torch.tensor(tail, dtype=torch.long)
             mask[r, prefix + width - len(tail) :] = 1
-            positions[r, width - len(tail) :] = torch.arange(prefix, prefix + len(tail))
+            positions[r, width - len(tail) :] = torch.arange(start, start + len(tail))
         cache = self.backend._prefix_cache(contexts[0][:prefix], len(contexts)) if prefix else DynamicCache(config=self.model.config)
-        return cache, mask, self._forward(ids, mask, positions, cache)
+        return cache, mask, self._forward(ids, mask, positions, cache, shared)
 
-    def _join(self, rows: list[_Row], cache: DynamicCache, mask: torch.Tensor) -> None:
-        """The newcomers' cache and mask beside the running ones, both left-padded to one width."""
+    def _join(self, rows: list[_Row], cache: DynamicCache, mask: torch.Tensor, shared: _Shared | None) -> None:
+        """The newcomers' cache and mask beside the running ones, both left-padded to one width
+        (newcomers to a batch with a shared prefix were prefilled on it)."""
         if self.cache is None or self.mask is None or not self.active:
-            self.cache, self.mask, self.active = cache, mask, list(rows)
+            self.cache, self.mask, self.active, self.shared = cache, mask, list(rows), shared
             self.cache.layers = [_RoomyLayer(layer.keys, layer.values) for layer in cache.layers]
             return
         width = max(self.mask.shape[1], mask.shape[1])
@@ -270,7 +342,7 @@ class ContinuousDecoder:
         positions = torch.tensor([[row.position] for row in self.active], dtype=torch.long)
         live = torch.tensor([[0 if row.done else 1] for row in self.active], dtype=self.mask.dtype)
         self.mask = torch.cat([self.mask, live], dim=1)
-        logits = self._forward(ids, self.mask, positions, self.cache)
+        logits = self._forward(ids, self.mask, positions, self.cache, self.shared)
         for row in self.active:
             row.position += 0 if row.done else 1
         self._choose(self.active, logits)
@@ -305,7 +377,7 @@ class ContinuousDecoder:
         self.active = [self.active[r] for r in keep]
         self.full = False
         if not keep:
-            self.cache = self.mask = None
+            self.cache = self.mask = self.shared = None
             return
         chosen = torch.tensor(keep, dtype=torch.long)
         mask = self.mask[chosen]

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from safetensors import SafetensorError
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, StoppingCriteria, StoppingCriteriaList
 
+from evalfleet.runtime.backends import cascade
 from evalfleet.runtime.backends.base import Backend, GenerationItem, LoglikelihoodItem, OutOfMemory
 from evalfleet.runtime.backends.decode import (
     STOP_WINDOW,
@@ -144,6 +145,8 @@ class HFBackend(Backend):
         # a tp plan, a cache with sliding windows or a generation config that changes scores decodes
         # with `generate`'s static batches
         self.continuous = continuous and plain_cache(model) and decodes_plainly(model.generation_config)
+        # a generation batch's shared prefix held once and read once per step (cascade.py)
+        self.cascade = self.continuous and self.reuse_prefixes and cascade.enable(model)
         self.decode_steps = self.decoded_rows = 0
         self.generation_prefix_checked = False
         self.cache_token_bytes: float | None = None  # a KV cache token's bytes, measured on the first prefill
