@@ -43,7 +43,10 @@ def test_run_logs_its_results_and_samples_to_wandb(tmp_path, capsys, monkeypatch
     assert code == 0, err
     (run_file,) = (tmp_path / "wandb").glob("offline-run-*/run-*.wandb")
     records = wandb_records(run_file)
-    (run,) = [r.run for r in records if r.WhichOneof("record_type") == "run"]
+    runs = [r.run for r in records if r.WhichOneof("record_type") == "run"]
+    assert len(runs) == 1, (f"{run_file.stat().st_size} bytes, records: {[r.WhichOneof('record_type') for r in records]}; "
+                            f"stderr: {err[-2000:]}")
+    (run,) = runs
     assert (run.project, run.display_name) == ("evalfleet-test", "demo-run")
     logged = {item.key or "/".join(item.nested_key): json.loads(item.value_json)
               for r in records if r.WhichOneof("record_type") == "history" for item in r.history.item}

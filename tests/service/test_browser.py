@@ -69,7 +69,10 @@ def test_login_submit_watch_results_sample_and_compare(browser, live_service, ti
     assert "Paste the service token" in _shot(driver, tmp_path, "1-login")
     driver.find_element(By.ID, "token").send_keys("wrong-token-0123456789")
     driver.find_element(By.ID, "login").click()
-    assert "not the service's token" in driver.find_element(By.TAG_NAME, "body").text
+    # the login form posts and the page is replaced: read the new page's text, not the old one's
+    WebDriverWait(driver, 30, ignored_exceptions=[StaleElementReferenceException]).until(
+        lambda d: "not the service's token" in d.find_element(By.TAG_NAME, "body").text
+    )
     driver.find_element(By.ID, "token").send_keys(TOKEN)
     driver.find_element(By.ID, "login").click()
     cookie = driver.get_cookie("evalfleet_session")
