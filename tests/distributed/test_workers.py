@@ -274,3 +274,27 @@ def test_workers_die_with_a_driver_killed_by_sigkill(llama):
     finally:
         if driver.poll() is None:
             driver.kill()
+
+
+def test_a_vllm_group_gets_its_generation_batches_merged(monkeypatch):
+    """vLLM schedules its own batch: consecutive generation batches go to a replica as one call,
+    at least two calls per replica and at most SCHEDULED_ROWS requests a call, never splitting a
+    batch; an hf group, or log-likelihood batches, go one by one."""
+    from evalfleet.runtime import workers
+    from evalfleet.runtime.backends.base import GenerationItem
+
+    def batches(*sizes):
+        return [[GenerationItem((1, 2, n), ("\n",), 4) for n in range(size)] for size in sizes]
+
+    vllm = WorkerGroupRunner(GroupSpec("model", backend="vllm"), [["cpu"]])  # not started: one replica counts
+    assert vllm._merged_spans(batches(5, 1, 5, 3)) == [(0, 2), (2, 3), (3, 4)]  # at most 14 / 2 rows a call
+    assert vllm._merged_spans(batches(2, 2, 2, 2, 2, 2, 2, 2)) == [(0, 4), (4, 8)]
+    monkeypatch.setattr(workers, "SCHEDULED_ROWS", 3)
+    assert vllm._merged_spans(batches(1, 1, 1, 5, 1)) == [(0, 3), (3, 4), (4, 5)]
+    monkeypatch.setattr(workers, "SCHEDULED_ROWS", 1024)
+    two = WorkerGroupRunner(GroupSpec("model", backend="vllm"), [["cpu"], ["cpu"]])
+    for replica in two.replicas:  # two live replicas (a group object stands for a started one)
+        monkeypatch.setattr(replica, "group", object())
+    assert two._merged_spans(batches(2, 2, 2, 2, 2, 2, 2, 2)) == [(0, 2), (2, 4), (4, 6), (6, 8)]
+    assert WorkerGroupRunner(GroupSpec("model"), [["cpu"]])._merged_spans(batches(2, 2)) is None
+    assert vllm._merged_spans([[LoglikelihoodItem((1,), (2,))]] * 3) is None

@@ -15,7 +15,7 @@ from evalfleet.monitoring.bottlenecks import Finding
 # Preemptions per thousand requests above which the run is slowed: a few are harmless.
 PREEMPTIONS_PER_1000_WARNING = 5.0
 PREEMPTIONS_PER_1000_CRITICAL = 50.0
-_COUNTERS = ("requests", "preemptions", "prompt_tokens", "generation_tokens", "busy_seconds")
+_COUNTERS = ("requests", "generate_calls", "preemptions", "prompt_tokens", "generation_tokens", "busy_seconds")
 
 
 class EngineStatsTracker:

