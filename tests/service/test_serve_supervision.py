@@ -22,13 +22,15 @@ pytestmark = pytest.mark.slow
 
 
 def _workers(db) -> dict[int, str]:
-    """The job of every live `evalfleet worker` on `db` (a dead scheduler's orphans too), by pid."""
-    found = {}
-    for process in psutil.process_iter(["cmdline"]):
+    """The job of every live `evalfleet worker` on `db` (a dead scheduler's orphans too), by pid. A
+    worker's child between its fork and its exec (a subprocess the worker starts) still shows the
+    worker's command line; it is the same worker, not a second one."""
+    found: dict[int, tuple[int, str]] = {}
+    for process in psutil.process_iter(["cmdline", "ppid"]):
         cmdline = process.info["cmdline"] or []
         if "worker" in cmdline and str(db) in cmdline and not gone(process.pid):
-            found[process.pid] = cmdline[cmdline.index("--job") + 1]
-    return found
+            found[process.pid] = (process.info["ppid"], cmdline[cmdline.index("--job") + 1])
+    return {pid: job for pid, (parent, job) in found.items() if parent not in found}
 
 
 def test_a_killed_scheduler_is_restarted_and_adopts_the_running_job(tmp_path):
