@@ -25,6 +25,7 @@ from contextlib import contextmanager
 from typing import Any
 
 import torch
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 NAME = "evalfleet_cascade"
 _given = threading.local()  # .layers: the prefix's (keys, values) per layer, while a forward pass shares it
@@ -56,8 +57,6 @@ def cascade_attention(
     is_causal: bool | None = None,
     **kwargs: Any,
 ) -> tuple[torch.Tensor, None]:
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
     layers = getattr(_given, "layers", None)
     if layers is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, is_causal=is_causal, **kwargs)
@@ -72,8 +71,7 @@ def cascade_attention(
     if length > 1:
         # a prefill: the prefix beside each row's keys for this layer only, and sdpa's own kernel
         # (its scores are never materialized: rows x heads x length x columns would be gigabytes)
-        keys = torch.cat([prefix_keys.expand(rows, -1, -1, -1), key], dim=2)
-        values = torch.cat([prefix_values.expand(rows, -1, -1, -1), value], dim=2)
+        keys, values = beside(prefix_keys, key), beside(prefix_values, value)
         assert allowed is not None
         seen = torch.ones((*allowed.shape[:3], prefix_keys.shape[2]), dtype=torch.bool, device=query.device)
         full = torch.cat([seen if allowed.dtype == torch.bool else torch.zeros_like(seen, dtype=allowed.dtype), allowed], dim=-1)
@@ -95,6 +93,11 @@ def cascade_attention(
     from_prefix = torch.bmm(weights[..., :prefix].transpose(0, 1).reshape(kv_heads, rows * groups, prefix), prefix_values[0])
     output = from_prefix.view(kv_heads, rows, groups, dim).transpose(0, 1) + torch.matmul(weights[..., prefix:], value)
     return output.reshape(rows, heads, 1, dim).transpose(1, 2).contiguous(), None
+
+
+def beside(prefix: torch.Tensor, own: torch.Tensor) -> torch.Tensor:
+    """A held prefix ([1, kv_heads, prefix, dim]) repeated for each row of `own` and put before it."""
+    return torch.cat([prefix.expand(own.shape[0], -1, -1, -1), own], dim=2)
 
 
 def _allowed(mask: torch.Tensor | None, length: int, own: int, device: torch.device) -> torch.Tensor | None:

@@ -22,6 +22,7 @@ from __future__ import annotations
 import logging
 from collections import deque
 from collections.abc import Callable, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -207,10 +208,7 @@ class ContinuousDecoder:
         assert self.shared is not None and self.cache is not None and self.mask is not None
         rows, length = self.mask.shape[0], len(self.shared.tokens)
         self.cache.layers = [
-            _RoomyLayer(
-                torch.cat([keys.expand(rows, -1, -1, -1), layer.keys], dim=2),
-                torch.cat([values.expand(rows, -1, -1, -1), layer.values], dim=2),
-            )
+            _RoomyLayer(cascade.beside(keys, layer.keys), cascade.beside(values, layer.values))
             for (keys, values), layer in zip(self.shared.layers, self.cache.layers, strict=True)
         ]
         self.mask = torch.cat([self.mask.new_ones(rows, length), self.mask], dim=1)
@@ -239,9 +237,7 @@ class ContinuousDecoder:
         if backend._keeps_logits:
             kwargs["logits_to_keep"] = 1
         try:
-            if shared is None:
-                return self.model(**kwargs).logits[:, -1, :].float()
-            with cascade.sharing(shared.layers):
+            with cascade.sharing(shared.layers) if shared is not None else nullcontext():
                 return self.model(**kwargs).logits[:, -1, :].float()
         except torch.OutOfMemoryError as error:
             raise OutOfMemory(str(error)) from error
