@@ -61,17 +61,23 @@ def make_requests(vocab: int, max_length: int, seed: int = 3) -> list[list]:
 def single_process_reference(model, seed: int = 3) -> tuple[list, list]:
     """Requests for `model` and their results from one process on one CPU thread (the lightweight
     engine's runner): what every layout must reproduce."""
-    import torch
-
     from evalfleet.runtime.backends.hf import HFBackend
-    from evalfleet.runtime.runner import InProcessRunner
 
     backend = HFBackend.load(str(model), dtype="float32", device="cpu")
     batches = make_requests(len(backend.tokenizer), backend.max_length, seed=seed)
+    return batches, one_thread_results(backend, batches)
+
+
+def one_thread_results(backend, batches) -> list:
+    """`batches` computed by the lightweight engine's runner on one CPU thread; `backend` is closed after."""
+    import torch
+
+    from evalfleet.runtime.runner import InProcessRunner
+
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        return batches, run_all(InProcessRunner(backend, "cpu"), batches)
+        return run_all(InProcessRunner(backend, "cpu"), batches)
     finally:
         torch.set_num_threads(threads)
         backend.close()

@@ -9,7 +9,7 @@ import os
 import signal
 
 import pytest
-from distributed_support import alive, differences, run_all, single_process_reference, worker_pids_of
+from distributed_support import alive, differences, one_thread_results, run_all, single_process_reference, worker_pids_of
 from faultenv import fault_env
 
 from evalfleet.runtime.backends.base import LoglikelihoodItem
@@ -298,3 +298,63 @@ def test_a_vllm_group_gets_its_generation_batches_merged(monkeypatch):
     assert two._merged_spans(batches(2, 2, 2, 2, 2, 2, 2, 2)) == [(0, 2), (2, 4), (4, 6), (6, 8)]
     assert WorkerGroupRunner(GroupSpec("model"), [["cpu"]])._merged_spans(batches(2, 2)) is None
     assert vllm._merged_spans([[LoglikelihoodItem((1,), (2,))]] * 3) is None
+
+
+
+def generations(llama, seed: int, batches: int, size: int, prefix: int = 0) -> tuple[list, list]:
+    """Generation batches (random contexts after a `prefix` every row shares, mixed token limits,
+    two stop strings) and their texts from one process on one thread, each prompt computed whole."""
+    import random
+
+    from evalfleet.runtime.backends.base import GenerationItem
+    from evalfleet.runtime.backends.hf import HFBackend
+
+    rng = random.Random(seed)
+    backend = HFBackend.load(str(llama), dtype="float32", device="cpu")
+    backend.reuse_prefixes = False
+    vocab = len(backend.tokenizer)
+    shared = tuple(rng.randrange(2, vocab) for _ in range(prefix))
+    made = [[GenerationItem(shared + tuple(rng.randrange(2, vocab) for _ in range(rng.randint(1 if prefix else 2, 30))),
+                            ("\n", "."), rng.randint(1, 12)) for _ in range(size)] for _ in range(batches)]
+    if prefix:
+        made[0].append(GenerationItem(shared, ("\n",), 6))  # a prompt that is the shared prefix alone
+    return made, one_thread_results(backend, made)
+
+
+def decode_counts(runner) -> tuple[int, int]:
+    """The runner's replicas' decode steps and decoded rows so far."""
+    return tuple(sum(column) for column in zip(*(replica.decode for replica in runner.replicas), strict=True))
+
+
+def test_dp_replicas_decode_merged_generation_batches_as_one_stream(llama):
+    """An hf replica that batches continuously gets consecutive generation batches in one call and
+    decodes them as one stream, their shared few-shot prefix held once: rows of later batches take
+    the places of rows that stopped, at most the run's batch size at once; the texts are those of
+    whole prompts in one process."""
+    batches, reference = generations(llama, seed=5, batches=12, size=2, prefix=24)
+    spec = GroupSpec(str(llama), dtype="float32", device="cpu", threads=1, share_prefixes=True)
+    runner = WorkerGroupRunner(spec, [["cpu"], ["cpu"]]).start()
+    runner.generation_rows = 3
+    try:
+        assert run_all(runner, batches) == reference
+        calls, (steps, rows) = sum(replica.requests for replica in runner.replicas), decode_counts(runner)
+    finally:
+        runner.close()
+    # 25 rows over two replicas: calls of at most 7 rows (whole batches), two per replica
+    assert calls == 4
+    assert 2 < rows / steps <= 3, rows / steps  # more than one batch's rows at a time, never more than the batch size
+
+
+def test_tp_ranks_decode_in_step_with_the_shared_prefix_held_once(llama):
+    """tp ranks run the continuous decode loop in step (the gathered logits decide alike for every
+    rank), the batch's shared few-shot prefix computed once: the texts are those of whole prompts
+    in one process, the prompt that is the prefix alone included."""
+    batches, reference = generations(llama, seed=7, batches=3, size=5, prefix=40)
+    spec = GroupSpec(str(llama), dtype="float32", device="cpu", tp=2, threads=1, share_prefixes=True)
+    runner = WorkerGroupRunner(spec, [["cpu", "cpu"]]).start()
+    try:
+        assert run_all(runner, batches) == reference
+        steps, rows = decode_counts(runner)
+    finally:
+        runner.close()
+    assert steps and rows / steps > 1  # the decode loop ran (not `generate`), several rows a step

@@ -130,7 +130,7 @@ def _install() -> None:
 
     batches = 0
 
-    def faulty_compute(backend, items):
+    def faulty_compute(backend, items, stream=None):
         nonlocal batches
         batches += 1
         if FAULT.startswith("hang_batch_once:"):
@@ -162,7 +162,7 @@ def _install() -> None:
             padded = len(items) * max(item.length for item in items)
             if padded > int(FAULT.split(":", 1)[1]):
                 raise OutOfMemory(f"test fault: {padded} tokens")
-        return compute(backend, items)
+        return compute(backend, items, stream)
 
     parallel.load_part = faulty_load
     runner.compute = faulty_compute

@@ -217,3 +217,48 @@ def test_free_memory_bounds_the_rows_decoded_at_once(backend, monkeypatch):
     backend.decoder(9, 10**6).run(items, got.__setitem__)
     assert max(held) == 3
     assert [got[k] for k in range(len(items))] == whole
+
+
+@pytest.fixture(scope="module")
+def metaspace_backend(tmp_path_factory) -> HFBackend:
+    """A random Llama whose tokenizer drops a word's leading space when the word is decoded alone
+    (SentencePiece's Metaspace), as Llama's and Mistral's do."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    trained = Tokenizer(models.BPE(unk_token="<unk>"))
+    trained.pre_tokenizer, trained.decoder = pre_tokenizers.Metaspace(), decoders.Metaspace()
+    trained.train_from_iterator([SHOTS * 3, "the cat sat on the mat 1 2 3 4 5 6 7 8 9 0 x"],
+                                trainer=trainers.BpeTrainer(vocab_size=200, special_tokens=["<unk>", "<pad>", "</s>"]))
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=trained, eos_token="</s>", pad_token="<pad>", unk_token="<unk>")
+    assert tokenizer.decode(tokenizer.encode("the cat")[-1:]) == "cat"  # the space goes when decoded alone
+    folder = tmp_path_factory.mktemp("metaspace")
+    tokenizer.save_pretrained(folder)
+    torch.manual_seed(3)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+                         bos_token_id=tokenizer.eos_token_id)
+    LlamaForCausalLM(config).save_pretrained(folder)
+    return HFBackend.load(str(folder), device="cpu", dtype="float32", share_prefixes=True)
+
+
+@pytest.mark.parametrize("which", ["model's", "metaspace"])
+def test_rows_leave_at_the_step_their_stop_string_appears(which, backend, metaspace_backend, monkeypatch):
+    """Only rows whose new token may complete a stop string have their last tokens decoded each step;
+    the rows leave at the same steps as when every row's window is decoded every step, a stop that
+    is a single space included (a tokenizer that drops a word's leading space when it stands alone)."""
+    loaded = backend if which == "model's" else metaspace_backend
+    items = [_item(loaded, context, kwargs) for context, kwargs in _requests(loaded)]
+
+    def decoded(every_window: bool) -> tuple[int, int, list[str]]:
+        with monkeypatch.context() as patch:
+            if every_window:
+                patch.setattr(decode.ContinuousDecoder, "_may_stop", lambda self, row: True)
+            steps, rows, got = loaded.decode_steps, loaded.decoded_rows, {}
+            loaded.decoder(8, 8 * 200, 8 * 200).run(items, got.__setitem__)
+        return loaded.decode_steps - steps, loaded.decoded_rows - rows, [got[k] for k in range(len(items))]
+
+    everything = decoded(every_window=True)
+    assert decoded(every_window=False) == everything
+    assert any(" " in item.until for item in items) and any(text for text in everything[2])

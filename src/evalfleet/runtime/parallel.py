@@ -206,6 +206,11 @@ def local_tensor(parameter: torch.Tensor) -> torch.Tensor:
     return to_local() if callable(to_local) else parameter
 
 
+def decode_counts(backend: Any) -> tuple[int, int]:
+    """The backend's decode steps so far (continuous batching's) and the rows they decoded."""
+    return int(getattr(backend, "decode_steps", 0)), int(getattr(backend, "decoded_rows", 0))
+
+
 def rank_report(part: LoadedPart, rank: int) -> dict[str, Any]:
     """What this rank holds: parameters, bytes, local shapes and memory, for the driver."""
     shapes: dict[str, list[int]] = {}
@@ -234,6 +239,8 @@ def rank_report(part: LoadedPart, rank: int) -> dict[str, Any]:
         "attn_implementation": getattr(model.config, "_attn_implementation", None),
         # a device_map's placement, module by module (accelerate's hf_device_map), else None
         "device_map": {name: str(where) for name, where in getattr(model, "hf_device_map", {}).items()} or None,
+        # generation batches merged into one call are decoded as one stream (hf's continuous batching)
+        "continuous": bool(getattr(part.backend, "continuous", False)),
         "parameters": parameters,
         "parameters_of_full_tensors": global_parameters,
         "parameter_bytes": nbytes,
@@ -242,4 +249,4 @@ def rank_report(part: LoadedPart, rank: int) -> dict[str, Any]:
     }
 
 
-__all__ = ["PATHS", "GroupSpec", "LoadedPart", "PipelinedHFBackend", "StageCache", "check_layout", "load_part", "local_tensor", "rank_report"]
+__all__ = ["PATHS", "GroupSpec", "LoadedPart", "PipelinedHFBackend", "StageCache", "check_layout", "decode_counts", "load_part", "local_tensor", "rank_report"]

@@ -21,7 +21,7 @@ import torch.distributed as dist
 from torch.distributed import distributed_c10d as c10d
 
 from evalfleet.runtime.group import BATCH_OOM_EXIT, GroupSpec
-from evalfleet.runtime.parallel import load_part, rank_report
+from evalfleet.runtime.parallel import decode_counts, load_part, rank_report
 from evalfleet.runtime.rank_process import exit_with_parent, load_or_exit
 from evalfleet.runtime.runner import compute, out_of_memory
 from evalfleet.runtime.timing import CommunicationTimer
@@ -86,15 +86,15 @@ def serve(spec: GroupSpec, rank: int, store_port: int, conn: Connection | None) 
     reports = control.gather(report)
     control.reply(("ready", {"path": spec.path, "max_length": part.backend.max_length, "ranks": reports}))
     while (message := control.next_message())[0] == "batch":
-        _, index, items, timed = message
+        _, index, items, timed, *rest = message  # rest: generation batches merged, decoded as one stream
         # Timing adds device syncs to every collective, so only the batches the driver samples pay for it.
         timed = timed and spec.time_communication and spec.processes > 1
         if timed:
             timer.install()
-        began = time.perf_counter()
+        began, counts = time.perf_counter(), decode_counts(part.backend)
         status, results = "done", None
         try:
-            results = compute(part.backend, items)
+            results = compute(part.backend, items, rest[0] if rest else None)
         except Exception as error:
             if not out_of_memory(error):
                 raise
@@ -109,7 +109,8 @@ def serve(spec: GroupSpec, rank: int, store_port: int, conn: Connection | None) 
         finally:
             timer.uninstall()
         busy = time.perf_counter() - began
-        reports = control.gather({"busy_seconds": busy, "events": timer.take(), "timed": timed})
+        decoded = [now - then for now, then in zip(decode_counts(part.backend), counts, strict=True)]
+        reports = control.gather({"busy_seconds": busy, "events": timer.take(), "timed": timed, "decoded": decoded})
         control.reply((status, index, results if status == "done" else None, reports))
     if group is not None:
         dist.destroy_process_group()

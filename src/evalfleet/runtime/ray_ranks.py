@@ -42,7 +42,7 @@ from typing import Any
 from evalfleet.runtime.backends.base import Item
 from evalfleet.runtime.group import GroupSpec, check_layout
 from evalfleet.runtime.runner import BatchCallback, BatchRunner, first_chunk, halved_budget
-from evalfleet.runtime.workers import BATCH_TIMEOUT_S, describe_layout, loaded_dtype
+from evalfleet.runtime.workers import BATCH_TIMEOUT_S, Merged, describe_layout, loaded_dtype, merged_spans
 from evalfleet.types import EvalfleetError, InfrastructureError, NodeLost
 
 NODE_LABEL = "ray.io/node-id"
@@ -111,14 +111,15 @@ class RankActor:
         return report | {"load_seconds": time.perf_counter() - started, "max_length": self.part.backend.max_length,
                          **self.where()}
 
-    def compute(self, items: list[Item]) -> tuple[str, list[Any] | None]:
-        """("done", results), or ("oom", None) when the batch ran out of memory (as `rank.serve` answers)."""
+    def compute(self, items: list[Item], stream: dict[str, int] | None = None) -> tuple[str, list[Any] | None]:
+        """("done", results), or ("oom", None) when the batch ran out of memory (as `rank.serve` answers);
+        `stream`: generation batches merged, decoded as one stream (runner.compute)."""
         import torch
 
         from evalfleet.runtime import runner
 
         try:
-            return "done", runner.compute(self.part.backend, items)
+            return "done", runner.compute(self.part.backend, items, stream)
         except Exception as error:
             if not runner.out_of_memory(error):
                 raise
@@ -297,6 +298,18 @@ class RayGroupRunner(BatchRunner):
         return [[{key: rank[key] for key in keys} for rank in replica.ranks] for replica in self.replicas]
 
     def run(self, batches: Sequence[Sequence[Item]], on_batch_done: BatchCallback) -> None:
+        """Generation batches go merged to hf replicas that batch continuously (workers.merged_spans).
+        A vLLM replica's actor bounds each call by one batch's timeout, so its batches go one by one."""
+        spans = merged_spans(batches, max(1, len(self.replicas)), self.spec,
+                             [rank for replica in self.replicas[:1] for rank in replica.ranks])
+        if spans is None or self.spec.backend == "vllm":
+            self._run_batches(batches, on_batch_done, [1] * len(batches), [None] * len(batches))
+            return
+        merged = Merged(batches, spans, streams=True, rows=self.generation_rows)
+        self._run_batches(merged.batches, merged.reporting(on_batch_done), merged.weights, merged.streams)
+
+    def _run_batches(self, batches: Sequence[Sequence[Item]], on_batch_done: BatchCallback, weights: Sequence[int],
+                     streams: Sequence[dict[str, int] | None]) -> None:
         import ray
 
         todo = collections.deque(range(len(batches)))
@@ -308,14 +321,16 @@ class RayGroupRunner(BatchRunner):
             while todo and idle:
                 replica, index = idle.popleft(), todo.popleft()
                 chunk = first_chunk(batches[index][len(done.get(index, ())):], replica.token_budget)
-                refs = [actor.compute.remote(chunk) for actor in replica.actors]
-                overdue = time.monotonic() + self.batch_timeout
+                stream = streams[index]
+                refs = [actor.compute.remote(chunk) if stream is None else actor.compute.remote(chunk, stream)
+                        for actor in replica.actors]
+                overdue = time.monotonic() + self.batch_timeout * weights[index]
                 owner.update({ref: (replica, index, chunk, refs, overdue) for ref in refs})
             late, late_index, _, _, overdue = min(owner.values(), key=lambda entry: entry[4])
             finished, _ = ray.wait(list(owner), num_returns=1, timeout=max(0.0, overdue - time.monotonic()))
             if not finished:
                 raise InfrastructureError(f"replica {late.index} did not finish batch {late_index} "
-                                          f"in {self.batch_timeout:.0f}s")
+                                          f"in {self.batch_timeout * weights[late_index]:.0f}s")
             replica, index, chunk, refs, _ = owner.pop(finished[0])
             try:
                 status, _ = self._get(finished[0], replica)  # a dead rank fails here, before its peers time out

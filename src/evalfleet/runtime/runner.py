@@ -51,9 +51,13 @@ def halved_budget(chunk: Sequence[Item], where: str) -> int:
     return padded_tokens(chunk) // 2
 
 
-def compute(backend: Backend, batch: Sequence[Item]) -> list[Any]:
-    """One batch on one backend; a batch is all log-likelihood items or all generation items."""
+def compute(backend: Backend, batch: Sequence[Item], stream: dict[str, int] | None = None) -> list[Any]:
+    """One batch on one backend; a batch is all log-likelihood items or all generation items.
+    `stream` (`rows`, `prefill_tokens`): generation batches merged into this one call, decoded as
+    one stream within those limits by a backend that batches continuously (a dp replica's rank)."""
     if isinstance(batch[0], GenerationItem):
+        if stream and getattr(backend, "continuous", False):
+            return list(backend.generate(list(batch), **stream))  # type: ignore[call-arg]
         return list(backend.generate(list(batch)))
     return list(backend.loglikelihood(list(batch)))
 

@@ -31,14 +31,15 @@ import os
 import queue
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from evalfleet.planning.strategy import ParallelLayout
 from evalfleet.runtime.backends.base import GenerationItem, Item
 from evalfleet.runtime.group import GroupSpec, check_layout
-from evalfleet.runtime.runner import BatchCallback, BatchRunner, first_chunk, halved_budget
+from evalfleet.runtime.batching import MAX_ROWS
+from evalfleet.runtime.runner import BatchCallback, BatchRunner, first_chunk, halved_budget, padded_tokens
 from evalfleet.runtime.transport import (
     BatchOutOfMemory,
     CommunicationCallback,
@@ -55,9 +56,11 @@ __all__ = ["LoadOutOfMemory", "PoisonBatch", "ReplicaFailed", "WorkerGroup", "Wo
 BATCH_TIMEOUT_S = 900.0
 """How long a replica may take over one batch before it counts as failed (local groups and Ray alike)."""
 
-# vLLM schedules its own batch: generation batches go to a vLLM replica merged, up to this many
-# requests a call and at least two calls per replica (so replicas share the work and a lost call
-# costs at most half a replica's share); a merged call may take its batches' timeouts together.
+# Generation batches go to a replica that schedules its own rows merged: a vLLM engine, or an hf
+# rank that batches continuously (decoding the merged batches as one stream, newcomers taking the
+# places of rows that stopped); up to this many requests a call and at least two calls per replica
+# (so replicas share the work and a lost call costs at most half a replica's share); a merged call
+# may take its batches' timeouts together.
 SCHEDULED_ROWS = 1024
 
 # Communication is timed on one batch in this many (per replica); see benchmarks/communication_timing.py.
@@ -110,6 +113,7 @@ class _Replica:
     requests: int = 0  # sent to rank 0, pieces of batches included: one in `time_every` is timed
     batches: int = 0  # computed and reported
     failures: list[str] = field(default_factory=list)
+    decode: tuple[int, int] = (0, 0)  # its ranks' continuous batching: decode steps, rows decoded
     pulling: bool = False  # a puller of the run in progress drives it
     leaving: bool = False  # retired: takes no further batch, then stops
     on_left: Callable[[], None] | None = None
@@ -138,6 +142,7 @@ class _Run:
 
     batches: Sequence[Sequence[Item]]
     weights: Sequence[int] = ()  # per batch, the batches merged into it (its timeout's multiple); 1 when empty
+    streams: Sequence[dict[str, int] | None] = ()  # per batch, an hf rank's stream limits where merged
     todo: queue.Queue[int] = field(default_factory=queue.Queue)
     events: queue.Queue[tuple[Any, ...]] = field(default_factory=queue.Queue)
     finished: threading.Event = field(default_factory=threading.Event)
@@ -342,34 +347,14 @@ class WorkerGroupRunner(BatchRunner):
         if spans is None:
             self._run_batches(_Run(batches), on_batch_done)
             return
-        merged = [[item for b in range(start, end) for item in batches[b]] for start, end in spans]
-
-        def done(index: int, results: list[Any]) -> None:
-            start, end = spans[index]
-            for b in range(start, end):
-                on_batch_done(b, results[: len(batches[b])])
-                results = results[len(batches[b]) :]
-
-        self._run_batches(_Run(merged, [end - start for start, end in spans]), done)
+        merged = Merged(batches, spans, streams=self.spec.backend != "vllm", rows=self.generation_rows)
+        self._run_batches(_Run(merged.batches, merged.weights, merged.streams), merged.reporting(on_batch_done))
 
     def _merged_spans(self, batches: Sequence[Sequence[Item]]) -> list[tuple[int, int]] | None:
-        """For a vLLM group's generation, runs of consecutive batches to hand over as one call
-        (SCHEDULED_ROWS); None where batches go one by one."""
-        if self.spec.backend != "vllm" or not batches or not isinstance(batches[0][0], GenerationItem):
-            return None
+        """See `merged_spans`; None where batches go one by one."""
         with self._lock:
             live = max(1, sum(replica.live for replica in self.replicas))
-        rows = sum(len(batch) for batch in batches)
-        limit = min(SCHEDULED_ROWS, -(-rows // (2 * live)))
-        spans: list[tuple[int, int]] = []
-        start, taken = 0, 0
-        for end, batch in enumerate(batches):
-            if end > start and taken + len(batch) > limit:
-                spans.append((start, end))
-                start, taken = end, 0
-            taken += len(batch)
-        spans.append((start, len(batches)))
-        return spans
+        return merged_spans(batches, live, self.spec, self._info.get("ranks", []))
 
     def _run_batches(self, run: _Run, on_batch_done: BatchCallback) -> None:
         batches = run.batches
@@ -454,7 +439,8 @@ class WorkerGroupRunner(BatchRunner):
         restart on failure. Returns the event that ends this puller early, if any."""
         while (index := self._take(replica, run)) is not None:
             try:
-                results = self._compute(replica, index, run.batches[index], run.weights[index] if run.weights else 1)
+                results = self._compute(replica, index, run.batches[index], run.weights[index] if run.weights else 1,
+                                        run.streams[index] if run.streams else None)
             except ReplicaFailed as failure:
                 poison = None if isinstance(failure, _NotRestarted) else self._crashed(run, index, replica)
                 if poison is not None:
@@ -500,9 +486,10 @@ class WorkerGroupRunner(BatchRunner):
             run.todo.put(index)  # retired while waiting: the batch is another replica's
         return None
 
-    def _compute(self, replica: _Replica, index: int, batch: Sequence[Item], weight: int = 1) -> list[Any]:
+    def _compute(self, replica: _Replica, index: int, batch: Sequence[Item], weight: int = 1,
+                 stream: dict[str, int] | None = None) -> list[Any]:
         """One batch on one replica, in pieces that fit its token budget, within `weight` batch
-        timeouts (a vLLM call of several batches merged).
+        timeouts (a call of several batches merged; an hf rank decodes it as a stream within `stream`).
 
         Out of memory halves the replica's budget for the rest of the job; a multi-rank group
         that ran out of memory is restarted first (its ranks have left, see `rank.serve`).
@@ -515,7 +502,8 @@ class WorkerGroupRunner(BatchRunner):
             replica.requests += 1
             began = time.perf_counter()
             try:
-                status, _, values, reports = replica.group.request(("batch", index, chunk, timed), self.batch_timeout * weight)
+                message = ("batch", index, chunk, timed) if stream is None else ("batch", index, chunk, timed, stream)
+                status, _, values, reports = replica.group.request(message, self.batch_timeout * weight)
             except BatchOutOfMemory as failure:
                 replica.failures.append(str(failure))
                 self._halve(replica, chunk)
@@ -548,6 +536,8 @@ class WorkerGroupRunner(BatchRunner):
         from every batch."""
         with self._lock:
             self.communication.add_batch(reports)
+            steps, rows = reports[0].get("decoded", (0, 0))
+            replica.decode = (replica.decode[0] + steps, replica.decode[1] + rows)
             if self.on_engine_stats is not None:
                 for report in reports:
                     if "engine" in report:
@@ -597,6 +587,7 @@ class WorkerGroupRunner(BatchRunner):
             "replica_changes": list(self._changes),
             "replicas_at_end": len(self.replica_names),
             "batches_per_replica": {replica.name: replica.batches for replica in self.replicas},
+            **rows_per_decode_step([replica.decode for replica in self.replicas]),
             **{key: self._info[key] for key in ("backend_version", "vllm") if key in self._info},
         }
 
@@ -610,6 +601,62 @@ class WorkerGroupRunner(BatchRunner):
             if replica.group is not None:
                 replica.group.stop(grace)
                 replica.group = None
+
+
+def merged_spans(batches: Sequence[Sequence[Item]], live: int, spec: GroupSpec,
+                 ranks: Sequence[dict[str, Any]]) -> list[tuple[int, int]] | None:
+    """For a group whose replicas schedule their own rows (vLLM, or one hf process that batches
+    continuously, as its `ranks` report), runs of consecutive generation batches to hand over as one
+    call: at most SCHEDULED_ROWS requests and at least two calls per `live` replica, no batch split.
+    None where batches go one by one."""
+    streams = spec.processes == 1 and bool(ranks) and all(rank.get("continuous") for rank in ranks)
+    if not (spec.backend == "vllm" or streams) or not batches or not isinstance(batches[0][0], GenerationItem):
+        return None
+    rows = sum(len(batch) for batch in batches)
+    limit = min(SCHEDULED_ROWS, -(-rows // (2 * live)))
+    spans: list[tuple[int, int]] = []
+    start, taken = 0, 0
+    for end, batch in enumerate(batches):
+        if end > start and taken + len(batch) > limit:
+            spans.append((start, end))
+            start, taken = end, 0
+        taken += len(batch)
+    spans.append((start, len(batches)))
+    return spans
+
+
+class Merged:
+    """Batches merged into calls along `spans`: each call's items, its timeout's multiple (the
+    batches in it) and, with `streams` (an hf rank; vLLM schedules itself), how the rank decodes
+    them as one stream: at most `rows` (the run's batch size, else MAX_ROWS) at once, newcomers
+    prefilled within the largest batch's padded size."""
+
+    def __init__(self, batches: Sequence[Sequence[Item]], spans: list[tuple[int, int]], *, streams: bool,
+                 rows: int | None = None) -> None:
+        self.originals, self.spans = batches, spans
+        self.batches = [[item for b in range(start, end) for item in batches[b]] for start, end in spans]
+        self.weights = [end - start for start, end in spans]
+        self.streams: list[dict[str, int] | None] = [
+            None if not streams else {"rows": rows or MAX_ROWS,
+                                       "prefill_tokens": max(padded_tokens(batch) for batch in batches[start:end])}
+            for start, end in spans
+        ]
+
+    def reporting(self, on_batch_done: BatchCallback) -> BatchCallback:
+        """`on_batch_done` for each original batch of a merged call that finished."""
+        def done(index: int, results: list[Any]) -> None:
+            start, end = self.spans[index]
+            for b in range(start, end):
+                on_batch_done(b, results[: len(self.originals[b])])
+                results = results[len(self.originals[b]) :]
+
+        return done
+
+
+def rows_per_decode_step(counts: Iterable[tuple[int, int]]) -> dict[str, float]:
+    """Over every replica's decode steps (continuous batching), the rows each step decoded."""
+    steps, rows = (sum(column) for column in zip(*counts, strict=True)) if counts else (0, 0)
+    return {"rows_per_decode_step": round(rows / steps, 2)} if steps else {}
 
 
 def _start_error(error: BaseException) -> BaseException:

@@ -100,6 +100,9 @@ class _Row:
     tokens: list[int] = field(default_factory=list)
     done: bool = False  # reported; its cache row stays (fed padding) until the batch is compacted
 
+    def __post_init__(self) -> None:
+        self.stop_characters = frozenset("".join(self.item.until))
+
 
 @dataclass
 class _Shared:
@@ -359,10 +362,13 @@ class ContinuousDecoder:
         """Rows that stopped are reported and marked done; once a quarter of the batch is done (or
         all of it), the done rows' cache rows are dropped, with the columns no row needs any more."""
         live = [row for row in self.active if not row.done]
-        windows = self.backend.tokenizer.batch_decode([row.tokens[-STOP_WINDOW:] for row in live])
-        for row, text in zip(live, windows, strict=True):
-            ended = len(row.tokens) >= row.item.max_new_tokens or row.tokens[-1] in self.eos
-            if ended or meets_stop(row.item, text):
+        ended = [len(row.tokens) >= row.item.max_new_tokens or row.tokens[-1] in self.eos for row in live]
+        # only a row whose new token may complete a stop string has its window decoded
+        asked = [row for row, end in zip(live, ended, strict=True) if not end and self._may_stop(row)]
+        windows = self.backend.tokenizer.batch_decode([row.tokens[-STOP_WINDOW:] for row in asked]) if asked else []
+        stopped = {id(row) for row, text in zip(asked, windows, strict=True) if meets_stop(row.item, text)}
+        for row, end in zip(live, ended, strict=True):
+            if end or id(row) in stopped:
                 row.done = True
                 on_done(row.index, finished_text(self.backend.tokenizer, row.item, row.tokens))
         done = sum(row.done for row in self.active)
@@ -383,6 +389,19 @@ class ContinuousDecoder:
             _RoomyLayer(layer.keys[chosen.to(layer.keys.device), :, start:], layer.values[chosen.to(layer.values.device), :, start:])
             for layer in self.cache.layers
         ]
+
+
+    def _may_stop(self, row: _Row) -> bool:
+        """Whether the row's newest token can have completed one of its stop strings: its text
+        shares a character with them (alone, and after a token, where a tokenizer that drops a
+        leading space keeps it), or is empty or part of a character (its bytes decode with the
+        tokens around it). A stop string that appears must end in the newest token's text."""
+        texts: dict[int, str] = self.backend.__dict__.setdefault("token_texts", {})
+        token = row.tokens[-1]
+        if token not in texts:
+            texts[token] = self.backend.tokenizer.decode([token]) + self.backend.tokenizer.decode([token, token])
+        text = texts[token]
+        return not text or "\ufffd" in text or not row.stop_characters.isdisjoint(text)
 
 
 class _RoomyLayer(DynamicLayer):

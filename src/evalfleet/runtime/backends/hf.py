@@ -141,9 +141,9 @@ class HFBackend(Backend):
         self.share_prefixes = share_prefixes
         self.reuse_prefixes = share_prefixes and reuse_prefixes
         self._packing_checked = False
-        # rows leave a generation batch as they stop (decode.py); a model split by a device_map or
-        # a tp plan, a cache with sliding windows or a generation config that changes scores decodes
-        # with `generate`'s static batches
+        # rows leave a generation batch as they stop (decode.py); a model split into pipeline stages
+        # or by a device_map, a cache with sliding windows or a generation config that changes
+        # scores decodes with `generate`'s static batches
         self.continuous = continuous and plain_cache(model) and decodes_plainly(model.generation_config)
         # a generation batch's shared prefix held once and read once per step (cascade.py)
         self.cascade = self.continuous and self.reuse_prefixes and cascade.enable(model)
@@ -192,8 +192,10 @@ class HFBackend(Backend):
         if whole:  # a device_map places the weights itself; inputs go to `device`, its first device
             model.to(device)
         model.eval()
-        split = not whole or "distributed_config" in from_pretrained  # tp and pp ranks decode in step with `generate`
-        return cls(model, tokenizer, device, max_length, share_prefixes, reuse_prefixes=whole, continuous=not split)
+        # pp stages and device_maps decode with `generate`; tp ranks run the decode loop in step, since
+        # every decision it takes (stops, joins, compaction) follows from the gathered logits alike
+        pipelined = getattr(from_pretrained.get("distributed_config"), "pp_size", 1) > 1
+        return cls(model, tokenizer, device, max_length, share_prefixes, reuse_prefixes=whole, continuous=whole and not pipelined)
 
     @property
     def max_length(self) -> int:
@@ -383,14 +385,20 @@ class HFBackend(Backend):
         """A continuous-batching run (see decode.py for its limits)."""
         return ContinuousDecoder(self, max_rows, prefill_tokens, cache_tokens)
 
-    def generate(self, items: list[GenerationItem]) -> list[str]:
-        """The batch's texts; with continuous batching its rows leave as they stop (no newcomers:
-        a worker group's rank gets one batch at a time)."""
+    def generate(self, items: list[GenerationItem], rows: int | None = None, prefill_tokens: int | None = None) -> list[str]:
+        """The batch's texts; with continuous batching its rows leave as they stop. Given `rows`
+        (several batches merged into one call, as a dp replica's rank gets them), the items are one
+        stream: at most `rows` decode at once, newcomers take the places of rows that stopped,
+        prefilled within `prefill_tokens`, the cache within the memory free (decode.py)."""
         if not self.continuous:
             return self.generate_static(items)
         texts: dict[int, str] = {}
         padded = len(items) * max(item.length for item in items)
-        self.decoder(len(items), padded, padded).run(items, texts.__setitem__)
+        if rows is None:
+            decoder = self.decoder(len(items), padded, padded)
+        else:
+            decoder = self.decoder(rows, prefill_tokens or padded)
+        decoder.run(items, texts.__setitem__)
         return [texts[k] for k in range(len(items))]
 
     @torch.inference_mode()
