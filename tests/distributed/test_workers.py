@@ -345,12 +345,16 @@ def test_dp_replicas_decode_merged_generation_batches_as_one_stream(llama):
     assert 2 < rows / steps <= 3, rows / steps  # more than one batch's rows at a time, never more than the batch size
 
 
-def test_tp_ranks_decode_in_step_with_the_shared_prefix_held_once(llama):
-    """tp ranks run the continuous decode loop in step (the gathered logits decide alike for every
-    rank), the batch's shared few-shot prefix computed once: the texts are those of whole prompts
-    in one process, the prompt that is the prefix alone included."""
+
+@pytest.mark.parametrize("layout", ["tp", "pp"])
+def test_split_ranks_decode_in_step_with_the_shared_prefix_held_once(layout, llama):
+    """tp ranks and pp stages run the continuous decode loop in step (tp gathers the logits on every
+    rank, pp broadcasts the last stage's), the batch's shared few-shot prefix computed once (a pp
+    stage's cache holding its own layers): the texts are those of whole prompts in one process,
+    the prompt that is the prefix alone included."""
+    tp, pp, _ = LAYOUTS[layout]
     batches, reference = generations(llama, seed=7, batches=3, size=5, prefix=40)
-    spec = GroupSpec(str(llama), dtype="float32", device="cpu", tp=2, threads=1, share_prefixes=True)
+    spec = GroupSpec(str(llama), dtype="float32", device="cpu", tp=tp, pp=pp, threads=1, share_prefixes=True)
     runner = WorkerGroupRunner(spec, [["cpu", "cpu"]]).start()
     try:
         assert run_all(runner, batches) == reference

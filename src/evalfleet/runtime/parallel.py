@@ -98,6 +98,11 @@ class PipelinedHFBackend(HFBackend):
     """
 
     microbatches_per_stage = MICROBATCHES_PER_STAGE
+    given_cache = True
+    first_layer = 0  # this stage's first layer (set at load)
+
+    def new_cache(self) -> StageCache:
+        return StageCache(self.first_layer, config=self.model.config)
 
     def _forward_last(
         self, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, keep: int, past: Any = None
@@ -169,7 +174,8 @@ def load_part(spec: GroupSpec) -> LoadedPart:
     model = backend.model
     if spec.pp > 1:
         stage = model._pp_stage
-        _generate_with_stage_cache(model, stage.layer_range_for_rank(stage.pp_rank, model.config.num_hidden_layers)[0])
+        backend.first_layer = stage.layer_range_for_rank(stage.pp_rank, model.config.num_hidden_layers)[0]
+        _generate_with_stage_cache(model, backend.first_layer)
         return LoadedPart(backend, stage=stage.pp_rank)
     mesh = model._device_mesh["tp"]
     return LoadedPart(backend, tp_rank=mesh.get_local_rank(), tp_group=mesh.get_group())

@@ -211,7 +211,7 @@ class ContinuousDecoder:
         assert self.shared is not None and self.cache is not None and self.mask is not None
         rows, length = self.mask.shape[0], len(self.shared.tokens)
         self.cache.layers = [
-            _RoomyLayer(cascade.beside(keys, layer.keys), cascade.beside(values, layer.values))
+            _RoomyLayer(cascade.beside(keys, layer.keys), cascade.beside(values, layer.values)) if layer.is_initialized else layer
             for (keys, values), layer in zip(self.shared.layers, self.cache.layers, strict=True)
         ]
         self.mask = torch.cat([self.mask.new_ones(rows, length), self.mask], dim=1)
@@ -312,7 +312,7 @@ class ContinuousDecoder:
             ids[r, width - len(tail) :] = torch.tensor(tail, dtype=torch.long)
             mask[r, prefix + width - len(tail) :] = 1
             positions[r, width - len(tail) :] = torch.arange(start, start + len(tail))
-        cache = self.backend._prefix_cache(contexts[0][:prefix], len(contexts)) if prefix else DynamicCache(config=self.model.config)
+        cache = self.backend._prefix_cache(contexts[0][:prefix], len(contexts)) if prefix else self.backend.new_cache()
         return cache, mask, self._forward(ids, mask, positions, cache, shared)
 
     def _join(self, rows: list[_Row], cache: DynamicCache, mask: torch.Tensor, shared: _Shared | None) -> None:
@@ -320,14 +320,14 @@ class ContinuousDecoder:
         (newcomers to a batch with a shared prefix were prefilled on it)."""
         if self.cache is None or self.mask is None or not self.active:
             self.cache, self.mask, self.active, self.shared = cache, mask, list(rows), shared
-            self.cache.layers = [_RoomyLayer(layer.keys, layer.values) for layer in cache.layers]
+            self.cache.layers = [_RoomyLayer(layer.keys, layer.values) if layer.is_initialized else layer for layer in cache.layers]
             return
         width = max(self.mask.shape[1], mask.shape[1])
         self.cache.layers = [
             _RoomyLayer(
                 torch.cat([_left_pad(old.keys, width), _left_pad(new.keys, width)]),
                 torch.cat([_left_pad(old.values, width), _left_pad(new.values, width)]),
-            )
+            ) if old.is_initialized else old  # a pipeline stage holds its own layers only
             for old, new in zip(self.cache.layers, cache.layers, strict=True)
         ]
         self.mask = torch.cat([F.pad(self.mask, (width - self.mask.shape[1], 0)), F.pad(mask, (width - mask.shape[1], 0))])
@@ -387,6 +387,7 @@ class ContinuousDecoder:
         self.mask = mask[:, start:]
         self.cache.layers = [
             _RoomyLayer(layer.keys[chosen.to(layer.keys.device), :, start:], layer.values[chosen.to(layer.values.device), :, start:])
+            if layer.is_initialized else layer
             for layer in self.cache.layers
         ]
 
@@ -436,7 +437,7 @@ class _RoomyLayer(DynamicLayer):
 
 
 def cache_bytes(cache: DynamicCache) -> int:
-    return sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values))
+    return sum(t.numel() * t.element_size() for layer in cache.layers if layer.is_initialized for t in (layer.keys, layer.values))
 
 
 def free_memory(device: torch.device) -> int:

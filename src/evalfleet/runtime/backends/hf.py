@@ -20,7 +20,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from safetensors import SafetensorError
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, StoppingCriteria, StoppingCriteriaList
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, DynamicCache, StoppingCriteria, StoppingCriteriaList
 
 from evalfleet.runtime.backends import cascade
 from evalfleet.runtime.backends.base import Backend, GenerationItem, LoglikelihoodItem, OutOfMemory
@@ -192,10 +192,10 @@ class HFBackend(Backend):
         if whole:  # a device_map places the weights itself; inputs go to `device`, its first device
             model.to(device)
         model.eval()
-        # pp stages and device_maps decode with `generate`; tp ranks run the decode loop in step, since
-        # every decision it takes (stops, joins, compaction) follows from the gathered logits alike
-        pipelined = getattr(from_pretrained.get("distributed_config"), "pp_size", 1) > 1
-        return cls(model, tokenizer, device, max_length, share_prefixes, reuse_prefixes=whole, continuous=whole and not pipelined)
+        # device_maps decode with `generate`; tp ranks and pp stages run the decode loop in step, since
+        # every decision it takes (stops, joins, compaction) follows from the logits, which tp
+        # gathers and pp broadcasts from the last stage to every rank alike
+        return cls(model, tokenizer, device, max_length, share_prefixes, reuse_prefixes=whole, continuous=whole)
 
     @property
     def max_length(self) -> int:
@@ -309,10 +309,19 @@ class HFBackend(Backend):
         """Where positions restart after a reused prefix: right after it."""
         return prefix
 
+    # Whether the model's forward must be given `new_cache()` rather than make its own (a pipeline stage's).
+    given_cache = False
+
+    def new_cache(self) -> DynamicCache:
+        """An empty KV cache for this model's layers (a pipeline stage's measures its own, parallel.py)."""
+        return DynamicCache(config=self.model.config)
+
     def _prefix_cache(self, tokens: tuple[int, ...], rows: int) -> Any:
         """The KV cache of `tokens`, computed once and repeated for each of `rows` rows."""
         ids = torch.tensor([tokens], dtype=torch.long, device=self.device)
         kwargs: dict[str, Any] = {"input_ids": ids, "use_cache": True}
+        if self.given_cache:
+            kwargs[self._cache_arg] = self.new_cache()
         if self._keeps_logits:
             kwargs["logits_to_keep"] = 1
         try:
