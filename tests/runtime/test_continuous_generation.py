@@ -202,20 +202,34 @@ def _penalized(loaded: HFBackend, item: GenerationItem) -> list[int]:
     return out[0, len(item.context):].tolist()
 
 
-def test_free_memory_bounds_the_rows_decoded_at_once(backend, monkeypatch):
+@pytest.mark.parametrize("held_once", [False, True])
+def test_free_memory_bounds_the_rows_decoded_at_once(held_once, backend, monkeypatch):
     """Without a cache budget, the rows held at once are those whose KV cache fits CACHE_SHARE of the
-    memory free at the start, in bytes per token measured on the first prefill."""
-    items = [GenerationItem(tuple(backend.tokenizer.encode(SHOTS + f"Q: {n} + 2 = ?\nA:")), ("@@",), 6) for n in range(9)]
+    memory free at the start, in bytes per token measured on the first prefill; a few-shot prefix
+    held once (cascade.py) counts once, so more rows fit than when each row holds it, and newcomers
+    join the running rows as the early ones leave."""
+    items = [GenerationItem(tuple(backend.tokenizer.encode(SHOTS + f"Q: {n} + 2 = ?\nA:")), ("@@",), 2 if n % 2 else 8)
+             for n in range(12)]
     whole = backend.generate_static(items)
-    backend.decoder(9, 10**6).run(items[:2], lambda *_: None)  # measures a cached token's bytes
-    per_row = decode.ContinuousDecoder._reserved(items[:1])
+    backend.decoder(12, 10**6).run(items[:2], lambda *_: None)  # measures a cached token's bytes, checks the prefix
+    if not held_once:
+        monkeypatch.setattr(backend, "cascade", False)
+    per_row = len(items[0].context) + 8  # one row's cache: its context and its token limit
     monkeypatch.setattr(decode, "free_memory", lambda device: int(3 * per_row * backend.cache_token_bytes / decode.CACHE_SHARE))
     held: list[int] = []
-    real = decode.ContinuousDecoder._step
-    monkeypatch.setattr(decode.ContinuousDecoder, "_step", lambda self: held.append(len(self.active)) or real(self))
+    joined: list[int] = []  # the rows already running at each prefill
+    step, prefill = decode.ContinuousDecoder._step, decode.ContinuousDecoder._prefill
+    monkeypatch.setattr(decode.ContinuousDecoder, "_step", lambda self: held.append(len(self.active)) or step(self))
+    monkeypatch.setattr(decode.ContinuousDecoder, "_prefill", lambda self, rows: joined.append(len(self.active)) or prefill(self, rows))
     got: dict[int, str] = {}
-    backend.decoder(9, 10**6).run(items, got.__setitem__)
-    assert max(held) == 3
+    decoder = backend.decoder(12, 10**6)
+    decoder.run(items, got.__setitem__)
+    prefix = decoder._prefix_to_share(decode.shared_prefix_length([item.context for item in items]), [item.context for item in items])
+    once = prefix if held_once else 0  # n rows take n times their longest part after the prefix, and the prefix once
+    fits = max(n for n in range(1, 13)
+               if n * max(len(item.context) - once + item.max_new_tokens for item in items[:n]) + once <= 3 * per_row)
+    assert max(held) == fits and (fits > 3) == held_once
+    assert any(joined), "no newcomer joined running rows"
     assert [got[k] for k in range(len(items))] == whole
 
 

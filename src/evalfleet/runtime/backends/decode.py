@@ -164,8 +164,9 @@ class ContinuousDecoder:
         return [row.item for row in (*self.active, *self.joining) if not row.done]
 
     @staticmethod
-    def _reserved(rows: Sequence[GenerationItem]) -> int:
-        return len(rows) * max(len(item.context) + item.max_new_tokens for item in rows)
+    def _reserved(rows: Sequence[GenerationItem], held: int = 0) -> int:
+        """The padded cache tokens `rows` may come to, with a prefix of `held` tokens held once (cascade.py)."""
+        return len(rows) * max(len(item.context) - held + item.max_new_tokens for item in rows) + held
 
     def _admit(self, items: Sequence[GenerationItem], waiting: deque[int]) -> list[_Row]:
         """Waiting rows that fit beside the active ones (rows already done count until the batch is
@@ -184,17 +185,18 @@ class ContinuousDecoder:
                 break
             candidate = items[waiting[0]]
             if running or taken:
-                if self._reserved([*running, *taken, candidate]) > self._cache_limit():
-                    self.full = True
-                    break
-                if running and self.shared is not None and not self.shared.starts(candidate.context):
-                    self._unshare()
+                joins = running and self.shared is not None and self.shared.starts(candidate.context)
                 if taken:  # the prefix every newcomer so far shares, which their prefill computes once
                     shared = common_prefix_length(taken[0].context[: shared if len(taken) > 1 else None], candidate.context)
                 prefix = (
-                    len(self.shared.tokens) if running and self.shared is not None
+                    len(self.shared.tokens) if joins and self.shared is not None
                     else self._prefix_to_share(shared, [item.context for item in (*taken, candidate)])
                 )
+                if self._reserved([*running, *taken, candidate], prefix if joins or self._holds_new_prefixes(running) else 0) > self._cache_limit():
+                    self.full = True
+                    break
+                if running and self.shared is not None and not joins:
+                    self._unshare()
                 width = max(len(item.context) for item in (*taken, candidate)) - prefix
                 if taken and prefix + width * (len(taken) + 1) > self.prefill_tokens:
                     break
@@ -204,6 +206,13 @@ class ContinuousDecoder:
             _Row(i, items[i], len(items[i].context), SeededSampler([items[i]], self.model.generation_config) if items[i].sampling else None)
             for i in order
         ]
+
+    def _holds_new_prefixes(self, running: Sequence[GenerationItem]) -> bool:
+        """Whether a batch of newcomers alone will hold its shared prefix once: the backend attends
+        through cascade.py and its first shared prefix was found to give whole prompts' scores
+        (before that check, and after a fallback, a prefix counts once per row)."""
+        backend = self.backend
+        return not running and bool(getattr(backend, "cascade", False)) and backend.generation_prefix_checked and backend.reuse_prefixes
 
     def _unshare(self) -> None:
         """A newcomer does not continue the running rows' prefix: every running row takes the
