@@ -31,7 +31,7 @@ import os
 import queue
 import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -653,7 +653,7 @@ class Merged:
         return done
 
 
-def rows_per_decode_step(counts: Iterable[tuple[int, int]]) -> dict[str, float]:
+def rows_per_decode_step(counts: Sequence[tuple[int, int]]) -> dict[str, float]:
     """Over every replica's decode steps (continuous batching), the rows each step decoded."""
     steps, rows = (sum(column) for column in zip(*counts, strict=True)) if counts else (0, 0)
     return {"rows_per_decode_step": round(rows / steps, 2)} if steps else {}

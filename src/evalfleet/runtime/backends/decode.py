@@ -400,7 +400,6 @@ class ContinuousDecoder:
             for layer in self.cache.layers
         ]
 
-
     def _may_stop(self, row: _Row) -> bool:
         """Whether the row's newest token can have completed one of its stop strings: its text
         shares a character with them (alone, and after a token, where a tokenizer that drops a
