@@ -346,6 +346,24 @@ def test_dp_replicas_decode_merged_generation_batches_as_one_stream(llama):
 
 
 
+def test_a_stream_out_of_memory_mid_decode_goes_on_in_its_replica(llama, tmp_path):
+    """A dp replica's stream that runs out of memory halves its budget and goes on with the rows not
+    yet done, inside the rank: the call is answered once, nothing is resent, the texts stay."""
+    batches, reference = generations(llama, seed=5, batches=12, size=2, prefix=24)
+    marker = tmp_path / "oom-once"
+    spec = GroupSpec(str(llama), dtype="float32", device="cpu", threads=1, share_prefixes=True)
+    runner = WorkerGroupRunner(spec, [["cpu"], ["cpu"]], env=fault_env(f"oom_in_decode_once:{marker}")).start()
+    runner.generation_rows = 3
+    try:
+        assert run_all(runner, batches) == reference
+        calls = sum(replica.requests for replica in runner.replicas)
+        description = runner.describe()
+    finally:
+        runner.close()
+    assert marker.exists()  # the fault fired
+    assert calls == 4 and description["oom_halvings"] == 0 and description["restarts"] == 0
+
+
 @pytest.mark.parametrize("layout", ["tp", "pp"])
 def test_split_ranks_decode_in_step_with_the_shared_prefix_held_once(layout, llama):
     """tp ranks and pp stages run the continuous decode loop in step (tp gathers the logits on every

@@ -25,6 +25,9 @@ rank's loading and computing with the fault named in `EVALFLEET_TEST_FAULT`:
   bfloat16 if BF16 is 1 (the CUDA boundary only: availability, name, memory, bf16 support), so
   the rank decides its device and dtype as on that GPU; its weights then load in that dtype into
   the CPU's memory, since there is no GPU to allocate on.
+- `oom_in_decode_once:MARKER`: the first decode step of two or more rows that any rank takes
+  while the file MARKER is missing creates it and fails with the CPU allocator's out-of-memory
+  error (planted, not a real allocation failure), once: out of memory mid-stream.
 - `hang_batch_once:AFTER:MARKER`: the first rank to reach its batch number AFTER + 1 creates the
   file MARKER and never finishes that batch (its heartbeats go on: a hung batch, not a dead
   process); once MARKER exists every batch runs normally, so the job's retry succeeds.
@@ -65,6 +68,24 @@ def _fake_cuda(name: str, gib: str, bf16: str) -> None:
     torch.cuda.memory_allocated = lambda *args: 0
 
 
+def _fail_one_decode_step(marker: str) -> None:
+    from evalfleet.runtime.backends import decode
+
+    step = decode.ContinuousDecoder._step
+
+    def failing_step(self):
+        if len(self.active) > 1 and not os.path.exists(marker):
+            try:
+                open(marker, "x").close()
+            except FileExistsError:
+                pass
+            else:
+                raise RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 1048576 bytes (test fault)")
+        return step(self)
+
+    decode.ContinuousDecoder._step = failing_step
+
+
 def _install() -> None:
     import resource
 
@@ -78,6 +99,8 @@ def _install() -> None:
     load_part, compute = parallel.load_part, runner.compute
     if FAULT.startswith("fake_cuda:") and os.environ.get("CUDA_VISIBLE_DEVICES") != "":  # "": no GPU for this rank
         _fake_cuda(*FAULT.split(":", 1)[1].rsplit(":", 2))
+    if FAULT.startswith("oom_in_decode_once:"):
+        _fail_one_decode_step(FAULT.split(":", 1)[1])
 
     @torch.no_grad()
     def faulty_load(spec):

@@ -53,13 +53,26 @@ def halved_budget(chunk: Sequence[Item], where: str) -> int:
 
 def compute(backend: Backend, batch: Sequence[Item], stream: dict[str, int] | None = None) -> list[Any]:
     """One batch on one backend; a batch is all log-likelihood items or all generation items.
-    `stream` (`rows`, `prefill_tokens`): generation batches merged into this one call, decoded as
-    one stream within those limits by a backend that batches continuously (a dp replica's rank)."""
+    `stream` (`rows`, `prefill_tokens`): generation batches merged into this one call (a dp
+    replica's rank gets them so), decoded as one stream by a backend that batches continuously."""
     if isinstance(batch[0], GenerationItem):
         if stream and getattr(backend, "continuous", False):
-            return list(backend.generate(list(batch), **stream))  # type: ignore[call-arg]
+            return streamed(backend, batch, stream["rows"], stream["prefill_tokens"])
         return list(backend.generate(list(batch)))
     return list(backend.loglikelihood(list(batch)))
+
+
+def streamed(backend: Backend, items: Sequence[Item], rows: int, prefill_tokens: int) -> list[Any]:
+    """Generation items decoded as one stream by the single-device runner's loop: at most `rows` at
+    once, newcomers prefilled within `prefill_tokens`; out of memory halves the budget and goes on
+    with the rows not yet done, and the halved budget holds for the backend's later calls."""
+    runner = backend.__dict__.get("stream_runner")
+    if runner is None:
+        runner = backend.__dict__["stream_runner"] = InProcessRunner(backend, str(getattr(backend, "device", "cpu")))
+    runner.generation_rows = rows
+    results: list[Any] = []
+    runner._run_continuous([items], lambda _, texts: results.extend(texts), prefill_tokens)
+    return results
 
 
 class BatchRunner(ABC):
@@ -139,19 +152,20 @@ class InProcessRunner(BatchRunner):
                 start += len(chunk)
             on_batch_done(index, results)
 
-    def _run_continuous(self, batches: Sequence[Sequence[Item]], on_batch_done: BatchCallback) -> None:
+    def _run_continuous(self, batches: Sequence[Sequence[Item]], on_batch_done: BatchCallback,
+                        prefill_tokens: int | None = None) -> None:
         """Generation batches as one stream whose rows leave as they stop (see backends/decode.py):
-        newcomers prefilled within the largest batch's padded size, rows decoded together as the
-        free memory allows, up to the run's batch size; a batch is reported once its last row is
-        done. Out of memory halves the budget, for the prefill and the cache, and goes on with the
-        rows not yet done."""
+        newcomers prefilled within `prefill_tokens`, else the largest batch's padded size, rows
+        decoded together as the free memory allows, up to the run's batch size; a batch is
+        reported once its last row is done. Out of memory halves the budget, for the prefill and
+        the cache, and goes on with the rows not yet done."""
         owners = [(b, i) for b, batch in enumerate(batches) for i in range(len(batch))]
         results: list[list[Any]] = [[None] * len(batch) for batch in batches]
         left = [len(batch) for batch in batches]
         remaining = list(range(len(owners)))
         finished: set[int] = set()
         while remaining:
-            prefill = max(padded_tokens(batch) for batch in batches)
+            prefill = prefill_tokens or max(padded_tokens(batch) for batch in batches)
             if self.token_budget is not None:
                 prefill = min(prefill, self.token_budget)
             decoder = self.backend.decoder(self.generation_rows or MAX_ROWS, prefill, self.token_budget)  # type: ignore[attr-defined]

@@ -394,20 +394,14 @@ class HFBackend(Backend):
         """A continuous-batching run (see decode.py for its limits)."""
         return ContinuousDecoder(self, max_rows, prefill_tokens, cache_tokens)
 
-    def generate(self, items: list[GenerationItem], rows: int | None = None, prefill_tokens: int | None = None) -> list[str]:
-        """The batch's texts; with continuous batching its rows leave as they stop. Given `rows`
-        (several batches merged into one call, as a dp replica's rank gets them), the items are one
-        stream: at most `rows` decode at once, newcomers take the places of rows that stopped,
-        prefilled within `prefill_tokens`, the cache within the memory free (decode.py)."""
+    def generate(self, items: list[GenerationItem]) -> list[str]:
+        """The batch's texts; with continuous batching its rows leave as they stop (batches merged
+        into one stream go through `runner.streamed`)."""
         if not self.continuous:
             return self.generate_static(items)
         texts: dict[int, str] = {}
         padded = len(items) * max(item.length for item in items)
-        if rows is None:
-            decoder = self.decoder(len(items), padded, padded)
-        else:
-            decoder = self.decoder(rows, prefill_tokens or padded)
-        decoder.run(items, texts.__setitem__)
+        self.decoder(len(items), padded, padded).run(items, texts.__setitem__)
         return [texts[k] for k in range(len(items))]
 
     @torch.inference_mode()
