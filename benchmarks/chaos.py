@@ -70,6 +70,7 @@ ROOT = Path(__file__).resolve().parent.parent
 TESTS = ROOT / "tests"
 sys.path.insert(0, str(TESTS))
 
+from raycluster import lose_node  # noqa: E402
 from tinymodels import build_tiny_model  # noqa: E402
 
 from evalfleet.orchestrator import JobRecord, JobState, JobStore  # noqa: E402
@@ -673,7 +674,7 @@ class RayNodes:
         node = next((n for n in self.nodes if n.node_id == node_id), None)
         if node is None:
             return None
-        self.cluster.remove_node(node, allow_graceful=False)
+        lose_node(self.cluster, node)  # its actors die with it, as on a lost machine
         self.nodes.remove(node)
         self.nodes.append(self.cluster.add_node(num_cpus=1, num_gpus=2))
         return node.node_id

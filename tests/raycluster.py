@@ -46,10 +46,26 @@ def local_cluster(nodes: int, gpus_per_node: int) -> Iterator[Any]:
                 os.environ[key] = value
 
 
-def remove_node_of(cluster: Any, actor: Any) -> Any:
-    """SIGKILL the node whose raylet started `actor` (a psutil process), as a lost machine; return it."""
-    node = next(n for n in cluster.gpu_nodes if n.all_processes["raylet"][0].process.pid == actor.ppid())
+def lose_node(cluster: Any, node: Any) -> None:
+    """SIGKILL `node` as a lost machine: its Ray processes and every process they started (its
+    actors, and what those started), at once.
+
+    Ray's own removal kills the node's Ray processes only; a worker process notices its raylet's
+    death a while later and can answer a direct actor call meanwhile, which a lost machine cannot.
+    """
+    import psutil
+
+    started = psutil.Process(node.all_processes["raylet"][0].process.pid).children(recursive=True)
     cluster.remove_node(node, allow_graceful=False)
+    for process in started:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            process.kill()
+
+
+def remove_node_of(cluster: Any, actor: Any) -> Any:
+    """Lose the node whose raylet started `actor` (a psutil process); return it."""
+    node = next(n for n in cluster.gpu_nodes if n.all_processes["raylet"][0].process.pid == actor.ppid())
+    lose_node(cluster, node)
     cluster.gpu_nodes.remove(node)
     return node
 

@@ -1,7 +1,7 @@
 """Real Ray: a head and three nodes of two declared GPUs each (`ray.cluster_utils.Cluster`), on the CPU.
 
 `evalfleet run --ray` with pipeline stages and replicas spread over the nodes, `evalfleet scheduler
---ray` with three jobs side by side, a node SIGKILLed mid-job (`remove_node(allow_graceful=False)`),
+--ray` with three jobs side by side, a node SIGKILLed mid-job (`raycluster.lose_node`),
 and a scheduler SIGKILLed while its job runs. Every result equals a single-process run; no Ray
 process or actor outlives the module. Then, with this process as a driver of the cluster: a node
 lost in the round that places another job, and the bounds on a placement group and on a batch.
@@ -21,7 +21,7 @@ import pytest
 from bounded import bounded
 from faultenv import fault_env
 from fleet import fleet_in, wait_for
-from raycluster import cached_rows, local_cluster, remove_node_of
+from raycluster import cached_rows, local_cluster, lose_node, remove_node_of
 from samples import compare_samples, load_samples
 from tinymodels import build_tiny_model
 
@@ -151,7 +151,7 @@ def test_a_node_lost_mid_job_is_left_and_the_job_finishes_elsewhere(cluster, lla
     node = next(n for n in cluster.gpu_nodes if n.node_id == doomed)
     standby = wait_for(fleet.standby, 120, "a standby driver, imports done and joined to the cluster")
     done_before = fleet.record(job).done
-    cluster.remove_node(node, allow_graceful=False)
+    lose_node(cluster, node)
     cluster.gpu_nodes.remove(node)
 
     finished = fleet.wait_state(job, JobState.SUCCEEDED, timeout=300)
@@ -329,7 +329,7 @@ def test_a_node_lost_in_the_round_that_places_another_job_is_not_placed_on(clust
             """The node dies after the round began, before it collects exits; it ends once Ray knows."""
             if handle.job_id != low or node not in cluster.gpu_nodes:
                 return poll(handle)
-            cluster.remove_node(node, allow_graceful=False)
+            lose_node(cluster, node)
             cluster.gpu_nodes.remove(node)
 
             def exited():
