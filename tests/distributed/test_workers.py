@@ -345,7 +345,6 @@ def test_dp_replicas_decode_merged_generation_batches_as_one_stream(llama):
     assert 2 < rows / steps <= 3, rows / steps  # more than one batch's rows at a time, never more than the batch size
 
 
-
 def test_a_stream_out_of_memory_mid_decode_goes_on_in_its_replica(llama, tmp_path):
     """A dp replica's stream that runs out of memory halves its budget and goes on with the rows not
     yet done, inside the rank: the call is answered once, nothing is resent, the texts stay."""

@@ -300,9 +300,9 @@ class RayGroupRunner(BatchRunner):
     def run(self, batches: Sequence[Sequence[Item]], on_batch_done: BatchCallback) -> None:
         """Generation batches go merged to hf replicas that batch continuously (workers.merged_spans).
         A vLLM replica's actor bounds each call by one batch's timeout, so its batches go one by one."""
-        spans = merged_spans(batches, max(1, len(self.replicas)), self.spec,
-                             [rank for replica in self.replicas[:1] for rank in replica.ranks])
-        if spans is None or self.spec.backend == "vllm":
+        spans = None if self.spec.backend == "vllm" else merged_spans(
+            batches, max(1, len(self.replicas)), self.spec, [rank for replica in self.replicas[:1] for rank in replica.ranks])
+        if spans is None:
             self._run_batches(batches, on_batch_done, [1] * len(batches), [None] * len(batches))
             return
         merged = Merged(batches, spans, streams=True, rows=self.generation_rows)

@@ -219,10 +219,11 @@ class ContinuousDecoder:
         prefix's keys and values into its own cache, and the batch goes on without one."""
         assert self.shared is not None and self.cache is not None and self.mask is not None
         rows, length = self.mask.shape[0], len(self.shared.tokens)
-        self.cache.layers = [
-            _RoomyLayer(cascade.beside(keys, layer.keys), cascade.beside(values, layer.values)) if layer.is_initialized else layer
-            for (keys, values), layer in zip(self.shared.layers, self.cache.layers, strict=True)
-        ]
+        self.cache.layers = _remade(
+            self.cache.layers,
+            lambda layer, held: _RoomyLayer(cascade.beside(held[0], layer.keys), cascade.beside(held[1], layer.values)),
+            self.shared.layers,
+        )
         self.mask = torch.cat([self.mask.new_ones(rows, length), self.mask], dim=1)
         self.shared = None
 
@@ -329,16 +330,17 @@ class ContinuousDecoder:
         (newcomers to a batch with a shared prefix were prefilled on it)."""
         if self.cache is None or self.mask is None or not self.active:
             self.cache, self.mask, self.active, self.shared = cache, mask, list(rows), shared
-            self.cache.layers = [_RoomyLayer(layer.keys, layer.values) if layer.is_initialized else layer for layer in cache.layers]
+            self.cache.layers = _remade(cache.layers, lambda layer: _RoomyLayer(layer.keys, layer.values))
             return
         width = max(self.mask.shape[1], mask.shape[1])
-        self.cache.layers = [
-            _RoomyLayer(
+        self.cache.layers = _remade(
+            self.cache.layers,
+            lambda old, new: _RoomyLayer(
                 torch.cat([_left_pad(old.keys, width), _left_pad(new.keys, width)]),
                 torch.cat([_left_pad(old.values, width), _left_pad(new.values, width)]),
-            ) if old.is_initialized else old  # a pipeline stage holds its own layers only
-            for old, new in zip(self.cache.layers, cache.layers, strict=True)
-        ]
+            ),
+            cache.layers,
+        )
         self.mask = torch.cat([F.pad(self.mask, (width - self.mask.shape[1], 0)), F.pad(mask, (width - mask.shape[1], 0))])
         self.active.extend(rows)
 
@@ -394,18 +396,17 @@ class ContinuousDecoder:
         mask = self.mask[chosen]
         start = int((mask.sum(0) > 0).long().argmax())  # columns padding in every remaining row go
         self.mask = mask[:, start:]
-        self.cache.layers = [
-            _RoomyLayer(layer.keys[chosen.to(layer.keys.device), :, start:], layer.values[chosen.to(layer.values.device), :, start:])
-            if layer.is_initialized else layer
-            for layer in self.cache.layers
-        ]
+        self.cache.layers = _remade(
+            self.cache.layers,
+            lambda layer: _RoomyLayer(layer.keys[chosen.to(layer.keys.device), :, start:], layer.values[chosen.to(layer.values.device), :, start:]),
+        )
 
     def _may_stop(self, row: _Row) -> bool:
         """Whether the row's newest token can have completed one of its stop strings: its text
         shares a character with them (alone, and after a token, where a tokenizer that drops a
         leading space keeps it), or is empty or part of a character (its bytes decode with the
         tokens around it). A stop string that appears must end in the newest token's text."""
-        texts: dict[int, str] = self.backend.__dict__.setdefault("token_texts", {})
+        texts: dict[int, str] = self.backend.token_texts
         token = row.tokens[-1]
         if token not in texts:
             texts[token] = self.backend.tokenizer.decode([token]) + self.backend.tokenizer.decode([token, token])
@@ -442,6 +443,12 @@ class _RoomyLayer(DynamicLayer):
         self.used += added
         self.keys, self.values = self._keys[:, :, : self.used], self._values[:, :, : self.used]
         return self.keys, self.values
+
+
+def _remade(layers: list[Any], make: Callable[..., Any], *beside: Sequence[Any]) -> list[Any]:
+    """`make(layer, *its partners in beside)` for each layer that holds keys; a layer that holds
+    none is kept as it is (a pipeline stage's cache holds its own layers only)."""
+    return [make(layer, *rest) if layer.is_initialized else layer for layer, *rest in zip(layers, *beside, strict=True)]
 
 
 def cache_bytes(cache: DynamicCache) -> int:

@@ -150,6 +150,7 @@ class HFBackend(Backend):
         self.decode_steps = self.decoded_rows = 0
         self.generation_prefix_checked = False
         self.cache_token_bytes: float | None = None  # a KV cache token's bytes, measured on the first prefill
+        self.token_texts: dict[int, str] = {}  # a token's text alone and after itself (the stop-string check's)
         self.tokenizer = tokenizer
         self.device = torch.device(device)
         self._max_length = model_max_length(model.config, tokenizer, max_length)
