@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import time
+from http.cookies import SimpleCookie
 
 import pytest
 from conftest import TOKEN
@@ -23,10 +24,18 @@ def _login(client, token: str = TOKEN, headers: dict | None = None):
                        follow_redirects=False)
 
 
-def _session(client) -> str:
+def _session(client, max_age: int | None = None) -> str:
+    """Log in and hold the session the response's Set-Cookie header gives. It is read from the header, not from the
+    client's cookie jar: in one CI run the jar was empty right after a 303 that carried the 1 s session (cause not
+    found in the jar's code; the header is what the service controls)."""
     response = _login(client)
     assert response.status_code == 303, response.text
-    return client.cookies["evalfleet_session"]
+    cookie = SimpleCookie(response.headers["set-cookie"])["evalfleet_session"]
+    if max_age is not None:
+        assert cookie["max-age"] == str(max_age)
+    client.cookies.clear()
+    client.cookies.set("evalfleet_session", cookie.value)
+    return cookie.value
 
 
 def _app(tmp_path, **config) -> TestClient:
@@ -56,7 +65,7 @@ def test_logout_ends_the_session_on_the_server(client):
 
 def test_sessions_expire(tmp_path):
     with _app(tmp_path, session_ttl_s=1.0) as client:
-        session = _session(client)
+        session = _session(client, max_age=1)
         assert client.get("/api/v1/jobs").status_code == 200
         time.sleep(1.3)
         client.cookies.clear()
