@@ -91,7 +91,7 @@ def serve(spec: GroupSpec, rank: int, store_port: int, conn: Connection | None) 
         timed = timed and spec.time_communication and spec.processes > 1
         if timed:
             timer.install()
-        began, counts = time.perf_counter(), decode_counts(part.backend)
+        began, counts, halvings = time.perf_counter(), decode_counts(part.backend), part.backend.stream_halvings
         status, results = "done", None
         try:
             results = compute(part.backend, items, rest[0] if rest else None)
@@ -110,7 +110,8 @@ def serve(spec: GroupSpec, rank: int, store_port: int, conn: Connection | None) 
             timer.uninstall()
         busy = time.perf_counter() - began
         decoded = [now - then for now, then in zip(decode_counts(part.backend), counts, strict=True)]
-        reports = control.gather({"busy_seconds": busy, "events": timer.take(), "timed": timed, "decoded": decoded})
+        reports = control.gather({"busy_seconds": busy, "events": timer.take(), "timed": timed, "decoded": decoded,
+                                  "oom_halvings": part.backend.stream_halvings - halvings})  # inside a stream
         control.reply((status, index, results if status == "done" else None, reports))
     if group is not None:
         dist.destroy_process_group()

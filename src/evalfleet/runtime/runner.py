@@ -65,13 +65,16 @@ def compute(backend: Backend, batch: Sequence[Item], stream: dict[str, int] | No
 def streamed(backend: Backend, items: Sequence[Item], rows: int, prefill_tokens: int) -> list[Any]:
     """Generation items decoded as one stream by the single-device runner's loop: at most `rows` at
     once, newcomers prefilled within `prefill_tokens`; out of memory halves the budget and goes on
-    with the rows not yet done, and the halved budget holds for the backend's later calls."""
-    runner = backend.__dict__.get("stream_runner")
-    if runner is None:
-        runner = backend.__dict__["stream_runner"] = InProcessRunner(backend, str(getattr(backend, "device", "cpu")))
-    runner.generation_rows = rows
+    with the rows not yet done; the halved budget holds for the backend's later calls, and the
+    backend counts the halvings (`stream_halvings`, which the rank reports to the driver)."""
+    runner = InProcessRunner(backend, str(getattr(backend, "device", "cpu")))
+    runner.generation_rows, runner.token_budget = rows, backend.stream_budget
     results: list[Any] = []
-    runner._run_continuous([items], lambda _, texts: results.extend(texts), prefill_tokens)
+    try:
+        runner._run_continuous([items], lambda _, texts: results.extend(texts), prefill_tokens)
+    finally:
+        backend.stream_budget = runner.token_budget
+        backend.stream_halvings += runner.oom_halvings
     return results
 
 

@@ -538,6 +538,7 @@ class WorkerGroupRunner(BatchRunner):
             self.communication.add_batch(reports)
             steps, rows = reports[0].get("decoded", (0, 0))
             replica.decode = (replica.decode[0] + steps, replica.decode[1] + rows)
+            replica.oom_halvings += reports[0].get("oom_halvings", 0)  # a stream's, inside its rank
             if self.on_engine_stats is not None:
                 for report in reports:
                     if "engine" in report:

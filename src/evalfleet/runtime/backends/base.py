@@ -53,6 +53,10 @@ class Backend(ABC):
     """Computes batches on a model that is already loaded."""
 
     name: str = "backend"
+    # A rank's merged generation calls (runner.streamed): the token budget their out-of-memory
+    # halvings left, kept for the backend's later calls, and how many halvings there were.
+    stream_budget: int | None = None
+    stream_halvings: int = 0
 
     @property
     @abstractmethod
