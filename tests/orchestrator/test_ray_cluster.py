@@ -108,6 +108,8 @@ def test_run_spreads_pipeline_stages_and_replicas_over_nodes(cluster, llama, ref
     section = json.loads((out / "results.json").read_text())["evalfleet"]
     layout = section["layout"]
     assert (layout["tp"], layout["pp"], layout["dp"]) == (1, 2, 2)
+    # the stages decode demo_arith continuously, in step, and their ranks report the steps to the driver
+    assert layout["rows_per_decode_step"] >= 1 and layout["oom_halvings"] == 0, layout
     # `auto` on ranks without CUDA: float32, decided by each rank and recorded as they loaded it
     assert section["model"]["dtype"] == layout["dtype"] == "float32" and set(layout["devices"]) == {"cpu"}
     replicas = layout["placement"]

@@ -107,6 +107,25 @@ def test_a_dp2_vllm_job_on_ray_equals_lm_eval_through_a_node_lost_mid_job(cluste
     wait_for(lambda: not _replica_actors(), 60, "the vLLM replica actors to exit")
 
 
+def test_a_vllm_replica_on_ray_gets_its_generation_batches_merged(cluster, vllm_model, tmp_path):
+    """Twelve generation batches of one row each go to the replica as two calls of six (at least two calls
+    a replica; vLLM schedules the rows of a call itself), each waited for as long as its six batches
+    together, and the texts equal lm-eval's `hf`."""
+    require_vllm_env()
+    reference = lm_eval_hf(vllm_model, ["demo_arith"], LIMIT)
+    out = tmp_path / "out"
+    args = [*evalfleet_command(), "run", "--ray", cluster.address, "--backend", "vllm", "--dtype", "float32",
+            "--model", str(vllm_model), "--tasks", "demo_arith", "--limit", str(LIMIT), "--dp", "1", "--batch-size", "1",
+            "--log-samples", "--no-cache", "--output", str(out)]
+    done = subprocess.run(args, capture_output=True, text=True, timeout=900, env=_env())
+    assert done.returncode == 0, done.stderr[-4000:]
+    layout = json.loads((out / "results.json").read_text())["evalfleet"]["layout"]
+    assert layout["parallel_path"] == "vllm" and layout["dp"] == 1
+    assert layout["calls_per_replica"] == [2], layout
+    assert compare_samples(reference["samples"], load_samples(out), ABS_TOL, REL_TOL) == []
+    wait_for(lambda: not _replica_actors(), 60, "the vLLM replica actor to exit")
+
+
 def test_vllm_without_vllm_on_the_ranks_is_refused_in_one_sentence(cluster, vllm_model, tmp_path):
     """The ranks' Python has no vLLM and none is named: refused before anything loads, never run with transformers."""
     env = _env()

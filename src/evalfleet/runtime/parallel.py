@@ -212,9 +212,17 @@ def local_tensor(parameter: torch.Tensor) -> torch.Tensor:
     return to_local() if callable(to_local) else parameter
 
 
-def decode_counts(backend: Any) -> tuple[int, int]:
-    """The backend's decode steps so far (continuous batching's) and the rows they decoded."""
-    return int(getattr(backend, "decode_steps", 0)), int(getattr(backend, "decoded_rows", 0))
+def call_counts(backend: Any) -> tuple[int, int, int]:
+    """The backend's counts so far: decode steps (continuous batching's), the rows they decoded, and
+    out-of-memory halvings inside merged generation calls (runner.streamed)."""
+    return (int(getattr(backend, "decode_steps", 0)), int(getattr(backend, "decoded_rows", 0)),
+            int(getattr(backend, "stream_halvings", 0)))
+
+
+def call_report(backend: Any, before: tuple[int, int, int]) -> dict[str, Any]:
+    """What a rank tells the driver of one call, from `call_counts` taken before it."""
+    steps, rows, halvings = (now - then for now, then in zip(call_counts(backend), before, strict=True))
+    return {"decoded": [steps, rows], "oom_halvings": halvings}
 
 
 def rank_report(part: LoadedPart, rank: int) -> dict[str, Any]:
@@ -255,4 +263,4 @@ def rank_report(part: LoadedPart, rank: int) -> dict[str, Any]:
     }
 
 
-__all__ = ["PATHS", "GroupSpec", "LoadedPart", "PipelinedHFBackend", "StageCache", "check_layout", "decode_counts", "load_part", "local_tensor", "rank_report"]
+__all__ = ["PATHS", "GroupSpec", "LoadedPart", "PipelinedHFBackend", "StageCache", "call_counts", "call_report", "check_layout", "load_part", "local_tensor", "rank_report"]

@@ -21,7 +21,7 @@ import torch.distributed as dist
 from torch.distributed import distributed_c10d as c10d
 
 from evalfleet.runtime.group import BATCH_OOM_EXIT, GroupSpec
-from evalfleet.runtime.parallel import decode_counts, load_part, rank_report
+from evalfleet.runtime.parallel import call_counts, call_report, load_part, rank_report
 from evalfleet.runtime.rank_process import exit_with_parent, load_or_exit
 from evalfleet.runtime.runner import compute, out_of_memory
 from evalfleet.runtime.timing import CommunicationTimer
@@ -91,7 +91,7 @@ def serve(spec: GroupSpec, rank: int, store_port: int, conn: Connection | None) 
         timed = timed and spec.time_communication and spec.processes > 1
         if timed:
             timer.install()
-        began, counts, halvings = time.perf_counter(), decode_counts(part.backend), part.backend.stream_halvings
+        began, counts = time.perf_counter(), call_counts(part.backend)
         status, results = "done", None
         try:
             results = compute(part.backend, items, rest[0] if rest else None)
@@ -109,9 +109,8 @@ def serve(spec: GroupSpec, rank: int, store_port: int, conn: Connection | None) 
         finally:
             timer.uninstall()
         busy = time.perf_counter() - began
-        decoded = [now - then for now, then in zip(decode_counts(part.backend), counts, strict=True)]
-        reports = control.gather({"busy_seconds": busy, "events": timer.take(), "timed": timed, "decoded": decoded,
-                                  "oom_halvings": part.backend.stream_halvings - halvings})  # inside a stream
+        reports = control.gather({"busy_seconds": busy, "events": timer.take(), "timed": timed,
+                                  **call_report(part.backend, counts)})
         control.reply((status, index, results if status == "done" else None, reports))
     if group is not None:
         dist.destroy_process_group()

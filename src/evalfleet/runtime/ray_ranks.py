@@ -42,7 +42,14 @@ from typing import Any
 from evalfleet.runtime.backends.base import Item
 from evalfleet.runtime.group import GroupSpec, check_layout
 from evalfleet.runtime.runner import BatchCallback, BatchRunner, first_chunk, halved_budget
-from evalfleet.runtime.workers import BATCH_TIMEOUT_S, Merged, describe_layout, loaded_dtype, merged_spans
+from evalfleet.runtime.workers import (
+    BATCH_TIMEOUT_S,
+    Merged,
+    describe_layout,
+    loaded_dtype,
+    merged_spans,
+    rows_per_decode_step,
+)
 from evalfleet.types import EvalfleetError, InfrastructureError, NodeLost
 
 NODE_LABEL = "ray.io/node-id"
@@ -111,21 +118,30 @@ class RankActor:
         return report | {"load_seconds": time.perf_counter() - started, "max_length": self.part.backend.max_length,
                          **self.where()}
 
-    def compute(self, items: list[Item], stream: dict[str, int] | None = None) -> tuple[str, list[Any] | None]:
-        """("done", results), or ("oom", None) when the batch ran out of memory (as `rank.serve` answers);
-        `stream`: generation batches merged, decoded as one stream (runner.compute)."""
+    def compute(self, items: list[Item], stream: dict[str, int] | None = None,
+                bound_s: float | None = None) -> tuple[str, list[Any] | None, dict[str, Any]]:
+        """("done", results, report), or ("oom", None, report) when the batch ran out of memory (as
+        `rank.serve` answers); the report: the call's decode steps and rows (`decoded`) and a stream's
+        out-of-memory halvings inside this rank. `stream`: generation batches merged, decoded as one
+        stream (runner.compute). `bound_s`, how long the driver waits for the call, matters to a vLLM
+        replica's actor, which waits on its engine's process (ray_vllm.py); a rank computes the call itself."""
         import torch
 
         from evalfleet.runtime import runner
+        from evalfleet.runtime.parallel import call_counts, call_report
 
+        backend = self.part.backend
+        counts = call_counts(backend)
+        status, results = "done", None
         try:
-            return "done", runner.compute(self.part.backend, items, stream)
+            results = runner.compute(backend, items, stream)
         except Exception as error:
             if not runner.out_of_memory(error):
                 raise
             if self.spec.device == "cuda":
                 torch.cuda.empty_cache()
-            return "oom", None
+            status = "oom"
+        return status, results, call_report(backend, counts)
 
 
 @dataclasses.dataclass
@@ -134,6 +150,8 @@ class _Replica:
     actors: list[Any]
     ranks: list[dict[str, Any]] = dataclasses.field(default_factory=list)
     token_budget: int | None = None
+    calls: int = 0  # compute calls sent to it, pieces of batches included
+    decode: tuple[int, int] = (0, 0)  # its ranks' continuous batching: decode steps, rows decoded
     oom_halvings: int = 0
     oom_restarts: int = 0
 
@@ -298,14 +316,14 @@ class RayGroupRunner(BatchRunner):
         return [[{key: rank[key] for key in keys} for rank in replica.ranks] for replica in self.replicas]
 
     def run(self, batches: Sequence[Sequence[Item]], on_batch_done: BatchCallback) -> None:
-        """Generation batches go merged to hf replicas that batch continuously (workers.merged_spans).
-        A vLLM replica's actor bounds each call by one batch's timeout, so its batches go one by one."""
-        spans = None if self.spec.backend == "vllm" else merged_spans(
-            batches, max(1, len(self.replicas)), self.spec, [rank for replica in self.replicas[:1] for rank in replica.ranks])
+        """Generation batches go merged to vLLM replicas and to hf replicas that batch continuously
+        (workers.merged_spans), each call bounded by its batches' timeouts together."""
+        spans = merged_spans(batches, max(1, len(self.replicas)), self.spec,
+                             [rank for replica in self.replicas[:1] for rank in replica.ranks])
         if spans is None:
             self._run_batches(batches, on_batch_done, [1] * len(batches), [None] * len(batches))
             return
-        merged = Merged(batches, spans, streams=True, rows=self.generation_rows)
+        merged = Merged(batches, spans, streams=self.spec.backend != "vllm", rows=self.generation_rows)
         self._run_batches(merged.batches, merged.reporting(on_batch_done), merged.weights, merged.streams)
 
     def _run_batches(self, batches: Sequence[Sequence[Item]], on_batch_done: BatchCallback, weights: Sequence[int],
@@ -321,10 +339,10 @@ class RayGroupRunner(BatchRunner):
             while todo and idle:
                 replica, index = idle.popleft(), todo.popleft()
                 chunk = first_chunk(batches[index][len(done.get(index, ())):], replica.token_budget)
-                stream = streams[index]
-                refs = [actor.compute.remote(chunk) if stream is None else actor.compute.remote(chunk, stream)
-                        for actor in replica.actors]
-                overdue = time.monotonic() + self.batch_timeout * weights[index]
+                bound = self.batch_timeout * weights[index]
+                refs = [actor.compute.remote(chunk, streams[index], bound) for actor in replica.actors]
+                replica.calls += 1
+                overdue = time.monotonic() + bound
                 owner.update({ref: (replica, index, chunk, refs, overdue) for ref in refs})
             late, late_index, _, _, overdue = min(owner.values(), key=lambda entry: entry[4])
             finished, _ = ray.wait(list(owner), num_returns=1, timeout=max(0.0, overdue - time.monotonic()))
@@ -333,7 +351,7 @@ class RayGroupRunner(BatchRunner):
                                           f"in {self.batch_timeout * weights[late_index]:.0f}s")
             replica, index, chunk, refs, _ = owner.pop(finished[0])
             try:
-                status, _ = self._get(finished[0], replica)  # a dead rank fails here, before its peers time out
+                status, *_ = self._get(finished[0], replica)  # a dead rank fails here, before its peers time out
                 if status != "oom" and any(ref in owner for ref in refs):
                     continue
                 oom = status == "oom" or any(self._get(ref, replica)[0] == "oom" for ref in refs)
@@ -355,7 +373,10 @@ class RayGroupRunner(BatchRunner):
                 todo.appendleft(index)
                 idle.append(replica)
                 continue
-            _, results = self._get(refs[0], replica)
+            _, results, report = self._get(refs[0], replica)
+            steps, rows = report.get("decoded", (0, 0))
+            replica.decode = (replica.decode[0] + steps, replica.decode[1] + rows)
+            replica.oom_halvings += report.get("oom_halvings", 0)  # a stream's, inside its rank
             done.setdefault(index, []).extend(results)
             if len(done[index]) < len(batches[index]):
                 todo.appendleft(index)
@@ -410,6 +431,8 @@ class RayGroupRunner(BatchRunner):
             "oom_halvings": sum(replica.oom_halvings for replica in self.replicas),
             "oom_restarts": sum(replica.oom_restarts for replica in self.replicas),
             "token_budgets": [replica.token_budget for replica in self.replicas],
+            "calls_per_replica": [replica.calls for replica in self.replicas],
+            **rows_per_decode_step([replica.decode for replica in self.replicas]),
             **({"replica_changes": self.changes, "replicas_at_end": len(self.replicas)} if self.changes else {}),
             "ray": {"ranks": self.rank_nodes()},
             **{key: rank[key] for replica in self.replicas[:1] for rank in replica.ranks[:1]

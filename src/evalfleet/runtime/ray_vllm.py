@@ -122,8 +122,11 @@ class VllmReplicaActor(RankActor):
         (rank,) = info["ranks"]
         return rank | {key: info[key] for key in ("max_length", "backend_version", "vllm")} | self.where()
 
-    def compute(self, items: list[Item]) -> tuple[str, list[Any] | None]:
-        """("done", results), or ("oom", None) when vLLM ran out of memory on the batch."""
+    def compute(self, items: list[Item], stream: dict[str, int] | None = None,
+                bound_s: float | None = None) -> tuple[str, list[Any] | None, dict[str, Any]]:
+        """("done", results, report), or ("oom", None, report) when vLLM ran out of memory on the call:
+        merged generation batches (vLLM schedules their rows itself), waited for as long as the driver
+        waits (`bound_s`); the report is the vLLM worker's (its engine's stats)."""
         assert self.group is not None, "compute before load"
-        status, _, results, _ = self.group.request(("batch", 0, items, False), BATCH_TIMEOUT_S)
-        return status, results
+        status, _, results, reports = self.group.request(("batch", 0, items, False), bound_s or BATCH_TIMEOUT_S)
+        return status, results, reports[0] if reports else {}
