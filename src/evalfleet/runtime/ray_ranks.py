@@ -45,6 +45,7 @@ from evalfleet.runtime.runner import BatchCallback, BatchRunner, first_chunk, ha
 from evalfleet.runtime.workers import (
     BATCH_TIMEOUT_S,
     Merged,
+    add_call_report,
     describe_layout,
     loaded_dtype,
     merged_spans,
@@ -374,9 +375,7 @@ class RayGroupRunner(BatchRunner):
                 idle.append(replica)
                 continue
             _, results, report = self._get(refs[0], replica)
-            steps, rows = report.get("decoded", (0, 0))
-            replica.decode = (replica.decode[0] + steps, replica.decode[1] + rows)
-            replica.oom_halvings += report.get("oom_halvings", 0)  # a stream's, inside its rank
+            add_call_report(replica, report)
             done.setdefault(index, []).extend(results)
             if len(done[index]) < len(batches[index]):
                 todo.appendleft(index)

@@ -536,9 +536,7 @@ class WorkerGroupRunner(BatchRunner):
         from every batch."""
         with self._lock:
             self.communication.add_batch(reports)
-            steps, rows = reports[0].get("decoded", (0, 0))
-            replica.decode = (replica.decode[0] + steps, replica.decode[1] + rows)
-            replica.oom_halvings += reports[0].get("oom_halvings", 0)  # a stream's, inside its rank
+            add_call_report(replica, reports[0])
             if self.on_engine_stats is not None:
                 for report in reports:
                     if "engine" in report:
@@ -652,6 +650,14 @@ class Merged:
                 results = results[len(self.originals[b]) :]
 
         return done
+
+
+def add_call_report(replica: Any, report: dict[str, Any]) -> None:
+    """Fold rank 0's report of one call (parallel.call_report) into its replica's counts: decode steps
+    and rows, and out-of-memory halvings inside a stream (the rank's, not the driver's)."""
+    steps, rows = report.get("decoded", (0, 0))
+    replica.decode = (replica.decode[0] + steps, replica.decode[1] + rows)
+    replica.oom_halvings += report.get("oom_halvings", 0)
 
 
 def rows_per_decode_step(counts: Sequence[tuple[int, int]]) -> dict[str, float]:
