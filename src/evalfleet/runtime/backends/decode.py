@@ -397,8 +397,7 @@ class ContinuousDecoder:
         start = int((mask.sum(0) > 0).long().argmax())  # columns padding in every remaining row go
         self.mask = mask[:, start:]
         self.cache.layers = _remade(
-            self.cache.layers,
-            lambda layer: _RoomyLayer(layer.keys[chosen.to(layer.keys.device), :, start:], layer.values[chosen.to(layer.values.device), :, start:]),
+            self.cache.layers, lambda layer: _RoomyLayer(layer.keys, layer.values, chosen.to(layer.keys.device), start)
         )
 
     def _may_stop(self, row: _Row) -> bool:
@@ -419,18 +418,25 @@ class _RoomyLayer(DynamicLayer):
     decode step writes its column in place (transformers' layer concatenates: a copy of the whole
     cache per step, about 40% of a step on the CPU)."""
 
-    def __init__(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor, rows: torch.Tensor | None = None, start: int = 0) -> None:
+        """The layer of `keys` and `values`, or of their `rows` only (an index) from column `start` on."""
         super().__init__()
         self.device, self.dtype, self.is_initialized = keys.device, keys.dtype, True
-        self._hold(keys, values)
+        self._hold(keys[:, :, start:], values[:, :, start:], rows)
 
-    def _hold(self, keys: torch.Tensor, values: torch.Tensor) -> None:
-        rows, heads, length, dim = keys.shape
+    def _hold(self, keys: torch.Tensor, values: torch.Tensor, rows: torch.Tensor | None = None) -> None:
+        """Copies keys and values (their `rows` only, when given) into buffers with room: one copy,
+        the rows taken straight into the new buffer."""
+        length = keys.shape[2]
         room = max(ROOM, length)  # doubling: a row's growth costs one copy per doubling
-        self._keys = keys.new_empty(rows, heads, length + room, dim)
-        self._values = values.new_empty(rows, values.shape[1], length + room, values.shape[3])
-        self._keys[:, :, :length] = keys
-        self._values[:, :, :length] = values
+        count = keys.shape[0] if rows is None else len(rows)
+        self._keys = keys.new_empty(count, keys.shape[1], length + room, keys.shape[3])
+        self._values = values.new_empty(count, values.shape[1], length + room, values.shape[3])
+        for held, buffer in ((keys, self._keys), (values, self._values)):
+            if rows is None:
+                buffer[:, :, :length] = held
+            else:
+                torch.index_select(held, 0, rows, out=buffer[:, :, :length])
         self.used = length
         self.keys, self.values = self._keys[:, :, :length], self._values[:, :, :length]
 
