@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from safetensors import SafetensorError
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, DynamicCache, StoppingCriteria, StoppingCriteriaList
 
+from evalfleet.runtime import collector
 from evalfleet.runtime.backends import cascade
 from evalfleet.runtime.backends.base import Backend, GenerationItem, LoglikelihoodItem, OutOfMemory
 from evalfleet.runtime.backends.decode import (
@@ -103,6 +104,17 @@ def load_tokenizer(path: str, revision: str | None = None, trust_remote_code: bo
     return tokenizer
 
 
+def import_model_code(config: Any) -> bool:
+    """Import the transformers code of the model `config` describes, without building it; False
+    for a model transformers does not know (its own code comes with the checkpoint)."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
+    if type(config) not in MODEL_FOR_CAUSAL_LM_MAPPING:
+        return False
+    MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]  # the mapping imports a class's module as it is asked for
+    return True
+
+
 class _StopOnStrings(StoppingCriteria):
     """Stops when every row has produced one of its stop strings (or its token limit)."""
 
@@ -175,28 +187,31 @@ class HFBackend(Backend):
         check_model_folder(path)
         device = resolve_device(device)
         dtype = resolve_dtype(dtype, device)
-        try:
-            config = AutoConfig.from_pretrained(path, revision=revision, trust_remote_code=trust_remote_code)
-            tokenizer = load_tokenizer(path, revision, trust_remote_code)
-            model = AutoModelForCausalLM.from_pretrained(
-                path,
-                config=config,
-                revision=revision,
-                dtype=TORCH_DTYPES[dtype],
-                trust_remote_code=trust_remote_code,
-                **from_pretrained,
-            )
-        except (OSError, ValueError, SafetensorError) as error:  # a missing file, a bad config, cut-short weights
-            first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-            raise EvalfleetError(f"could not load model '{path}': {first_line}") from error
-        whole = not any(key in from_pretrained for key in ("device_mesh", "tp_plan", "device_map"))
-        if whole:  # a device_map places the weights itself; inputs go to `device`, its first device
-            model.to(device)
-        model.eval()
-        # device_maps decode with `generate`; tp ranks and pp stages run the decode loop in step, since
-        # every decision it takes (stops, joins, compaction) follows from the logits, which tp
-        # gathers and pp broadcasts from the last stage to every rank alike
-        return cls(model, tokenizer, device, max_length, share_prefixes, reuse_prefixes=whole, continuous=whole)
+        with collector.paused():  # the model's code: hundreds of thousands of objects (collector.py)
+            try:
+                config = AutoConfig.from_pretrained(path, revision=revision, trust_remote_code=trust_remote_code)
+                tokenizer = load_tokenizer(path, revision, trust_remote_code)
+                if import_model_code(config):
+                    collector.keep_imported()
+                model = AutoModelForCausalLM.from_pretrained(
+                    path,
+                    config=config,
+                    revision=revision,
+                    dtype=TORCH_DTYPES[dtype],
+                    trust_remote_code=trust_remote_code,
+                    **from_pretrained,
+                )
+            except (OSError, ValueError, SafetensorError) as error:  # a missing file, a bad config, cut-short weights
+                first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+                raise EvalfleetError(f"could not load model '{path}': {first_line}") from error
+            whole = not any(key in from_pretrained for key in ("device_mesh", "tp_plan", "device_map"))
+            if whole:  # a device_map places the weights itself; inputs go to `device`, its first device
+                model.to(device)
+            model.eval()
+            # device_maps decode with `generate`; tp ranks and pp stages run the decode loop in step, since
+            # every decision it takes (stops, joins, compaction) follows from the logits, which tp
+            # gathers and pp broadcasts from the last stage to every rank alike
+            return cls(model, tokenizer, device, max_length, share_prefixes, reuse_prefixes=whole, continuous=whole)
 
     @property
     def max_length(self) -> int:

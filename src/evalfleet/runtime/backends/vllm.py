@@ -22,6 +22,7 @@ import time
 from typing import Any
 
 from evalfleet.planning.backends import VLLM_INSTALL, version
+from evalfleet.runtime import collector
 from evalfleet.runtime.backends.base import Backend, GenerationItem, LoglikelihoodItem, OutOfMemory
 from evalfleet.runtime.backends.hf import check_model_folder, load_tokenizer, model_max_length
 from evalfleet.types import EvalfleetError
@@ -83,37 +84,39 @@ class VLLMBackend(Backend):
         engine_args: dict[str, Any] | None = None,
     ) -> VLLMBackend:
         """`max_length` is the engine's `max_model_len`: the planner's, else the model's context size."""
-        check_model_folder(path)
-        vllm = import_vllm()
-        from transformers import AutoConfig
+        with collector.paused():  # vLLM's code: hundreds of thousands of objects (collector.py)
+            check_model_folder(path)
+            vllm = import_vllm()
+            collector.keep_imported()
+            from transformers import AutoConfig
 
-        tokenizer = load_tokenizer(path, revision, trust_remote_code)
-        config = AutoConfig.from_pretrained(path, revision=revision, trust_remote_code=trust_remote_code)
-        max_model_len = model_max_length(config, tokenizer, max_length)
-        settings: dict[str, Any] = {
-            "model": path,
-            "dtype": dtype,
-            "revision": revision,
-            "trust_remote_code": trust_remote_code,
-            "tensor_parallel_size": tp,
-            "pipeline_parallel_size": pp,
-            "max_model_len": max_model_len,
-            "seed": seed,
-            "disable_log_stats": False,
-            **(engine_args or {}),
-        }
-        if gpu_memory_utilization is not None:  # on GPUs; the CPU's KV cache comes in bytes (engine_args)
-            settings["gpu_memory_utilization"] = gpu_memory_utilization
-        if not getattr(config, "architectures", None):  # vLLM refuses such a config; the planner names its class
-            from evalfleet.planning.model_profile import architecture_of
+            tokenizer = load_tokenizer(path, revision, trust_remote_code)
+            config = AutoConfig.from_pretrained(path, revision=revision, trust_remote_code=trust_remote_code)
+            max_model_len = model_max_length(config, tokenizer, max_length)
+            settings: dict[str, Any] = {
+                "model": path,
+                "dtype": dtype,
+                "revision": revision,
+                "trust_remote_code": trust_remote_code,
+                "tensor_parallel_size": tp,
+                "pipeline_parallel_size": pp,
+                "max_model_len": max_model_len,
+                "seed": seed,
+                "disable_log_stats": False,
+                **(engine_args or {}),
+            }
+            if gpu_memory_utilization is not None:  # on GPUs; the CPU's KV cache comes in bytes (engine_args)
+                settings["gpu_memory_utilization"] = gpu_memory_utilization
+            if not getattr(config, "architectures", None):  # vLLM refuses such a config; the planner names its class
+                from evalfleet.planning.model_profile import architecture_of
 
-            settings["hf_overrides"] = {"architectures": [architecture_of(config.to_dict(), config.model_type)]}
-        try:
-            llm = vllm.LLM(**settings)
-        except (OSError, ValueError) as error:
-            first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-            raise EvalfleetError(f"vLLM could not load model '{path}': {first_line}") from error
-        return cls(llm, tokenizer, max_model_len, settings)
+                settings["hf_overrides"] = {"architectures": [architecture_of(config.to_dict(), config.model_type)]}
+            try:
+                llm = vllm.LLM(**settings)
+            except (OSError, ValueError) as error:
+                first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+                raise EvalfleetError(f"vLLM could not load model '{path}': {first_line}") from error
+            return cls(llm, tokenizer, max_model_len, settings)
 
     @property
     def max_length(self) -> int:
