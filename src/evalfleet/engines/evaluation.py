@@ -26,7 +26,7 @@ from evalfleet.runtime.batching import default_token_budget
 from evalfleet.runtime.cache import RequestCache, default_cache_path, model_identity
 from evalfleet.runtime.lm import EvalfleetLM, ProgressCallback
 from evalfleet.runtime.runner import BatchRunner
-from evalfleet.tasks import build_task_manager, sandboxed_templates
+from evalfleet.tasks import build_task_manager, sandboxed_templates, templates_compiled_once
 from evalfleet.tasks.noise import silence_third_party_noise
 from evalfleet.tasks.reachability import unreachable_dataset
 from evalfleet.types import EvalfleetError, EvaluationRequest, EvaluationResult, resolve_model_path
@@ -83,6 +83,7 @@ def evaluate_tasks(request: EvaluationRequest, lm: Any, manager: Any, *, log_sam
     try:
         with (
             sandboxed_templates(request.tasks.untrusted),
+            templates_compiled_once(),
             requests_cache(built, manager, names, request.tasks.limit, **settings) as reuse,
         ):
             return simple_evaluate(
