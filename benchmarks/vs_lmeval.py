@@ -21,7 +21,7 @@ reuse the requests on both sides), `speedup_first_round` the first, where both b
 building, compute and scoring, and the compute part's model-FLOPs utilization is given against
 the machine's measured matmul peak. Writes benchmarks/results/vs_lmeval.json.
 
-    python benchmarks/vs_lmeval.py [--rounds 2] [--docs 500] [--compute-docs 125] [--cases bench_mc,...] [--device cpu]
+    python benchmarks/vs_lmeval.py [--rounds 3] [--docs 500] [--compute-docs 125] [--cases bench_mc,...] [--device cpu]
                                    [--backend vllm]
 
 With `--backend vllm` a third side runs: evalfleet's vLLM backend, as `.venv-vllm/bin/evalfleet`
@@ -202,7 +202,7 @@ def run_evalfleet_vllm(model: Path, task: str, include: Path, dtype: str) -> tup
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=3, help="rounds per side; each side's best counts (the first builds requests)")
     parser.add_argument("--docs", type=int, default=500, help="bench_mc documents (4 requests each)")
     parser.add_argument("--compute-docs", type=int, default=125, help="bench_hellaswag and bench_mmlu documents")
     parser.add_argument("--cases", default=",".join(CASES))
