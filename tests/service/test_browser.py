@@ -75,6 +75,8 @@ def test_login_submit_watch_results_sample_and_compare(browser, live_service, ti
     )
     driver.find_element(By.ID, "token").send_keys(TOKEN)
     driver.find_element(By.ID, "login").click()
+    # the click returns before the login's response (and its cookie) has come back
+    WebDriverWait(driver, 30).until(lambda d: d.find_elements(By.ID, "submit"))
     cookie = driver.get_cookie("evalfleet_session")
     assert cookie["httpOnly"] is True and cookie["sameSite"] == "Strict"
     assert driver.execute_script("return document.cookie") == ""  # invisible to scripts
