@@ -90,6 +90,32 @@ def test_rows_join_and_leave_at_any_room_and_the_texts_stay(backend, lm_eval_hf)
     assert backend.generate(items) == theirs  # one batch whose rows only leave (a worker group's rank)
 
 
+def test_a_row_leaves_the_batch_in_the_step_it_stops(backend, lm_eval_hf, monkeypatch):
+    """No decode step is spent on a row that already stopped: each step's rows are running rows, the
+    cache holds exactly them, and the steps' rows add up to the tokens generated after each row's
+    first; the texts stay lm-eval's while rows move into the places of those that left."""
+    requests = _requests(backend)
+    items = [_item(backend, context, kwargs) for context, kwargs in requests]
+    seen: list[tuple[int, bool, int, int]] = []
+    rows: list[decode._Row] = []
+    step, prefill = decode.ContinuousDecoder._step, decode.ContinuousDecoder._prefill
+
+    def watched(self):
+        layer = next(layer for layer in self.cache.layers if layer.is_initialized)
+        seen.append((len(self.active), any(row.done for row in self.active), layer.keys.shape[0], self.mask.shape[0]))
+        step(self)
+
+    monkeypatch.setattr(decode.ContinuousDecoder, "_step", watched)
+    monkeypatch.setattr(decode.ContinuousDecoder, "_prefill", lambda self, joining: rows.extend(joining) or prefill(self, joining))
+    got: dict[int, str] = {}
+    backend.decoder(16, 10**5, 10**5).run(items, got.__setitem__)  # one row is under a quarter of a full batch
+    assert [got[k] for k in range(len(items))] == _theirs(lm_eval_hf, requests)
+    assert seen and not any(done for _, done, _, _ in seen)
+    assert all(active == cached == masked for active, _, cached, masked in seen)
+    assert sum(active for active, *_ in seen) == sum(len(row.tokens) - 1 for row in rows)
+    assert len({active for active, *_ in seen}) > 3  # rows left at many sizes of the batch
+
+
 def _item(backend: HFBackend, context: str, kwargs: dict) -> GenerationItem:
     eos = backend.tokenizer.decode(backend.tokenizer.eos_token_id)
     return GenerationItem(tuple(backend.tokenizer.encode(context)), (*kwargs["until"], eos), kwargs["max_gen_toks"])

@@ -98,7 +98,7 @@ class _Row:
     position: int  # where the row's next input token sits (its context's length, then one more per token)
     sampler: SeededSampler | None
     tokens: list[int] = field(default_factory=list)
-    done: bool = False  # reported; its cache row stays (fed padding) until the batch is compacted
+    done: bool = False  # reported; it leaves the batch in the same step
 
     def __post_init__(self) -> None:
         self.stop_characters = frozenset("".join(self.item.until))
@@ -141,7 +141,8 @@ class ContinuousDecoder:
         self.joining: list[_Row] = []
         self.cache: DynamicCache | None = None
         self.mask: torch.Tensor | None = None  # [rows, width]: 1 where the cache holds a real token
-        self.full = False  # the last admission stopped at a limit: wait until the batch is compacted
+        self.full = False  # the last admission stopped at a limit: wait until a quarter of the rows left
+        self.left = 0  # rows that left since then
         # the prefix the running rows share, held once (models attending through cascade.py); a
         # newcomer that does not continue it makes every row hold it (`_unshare`)
         self.shared: _Shared | None = None
@@ -169,9 +170,9 @@ class ContinuousDecoder:
         return len(rows) * max(len(item.context) - held + item.max_new_tokens for item in rows) + held
 
     def _admit(self, items: Sequence[GenerationItem], waiting: deque[int]) -> list[_Row]:
-        """Waiting rows that fit beside the active ones (rows already done count until the batch is
-        compacted). Once the batch was full, newcomers wait for the compaction, when a quarter of
-        its rows are done, so that a prefill serves several rows rather than one per step."""
+        """Waiting rows that fit beside the active ones. Once the batch was full, newcomers wait until
+        a quarter of its rows left, so that a prefill (and the copy of the running cache that joins
+        it) serves several rows rather than one per step."""
         running = [row.item for row in self.active]
         if not waiting or (running and self.full):
             return []
@@ -181,7 +182,7 @@ class ContinuousDecoder:
         self.full = False
         while waiting:
             if len(running) + len(taken) >= self.max_rows:
-                self.full = True
+                self.full, self.left = True, 0
                 break
             candidate = items[waiting[0]]
             if running or taken:
@@ -193,7 +194,7 @@ class ContinuousDecoder:
                     else self._prefix_to_share(shared, [item.context for item in (*taken, candidate)])
                 )
                 if self._reserved([*running, *taken, candidate], prefix if joins or self._holds_new_prefixes(running) else 0) > self._cache_limit():
-                    self.full = True
+                    self.full, self.left = True, 0
                     break
                 if running and self.shared is not None and not joins:
                     self._unshare()
@@ -345,33 +346,31 @@ class ContinuousDecoder:
         self.active.extend(rows)
 
     def _step(self) -> None:
-        """One token for every active row (a row already done is fed padding, its position kept)."""
+        """One token for every active row."""
         assert self.cache is not None and self.mask is not None
-        pad = self.backend.pad_id
-        ids = torch.tensor([[pad if row.done else row.tokens[-1]] for row in self.active], dtype=torch.long)
+        ids = torch.tensor([[row.tokens[-1]] for row in self.active], dtype=torch.long)
         positions = torch.tensor([[row.position] for row in self.active], dtype=torch.long)
-        live = torch.tensor([[0 if row.done else 1] for row in self.active], dtype=self.mask.dtype)
-        self.mask = torch.cat([self.mask, live], dim=1)
+        self.mask = torch.cat([self.mask, self.mask.new_ones(len(self.active), 1)], dim=1)
         logits = self._forward(ids, self.mask, positions, self.cache, self.shared)
         for row in self.active:
-            row.position += 0 if row.done else 1
+            row.position += 1
         self._choose(self.active, logits)
         self.backend.decode_steps += 1
-        self.backend.decoded_rows += int(live.sum())
+        self.backend.decoded_rows += len(self.active)
 
     def _choose(self, rows: list[_Row], logits: torch.Tensor) -> None:
         picked = logits.argmax(-1).tolist()
         for r, row in enumerate(rows):
-            if row.done:
-                continue
             if row.sampler is not None:
                 drawn = row.sampler(torch.tensor(row.tokens[-1:] or [0]).view(1, -1), logits[r : r + 1])  # type: ignore[arg-type]
                 picked[r] = int(drawn.argmax(-1))
             row.tokens.append(int(picked[r]))
 
     def _retire(self, on_done: Callable[[int, str], None]) -> None:
-        """Rows that stopped are reported and marked done; once a quarter of the batch is done (or
-        all of it), the done rows' cache rows are dropped, with the columns no row needs any more."""
+        """Rows that stopped are reported and leave the batch at once: the last running rows move
+        into their places (one row's keys and values copied each), and the columns no row needs
+        any more are cut off the left (a view, no copy). Newcomers may join again once a quarter
+        of the batch has left since the last admission stopped at a limit."""
         live = [row for row in self.active if not row.done]
         ended = [len(row.tokens) >= row.item.max_new_tokens or row.tokens[-1] in self.eos for row in live]
         # only a row whose new token may complete a stop string has its window decoded
@@ -382,23 +381,29 @@ class ContinuousDecoder:
             if end or id(row) in stopped:
                 row.done = True
                 on_done(row.index, finished_text(self.backend.tokenizer, row.item, row.tokens))
-        done = sum(row.done for row in self.active)
-        if not done or done * 4 < len(self.active) and done < len(self.active):
+        gone = [r for r, row in enumerate(self.active) if row.done]
+        if not gone:
+            return
+        if len(gone) == len(self.active):
+            self.active, self.cache, self.mask, self.shared = [], None, None, None
             return
         assert self.cache is not None and self.mask is not None
-        keep = [r for r, row in enumerate(self.active) if not row.done]
-        self.active = [self.active[r] for r in keep]
-        self.full = False
-        if not keep:
-            self.cache = self.mask = self.shared = None
-            return
-        chosen = torch.tensor(keep, dtype=torch.long)
-        mask = self.mask[chosen]
+        count = len(self.active) - len(gone)
+        # the rows past the new count that still run fill the places of those gone before it
+        moves = list(zip((r for r in range(count, len(self.active)) if not self.active[r].done), (r for r in gone if r < count)))
+        for source, target in moves:
+            self.active[target] = self.active[source]
+            self.mask[target] = self.mask[source]
+        del self.active[count:]
+        self.left += len(gone)
+        if self.left * 3 >= count:  # a quarter of the rows left
+            self.full = False
+        mask = self.mask[:count]
         start = int((mask.sum(0) > 0).long().argmax())  # columns padding in every remaining row go
         self.mask = mask[:, start:]
-        self.cache.layers = _remade(
-            self.cache.layers, lambda layer: _RoomyLayer(layer.keys, layer.values, chosen.to(layer.keys.device), start)
-        )
+        for layer in self.cache.layers:
+            if layer.is_initialized:
+                layer.keep(moves, count, start)
 
     def _may_stop(self, row: _Row) -> bool:
         """Whether the row's newest token can have completed one of its stop strings: its text
@@ -418,37 +423,44 @@ class _RoomyLayer(DynamicLayer):
     decode step writes its column in place (transformers' layer concatenates: a copy of the whole
     cache per step, about 40% of a step on the CPU)."""
 
-    def __init__(self, keys: torch.Tensor, values: torch.Tensor, rows: torch.Tensor | None = None, start: int = 0) -> None:
-        """The layer of `keys` and `values`, or of their `rows` only (an index) from column `start` on."""
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor) -> None:
         super().__init__()
         self.device, self.dtype, self.is_initialized = keys.device, keys.dtype, True
-        self._hold(keys[:, :, start:], values[:, :, start:], rows)
+        self._hold(keys, values)
 
-    def _hold(self, keys: torch.Tensor, values: torch.Tensor, rows: torch.Tensor | None = None) -> None:
-        """Copies keys and values (their `rows` only, when given) into buffers with room: one copy,
-        the rows taken straight into the new buffer."""
+    def _hold(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """Copies keys and values into buffers with room (the view's rows and columns only)."""
         length = keys.shape[2]
         room = max(ROOM, length)  # doubling: a row's growth costs one copy per doubling
-        count = keys.shape[0] if rows is None else len(rows)
-        self._keys = keys.new_empty(count, keys.shape[1], length + room, keys.shape[3])
-        self._values = values.new_empty(count, values.shape[1], length + room, values.shape[3])
-        for held, buffer in ((keys, self._keys), (values, self._values)):
-            if rows is None:
-                buffer[:, :, :length] = held
-            else:
-                torch.index_select(held, 0, rows, out=buffer[:, :, :length])
-        self.used = length
-        self.keys, self.values = self._keys[:, :, :length], self._values[:, :, :length]
+        self.rows = keys.shape[0]
+        self._keys = keys.new_empty(self.rows, keys.shape[1], length + room, keys.shape[3])
+        self._values = values.new_empty(self.rows, values.shape[1], length + room, values.shape[3])
+        self._keys[:, :, :length], self._values[:, :, :length] = keys, values
+        self.first, self.used = 0, length
+        self._view()
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
         added = key_states.shape[-2]
         if self.used + added > self._keys.shape[2]:
             self._hold(self.keys, self.values)
-        self._keys[:, :, self.used : self.used + added] = key_states
-        self._values[:, :, self.used : self.used + added] = value_states
+        self._keys[: self.rows, :, self.used : self.used + added] = key_states
+        self._values[: self.rows, :, self.used : self.used + added] = value_states
         self.used += added
-        self.keys, self.values = self._keys[:, :, : self.used], self._values[:, :, : self.used]
+        self._view()
         return self.keys, self.values
+
+    def keep(self, moves: Sequence[tuple[int, int]], rows: int, start: int) -> None:
+        """The first `rows` rows stay, after each (source, target) row was copied into its target's
+        place; the `start` columns on the left go (the view moves, nothing is copied)."""
+        for source, target in moves:
+            self._keys[target, :, self.first : self.used] = self._keys[source, :, self.first : self.used]
+            self._values[target, :, self.first : self.used] = self._values[source, :, self.first : self.used]
+        self.rows, self.first = rows, self.first + start
+        self._view()
+
+    def _view(self) -> None:
+        self.keys = self._keys[: self.rows, :, self.first : self.used]
+        self.values = self._values[: self.rows, :, self.first : self.used]
 
 
 def _remade(layers: list[Any], make: Callable[..., Any], *beside: Sequence[Any]) -> list[Any]:

@@ -209,7 +209,7 @@ class HFBackend(Backend):
                 model.to(device)
             model.eval()
             # device_maps decode with `generate`; tp ranks and pp stages run the decode loop in step, since
-            # every decision it takes (stops, joins, compaction) follows from the logits, which tp
+            # every decision it takes (stops, row moves, joins) follows from the logits, which tp
             # gathers and pp broadcasts from the last stage to every rank alike
             return cls(model, tokenizer, device, max_length, share_prefixes, reuse_prefixes=whole, continuous=whole)
 
