@@ -26,7 +26,7 @@ from evalfleet.runtime.batching import default_token_budget
 from evalfleet.runtime.cache import RequestCache, default_cache_path, model_identity
 from evalfleet.runtime.lm import EvalfleetLM, ProgressCallback
 from evalfleet.runtime.runner import BatchRunner
-from evalfleet.tasks import build_task_manager, sandboxed_templates, templates_compiled_once
+from evalfleet.tasks import build_task_manager, dataset_loads_uncounted, sandboxed_templates, templates_compiled_once
 from evalfleet.tasks.noise import silence_third_party_noise
 from evalfleet.tasks.reachability import unreachable_dataset
 from evalfleet.types import EvalfleetError, EvaluationRequest, EvaluationResult, resolve_model_path
@@ -72,7 +72,7 @@ def evaluate_tasks(request: EvaluationRequest, lm: Any, manager: Any, *, log_sam
     Built requests are kept on disk beside the request cache (see `task_cache`), under every
     setting that shapes them; a dataset that cannot be reached, or a task that runs generated
     code unconfirmed, becomes one sentence. A client's tasks (`untrusted`) render their
-    templates in jinja's sandbox.
+    templates in jinja's sandbox. Loading a dataset sends no download count to the Hub.
     """
     names = list(request.tasks.names)
     built = Path(request.cache_path or default_cache_path()).parent / "lm-eval-requests"
@@ -80,6 +80,7 @@ def evaluate_tasks(request: EvaluationRequest, lm: Any, manager: Any, *, log_sam
     template = lm.chat_template(arguments["apply_chat_template"]) if arguments["apply_chat_template"] else None
     settings = {"num_fewshot": request.tasks.num_fewshot, **arguments, "chat_template": template,
                 "metadata": request.harness.metadata}
+    dataset_loads_uncounted()
     try:
         with (
             sandboxed_templates(request.tasks.untrusted),

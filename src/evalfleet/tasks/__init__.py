@@ -13,6 +13,7 @@ import difflib
 import functools
 import json
 import logging
+import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -70,6 +71,21 @@ def _task_manager(names: tuple[str, ...], include_path: str | None, metadata: st
         hint = f"; close names: {', '.join(close)}" if close else ""
         raise UsageError(f"unknown task '{name}'{hint}")
     return manager
+
+
+def dataset_loads_uncounted() -> None:
+    """From now on in this process, `datasets` sends no download-count request to the Hub when it
+    loads a task's data (unless HF_UPDATE_DOWNLOAD_COUNTS is set).
+
+    `datasets` sends a HEAD request to count a download every time it loads a dataset, a packaged
+    builder (`json`, so every local task) included, and waits up to 3 s for it. A machine without
+    the internet that refuses the connection pays tens of milliseconds per task (32 ms here); one
+    whose firewall drops the packet, as many compute nodes' do, pays the 3 s for every task.
+    """
+    if "HF_UPDATE_DOWNLOAD_COUNTS" not in os.environ:
+        from datasets import config
+
+        config.HF_UPDATE_DOWNLOAD_COUNTS = False
 
 
 @contextlib.contextmanager
