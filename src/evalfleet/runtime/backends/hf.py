@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from safetensors import SafetensorError
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, DynamicCache, StoppingCriteria, StoppingCriteriaList
 
-from evalfleet.runtime import collector
+from evalfleet.runtime import collector, heap
 from evalfleet.runtime.backends import cascade
 from evalfleet.runtime.backends.base import Backend, GenerationItem, LoglikelihoodItem, OutOfMemory
 from evalfleet.runtime.backends.decode import (
@@ -187,6 +187,8 @@ class HFBackend(Backend):
         check_model_folder(path)
         device = resolve_device(device)
         dtype = resolve_dtype(dtype, device)
+        if device == "cpu":
+            heap.keep_freed_blocks()  # a CPU forward's activations reuse freed blocks (heap.py)
         with collector.paused():  # the model's code: hundreds of thousands of objects (collector.py)
             try:
                 config = AutoConfig.from_pretrained(path, revision=revision, trust_remote_code=trust_remote_code)
