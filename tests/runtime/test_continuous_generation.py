@@ -98,16 +98,16 @@ def test_a_row_leaves_the_batch_in_the_step_it_stops(backend, lm_eval_hf, monkey
     items = [_item(backend, context, kwargs) for context, kwargs in requests]
     seen: list[tuple[int, bool, int, int]] = []
     rows: list[decode._Row] = []
+    got: dict[int, str] = {}  # the rows reported finished, by request
     step, prefill = decode.ContinuousDecoder._step, decode.ContinuousDecoder._prefill
 
     def watched(self):
         layer = next(layer for layer in self.cache.layers if layer.is_initialized)
-        seen.append((len(self.active), any(row.done for row in self.active), layer.keys.shape[0], self.mask.shape[0]))
+        seen.append((len(self.active), any(row.index in got for row in self.active), layer.keys.shape[0], self.mask.shape[0]))
         step(self)
 
     monkeypatch.setattr(decode.ContinuousDecoder, "_step", watched)
     monkeypatch.setattr(decode.ContinuousDecoder, "_prefill", lambda self, joining: rows.extend(joining) or prefill(self, joining))
-    got: dict[int, str] = {}
     backend.decoder(16, 10**5, 10**5).run(items, got.__setitem__)  # one row is under a quarter of a full batch
     assert [got[k] for k in range(len(items))] == _theirs(lm_eval_hf, requests)
     assert seen and not any(done for _, done, _, _ in seen)

@@ -6,9 +6,9 @@ them back when the block is freed; the top of the heap is handed back too once m
 threshold of it is free. A forward pass on the CPU allocates and frees megabytes of activations
 at every layer, of ever new sizes as a batch's rows and columns change, so a fresh process got
 each of them in new pages, which the kernel faults in and zeroes one 4 KiB page at a time.
-Measured on bench_chain's continuous decode of its captured requests, in a fresh process: its
-first prefill faulted 86,000-93,000 pages and took 0.26-0.28 s; with the heap kept, 39,000-43,000
-pages and 0.21-0.23 s (`MALLOC_MMAP_THRESHOLD_=33554432 MALLOC_TRIM_THRESHOLD_=536870912`).
+Measured on bench_chain's continuous decode of its captured requests, in a fresh process (three
+alternations): its first prefill faulted 86,000-93,000 pages and took 0.29-0.30 s; with the heap
+kept, 38,000-42,000 pages and 0.22-0.25 s.
 
 So a model loaded for the CPU sets both thresholds, once per process (`keep_freed_blocks`):
 blocks up to 32 MiB come from the heap and are reused, and up to 512 MiB of freed heap stays

@@ -98,7 +98,6 @@ class _Row:
     position: int  # where the row's next input token sits (its context's length, then one more per token)
     sampler: SeededSampler | None
     tokens: list[int] = field(default_factory=list)
-    done: bool = False  # reported; it leaves the batch in the same step
 
     def __post_init__(self) -> None:
         self.stop_characters = frozenset("".join(self.item.until))
@@ -162,7 +161,7 @@ class ContinuousDecoder:
 
     @property
     def in_flight(self) -> list[GenerationItem]:
-        return [row.item for row in (*self.active, *self.joining) if not row.done]
+        return [row.item for row in (*self.active, *self.joining)]
 
     @staticmethod
     def _reserved(rows: Sequence[GenerationItem], held: int = 0) -> int:
@@ -371,17 +370,15 @@ class ContinuousDecoder:
         into their places (one row's keys and values copied each), and the columns no row needs
         any more are cut off the left (a view, no copy). Newcomers may join again once a quarter
         of the batch has left since the last admission stopped at a limit."""
-        live = [row for row in self.active if not row.done]
-        ended = [len(row.tokens) >= row.item.max_new_tokens or row.tokens[-1] in self.eos for row in live]
+        ended = [len(row.tokens) >= row.item.max_new_tokens or row.tokens[-1] in self.eos for row in self.active]
         # only a row whose new token may complete a stop string has its window decoded
-        asked = [row for row, end in zip(live, ended, strict=True) if not end and self._may_stop(row)]
+        asked = [row for row, end in zip(self.active, ended, strict=True) if not end and self._may_stop(row)]
         windows = self.backend.tokenizer.batch_decode([row.tokens[-STOP_WINDOW:] for row in asked]) if asked else []
         stopped = {id(row) for row, text in zip(asked, windows, strict=True) if meets_stop(row.item, text)}
-        for row, end in zip(live, ended, strict=True):
-            if end or id(row) in stopped:
-                row.done = True
-                on_done(row.index, finished_text(self.backend.tokenizer, row.item, row.tokens))
-        gone = [r for r, row in enumerate(self.active) if row.done]
+        gone = [r for r, (row, end) in enumerate(zip(self.active, ended, strict=True)) if end or id(row) in stopped]
+        for r in gone:
+            row = self.active[r]
+            on_done(row.index, finished_text(self.backend.tokenizer, row.item, row.tokens))
         if not gone:
             return
         if len(gone) == len(self.active):
@@ -390,7 +387,8 @@ class ContinuousDecoder:
         assert self.cache is not None and self.mask is not None
         count = len(self.active) - len(gone)
         # the rows past the new count that still run fill the places of those gone before it
-        moves = list(zip((r for r in range(count, len(self.active)) if not self.active[r].done), (r for r in gone if r < count)))
+        leaving = set(gone)
+        moves = list(zip((r for r in range(count, len(self.active)) if r not in leaving), (r for r in gone if r < count)))
         for source, target in moves:
             self.active[target] = self.active[source]
             self.mask[target] = self.mask[source]
